@@ -1,0 +1,1 @@
+"""attention op family: reference, Triton and Pallas TPU implementations."""

@@ -1,0 +1,1 @@
+"""beam op family: reference, Triton and Pallas TPU implementations."""

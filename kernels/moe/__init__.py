@@ -1,0 +1,1 @@
+"""moe op family: reference, Triton and Pallas TPU implementations."""

@@ -1,0 +1,1 @@
+"""Datasets, splits and item content for PLUM."""

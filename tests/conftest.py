@@ -1,0 +1,57 @@
+"""Test-suite set-up shared by every test.
+
+- ``TRITON_INTERPRET=1`` is set *before* triton is imported when no CUDA device
+  is present, so every Triton kernel runs through the Triton interpreter on the
+  CPU (the package itself never touches this variable).
+- Every test starts from fixed seeds (python, numpy, torch).
+- ``@pytest.mark.gpu`` tests are skipped cleanly without CUDA.
+- Pallas tests call the kernels with ``interpret=True`` (TPU interpret mode);
+  TPU lowering is checked separately with ``compile_checks.lower_for_tpu``.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+import torch  # noqa: E402  (does not import triton)
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "plum",
+        deadline=None,
+        max_examples=int(os.environ.get("PLUM_HYPOTHESIS_EXAMPLES", "60")),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        derandomize=True,
+    )
+    settings.load_profile("plum")
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass
+
+SEED = 20261123
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(SEED)
+    np.random.seed(SEED % (2**32))
+    torch.manual_seed(SEED)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
