@@ -227,20 +227,31 @@ class SIDTrie:
     def items(self, codes: Any) -> list[np.ndarray]:
         """The items of each full SID ``codes [M, L]`` (empty where absent)."""
         codes = _check_codes(codes, "codes", self.num_levels, exact_levels=True)
+        flat, offsets = self.items_flat(codes)
+        return np.split(flat, offsets[1:-1])
+
+    def items_flat(self, codes: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorized :meth:`items`: ``(items, offsets [M + 1])`` where the
+        items of row ``m`` are ``items[offsets[m]:offsets[m + 1]]``."""
+        codes = _check_codes(codes, "codes", self.num_levels, exact_levels=True)
         states = self.walk(codes)
-        out: list[np.ndarray] = []
-        empty = np.empty(0, dtype=self.edge_item.dtype)
-        edge = np.where(states >= self.num_internal, states - self.num_internal, -1)
-        code = np.where(edge >= 0, self.edge_item[np.maximum(edge, 0)], -1)
-        for e, w in zip(edge.tolist(), code.tolist()):
-            if e < 0:
-                out.append(empty)
-            elif w >= 0:
-                out.append(np.array([w], dtype=self.edge_item.dtype))
-            else:
-                g = -w - 2
-                out.append(np.asarray(self.dup_items[self.dup_ptr[g]:self.dup_ptr[g + 1]]))
-        return out
+        found = states >= self.num_internal  # a full SID always ends in a chain state
+        word = np.full(states.shape, -1, dtype=np.int64)
+        word[found] = self.edge_item[states[found] - self.num_internal]
+        group = np.where(word <= -2, -word - 2, 0)
+        dup_ptr = np.asarray(self.dup_ptr)
+        dup_start = dup_ptr[group]
+        dup_end = dup_ptr[np.minimum(group + 1, len(dup_ptr) - 1)]
+        counts = np.where(word >= 0, 1, np.where(word <= -2, dup_end - dup_start, 0))
+        offsets = np.zeros(len(states) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        row = np.repeat(np.arange(len(states)), counts)
+        pos = np.arange(offsets[-1]) - offsets[row]
+        single = word[row] >= 0
+        flat = np.empty(offsets[-1], dtype=self.edge_item.dtype)
+        flat[single] = word[row[single]]
+        flat[~single] = np.asarray(self.dup_items)[dup_start[row[~single]] + pos[~single]]
+        return flat, offsets
 
     def depth_of(self, state: int) -> int | None:
         """Depth of an internal state; ``None`` for a chain state (any depth
