@@ -15,8 +15,11 @@ and op rules; it returns the StableHLO text holding the ``tpu_custom_call``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Any, Callable, Mapping
+import subprocess
+import sys
+from typing import Any, Callable, Mapping, Sequence
 
 # Max dynamic shared memory per block on an H100 (sm_90): 227 KiB.
 HOPPER_SMEM_LIMIT = 227 * 1024
@@ -43,12 +46,22 @@ class HopperBuild:
 
 def compile_for_hopper(kernel: Any, signature: Mapping[str, str],
                        constexprs: Mapping[str, Any] | None = None, *,
-                       num_warps: int = 4, num_stages: int = 3) -> HopperBuild:
+                       num_warps: int = 4, num_stages: int = 3,
+                       aligned: Sequence[str] | None = None) -> HopperBuild:
     """Compile ``kernel`` (a ``triton.jit`` function) for sm_90.
 
     ``signature`` maps every argument name to a Triton type string
     (``"*bf16"``, ``"i32"``, ``"fp32"``, ...) and constexpr arguments to
     ``"constexpr"``; ``constexprs`` gives their values.
+
+    ``aligned`` names the arguments specialised as divisible by 16, as Triton
+    does at run time for 16-byte-aligned pointers and multiple-of-16 integers
+    (this is what enables software pipelining, so it decides the real shared
+    memory). ``None`` (default) aligns every pointer argument, which is what
+    torch allocations give; ``()`` compiles the generic variant.
+
+    Call it in a process where the Triton interpreter has not run kernels
+    (see :func:`compile_in_clean_process`).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -65,7 +78,10 @@ def compile_for_hopper(kernel: Any, signature: Mapping[str, str],
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
-    src = ASTSource(fn=fn, signature=sig, constexprs={k: v for k, v in constexprs.items()})
+    if aligned is None:
+        aligned = [name for name, ty in signature.items() if ty.startswith("*")]
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     old = os.environ.pop("TRITON_INTERPRET", None)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -75,6 +91,24 @@ def compile_for_hopper(kernel: Any, signature: Mapping[str, str],
             os.environ["TRITON_INTERPRET"] = old
     return HopperBuild(ptx=compiled.asm["ptx"], shared=int(compiled.metadata.shared),
                        num_warps=num_warps, num_stages=num_stages)
+
+
+def compile_in_clean_process(module: str, function: str, timeout: float = 600) -> Any:
+    """Run ``module.function()`` (a module of ``tests/``) in a fresh Python
+    without ``TRITON_INTERPRET`` and return its JSON-serialisable result.
+
+    Ahead-of-time builds must happen there: once the Triton interpreter has
+    run a kernel that calls other ``@triton.jit`` helpers it has patched
+    ``triton.language`` for good, and real compilation in that process fails.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.path.dirname(here), env.get("PYTHONPATH")) if p)
+    code = f"import json, {module} as m; print('REPORT' + json.dumps(m.{function}()))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")][-1]
+    return json.loads(line[len("REPORT"):])
 
 
 def lower_for_tpu(fn: Callable, *args: Any) -> str:

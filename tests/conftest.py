@@ -41,6 +41,17 @@ SEED = 20261123
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op torch thread per test: the tests' tensors are tiny, the
+    suite runs as 2 workers on 2 cores, and extra threads only add
+    synchronisation (several times the CPU time of a small fit)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(SEED)
     np.random.seed(SEED % (2**32))
