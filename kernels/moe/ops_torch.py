@@ -1,0 +1,459 @@
+"""PyTorch MoE ops: validation, dispatch and ``torch.library`` registration.
+
+Public functions (re-exported by ``kernels.torch``):
+
+- ``moe_route(router_logits, top_k, *, score, bias, renormalize, impl)``
+- ``moe_permute(x, expert_ids, num_experts, *, impl, validate)``
+- ``moe_unpermute(y, weights, permutation, inverse, *, impl)``
+- ``grouped_matmul(x, w, group_sizes, *, transpose_w, impl, validate)``
+- ``moe_mlp(x, router_logits, w_gate_up, w_down, top_k, *, score, bias,
+  renormalize, impl)``
+
+Each wraps a ``plum_moe::*`` custom op that carries ``impl`` as a string
+argument, so ``impl="reference"`` and ``impl="triton"`` go through the same
+registration (fake tensors for ``torch.compile``, ``register_autograd`` for
+the backward, itself another custom op). ``impl=None`` picks Triton for CUDA
+tensors and the reference otherwise; ``impl="triton"`` on CPU tensors runs the
+Triton interpreter (the caller sets ``TRITON_INTERPRET=1``). Semantics:
+``kernels/moe/reference.py``.
+
+Host synchronisation: none inside the ops. The public ``moe_permute`` and
+``grouped_matmul`` check the *values* of ``expert_ids`` / ``group_sizes``
+(range, sum) when ``validate=True`` (the default), which reads them back once;
+``moe_mlp`` builds them itself and skips that.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .._dispatch import resolve_torch_impl
+from . import reference as ref
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SCORES = ("softmax", "sigmoid")
+
+
+def _triton():
+    # Imported lazily: importing kernels.torch must not import triton.
+    from . import triton_gmm, triton_permute, triton_route
+    return triton_gmm, triton_permute, triton_route
+
+
+def _route_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ============================================================================= route
+
+
+@torch.library.custom_op("plum_moe::route", mutates_args=())
+def _route_op(logits: Tensor, top_k: int, score: str, bias: Optional[Tensor], renormalize: bool,
+              impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if impl == "triton":
+        w, ids, lse, lb, z = _triton()[2].route_forward(logits, top_k, score, bias, renormalize)
+        return w, ids, lb, z, lse
+    w, ids, lb, z = ref.route(logits, top_k, score, bias, renormalize)
+    lse = torch.logsumexp(logits.to(w.dtype), dim=-1)
+    return w, ids, lb, z, lse
+
+
+@_route_op.register_fake
+def _(logits, top_k, score, bias, renormalize, impl):
+    T = logits.shape[0]
+    dt = _route_dtype(logits.dtype)
+    return (logits.new_empty(T, top_k, dtype=dt), logits.new_empty(T, top_k, dtype=torch.int32),
+            logits.new_empty((), dtype=dt), logits.new_empty((), dtype=dt), logits.new_empty(T, dtype=dt))
+
+
+@torch.library.custom_op("plum_moe::route_backward", mutates_args=())
+def _route_backward_op(logits: Tensor, ids: Tensor, lse: Tensor, bias: Optional[Tensor], top_k: int,
+                       score: str, renormalize: bool, grad_weights: Tensor, grad_lb: Tensor,
+                       grad_z: Tensor, impl: str) -> Tensor:
+    if impl == "triton":
+        return _triton()[2].route_backward(logits, ids, lse, score, renormalize, grad_weights, grad_lb, grad_z)
+    return ref.route_backward(logits, ids, score, renormalize, grad_weights, grad_lb, grad_z)
+
+
+@_route_backward_op.register_fake
+def _(logits, ids, lse, bias, top_k, score, renormalize, grad_weights, grad_lb, grad_z, impl):
+    return torch.empty_like(logits)
+
+
+def _route_setup(ctx, inputs, output):
+    logits, top_k, score, bias, renormalize, impl = inputs
+    _, ids, _, _, lse = output
+    ctx.save_for_backward(logits, ids, lse, bias)
+    ctx.args = (top_k, score, renormalize, impl)
+
+
+def _route_backward(ctx, gw, gids, glb, gz, glse):
+    logits, ids, lse, bias = ctx.saved_tensors
+    top_k, score, renormalize, impl = ctx.args
+    dt = _route_dtype(logits.dtype)
+    gw = torch.zeros(ids.shape, dtype=dt, device=logits.device) if gw is None else gw
+    glb = logits.new_zeros((), dtype=dt) if glb is None else glb
+    gz = logits.new_zeros((), dtype=dt) if gz is None else gz
+    dl = _route_backward_op(logits, ids, lse, bias, top_k, score, renormalize, gw, glb, gz, impl)
+    return dl, None, None, None, None, None
+
+
+_route_op.register_autograd(_route_backward, setup_context=_route_setup)
+
+
+class RouteOutput(NamedTuple):
+    weights: Tensor            # [T, k] float32 (float64 for float64 logits)
+    expert_ids: Tensor         # [T, k] int32, descending by score (+ bias)
+    load_balance_loss: Tensor  # [] Switch/GShard E * sum_e f_e P_e
+    z_loss: Tensor             # [] mean_t logsumexp(logits_t)^2
+
+
+def moe_route(router_logits: Tensor, top_k: int, *, score: str = "softmax", bias: Tensor | None = None,
+              renormalize: bool = True, impl: str | None = None) -> RouteOutput:
+    """Top-``k`` expert choice per token and its weights, plus the router's losses.
+
+    Args:
+      router_logits: ``[T, E]`` floating (float16/bfloat16/float32; float64 for
+        the reference only), ``T >= 1``. The router math runs in float32.
+      top_k: experts per token, ``1 <= top_k <= E``.
+      score: ``"softmax"`` or ``"sigmoid"`` scores.
+      bias: optional ``[E]`` floating bias added to the scores for the
+        selection only (auxiliary-loss-free balancing); never in the weights
+        and never differentiated.
+      renormalize: divide the ``k`` selected scores by their sum.
+      impl: ``None`` | ``"reference"`` | ``"triton"``.
+
+    Returns ``RouteOutput(weights [T, k], expert_ids [T, k] int32,
+    load_balance_loss [], z_loss [])``; ``weights`` and both losses are
+    differentiable w.r.t. ``router_logits``. See ``kernels/moe/reference.py``
+    for the exact formulas.
+    """
+    if not isinstance(router_logits, Tensor) or router_logits.dim() != 2:
+        raise ValueError(f"router_logits must be a [T, E] tensor, got shape "
+                         f"{getattr(router_logits, 'shape', type(router_logits))}")
+    if not router_logits.is_floating_point():
+        raise TypeError(f"router_logits must be floating point, got {router_logits.dtype}")
+    T, E = router_logits.shape
+    if T == 0 or E == 0:
+        raise ValueError(f"router_logits must have T >= 1 tokens and E >= 1 experts, got shape {tuple(router_logits.shape)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
+    if score not in _SCORES:
+        raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (E,):
+            raise ValueError(f"bias must be a [E={E}] tensor, got shape {getattr(bias, 'shape', None)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be floating point, got {bias.dtype}")
+        if bias.device != router_logits.device:
+            raise ValueError(f"bias is on device {bias.device} but router_logits on {router_logits.device}")
+    impl = resolve_torch_impl(impl, router_logits.device)
+    if impl == "triton" and router_logits.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"impl='triton' takes router_logits in {_KERNEL_DTYPES}, got {router_logits.dtype}")
+    w, ids, lb, z, _ = _route_op(router_logits, top_k, score, bias, bool(renormalize), impl)
+    return RouteOutput(w, ids, lb, z)
+
+
+# ============================================================================= permute / unpermute
+
+
+@torch.library.custom_op("plum_moe::combine", mutates_args=())
+def _combine_op(y: Tensor, weights: Optional[Tensor], inverse: Tensor, k: int, impl: str) -> Tensor:
+    if impl == "triton":
+        return _triton()[1].combine(y, weights, inverse, k)
+    return ref.combine(y, weights, inverse, k)
+
+
+@_combine_op.register_fake
+def _(y, weights, inverse, k, impl):
+    return y.new_empty(inverse.shape[0] // k, y.shape[1])
+
+
+@torch.library.custom_op("plum_moe::permute", mutates_args=())
+def _permute_op(x: Tensor, expert_ids: Tensor, num_experts: int, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    group_sizes, perm, inverse = ref.permute_indices(expert_ids, num_experts)
+    k = expert_ids.shape[1]
+    if impl == "triton":
+        xs = _triton()[1].gather_rows(x, perm, k)
+    else:
+        xs = ref.gather_rows(x, perm, k)
+    return xs, group_sizes, perm, inverse
+
+
+@_permute_op.register_fake
+def _(x, expert_ids, num_experts, impl):
+    M = expert_ids.shape[0] * expert_ids.shape[1]
+    i32 = torch.int32
+    return (x.new_empty(M, x.shape[1]), x.new_empty(num_experts, dtype=i32), x.new_empty(M, dtype=i32),
+            x.new_empty(M, dtype=i32))
+
+
+def _permute_setup(ctx, inputs, output):
+    x, expert_ids, num_experts, impl = inputs
+    ctx.save_for_backward(output[3])
+    ctx.k, ctx.impl = expert_ids.shape[1], impl
+
+
+def _permute_backward(ctx, gxs, ggs, gperm, ginv):
+    (inverse,) = ctx.saved_tensors
+    return _combine_op(gxs, None, inverse, ctx.k, ctx.impl), None, None, None
+
+
+_permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+@torch.library.custom_op("plum_moe::unpermute", mutates_args=())
+def _unpermute_op(y: Tensor, weights: Tensor, permutation: Tensor, inverse: Tensor, impl: str) -> Tensor:
+    return _combine_op(y, weights, inverse, weights.shape[1], impl)
+
+
+@_unpermute_op.register_fake
+def _(y, weights, permutation, inverse, impl):
+    return y.new_empty(weights.shape[0], y.shape[1])
+
+
+@torch.library.custom_op("plum_moe::unpermute_backward", mutates_args=())
+def _unpermute_backward_op(grad_out: Tensor, y: Tensor, weights: Tensor, permutation: Tensor,
+                           impl: str) -> tuple[Tensor, Tensor]:
+    if impl == "triton":
+        return _triton()[1].unpermute_backward(grad_out, y, weights, permutation)
+    return ref.unpermute_backward(grad_out, y, weights, permutation)
+
+
+@_unpermute_backward_op.register_fake
+def _(grad_out, y, weights, permutation, impl):
+    return torch.empty_like(y), torch.empty_like(weights)
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y, weights, permutation, inverse, impl = inputs
+    ctx.save_for_backward(y, weights, permutation)
+    ctx.impl = impl
+
+
+def _unpermute_backward(ctx, grad_out):
+    y, weights, permutation = ctx.saved_tensors
+    dy, dw = _unpermute_backward_op(grad_out.contiguous(), y, weights, permutation, ctx.impl)
+    return dy, dw, None, None, None
+
+
+_unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+def _check_index(name: str, t, shape: tuple, device) -> None:
+    if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be a {list(shape)} integer tensor, got shape {getattr(t, 'shape', type(t))}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on device {t.device}, expected {device}")
+
+
+def _check_rows(name: str, t) -> None:
+    if not isinstance(t, Tensor) or t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D [rows, features] tensor, got shape {getattr(t, 'shape', type(t))}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {t.dtype}")
+
+
+def moe_permute(x: Tensor, expert_ids: Tensor, num_experts: int, *, impl: str | None = None,
+                validate: bool = True):
+    """Sort the ``k`` copies of every token stably by expert.
+
+    Args:
+      x: ``[T, d]`` tokens.
+      expert_ids: ``[T, k]`` int32/int64 in ``[0, num_experts)`` (``moe_route``'s).
+      num_experts: ``E >= 1``.
+      validate: check that every id is in range (one read-back to the host).
+
+    Returns ``(x_sorted [T*k, d], group_sizes [E] int32, permutation [T*k]
+    int32, inverse [T*k] int32)``: sorted row ``p`` is copy
+    ``permutation[p] = t*k + j`` of token ``t``; ``inverse`` is the inverse
+    permutation. Differentiable w.r.t. ``x`` (the backward sums each token's
+    ``k`` copies)."""
+    _check_rows("x", x)
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    if not isinstance(expert_ids, Tensor) or expert_ids.dim() != 2 or expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"expert_ids must be [T={x.shape[0]}, k], got shape {getattr(expert_ids, 'shape', None)}")
+    _check_index("expert_ids", expert_ids, tuple(expert_ids.shape), x.device)
+    if validate and expert_ids.numel():
+        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"expert_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+    impl = resolve_torch_impl(impl, x.device)
+    return _permute_op(x, expert_ids, num_experts, impl)
+
+
+def moe_unpermute(y: Tensor, weights: Tensor, permutation: Tensor, inverse: Tensor, *,
+                  impl: str | None = None) -> Tensor:
+    """Weighted combine back to token order: ``out[t] = sum_j weights[t, j] *
+    y[inverse[t*k + j]]`` (float32 accumulation), ``y [T*k, d]`` sorted by
+    expert, ``weights [T, k]`` -> ``[T, d]`` in ``y.dtype``. Differentiable
+    w.r.t. ``y`` and ``weights``."""
+    _check_rows("y", y)
+    if not isinstance(weights, Tensor) or weights.dim() != 2 or weights.numel() != y.shape[0]:
+        raise ValueError(f"weights must be [T, k] with T*k = {y.shape[0]} rows of y, got shape "
+                         f"{getattr(weights, 'shape', None)}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be floating point, got {weights.dtype}")
+    if weights.device != y.device:
+        raise ValueError(f"weights is on device {weights.device} but y on {y.device}")
+    _check_index("permutation", permutation, (y.shape[0],), y.device)
+    _check_index("inverse", inverse, (y.shape[0],), y.device)
+    impl = resolve_torch_impl(impl, y.device)
+    return _unpermute_op(y, weights, permutation, inverse, impl)
+
+
+# ============================================================================= grouped matmul
+
+
+@torch.library.custom_op("plum_moe::grouped_matmul", mutates_args=())
+def _gmm_op(x: Tensor, w: Tensor, group_sizes: Tensor, transpose_w: bool, impl: str) -> Tensor:
+    if impl == "triton":
+        return _triton()[0].gmm(x, w, group_sizes, transpose_w=transpose_w)
+    return ref.grouped_matmul(x, w, group_sizes, transpose_w)
+
+
+@_gmm_op.register_fake
+def _(x, w, group_sizes, transpose_w, impl):
+    return x.new_empty(x.shape[0], w.shape[1] if transpose_w else w.shape[2])
+
+
+@torch.library.custom_op("plum_moe::grouped_matmul_dw", mutates_args=())
+def _gmm_dw_op(x: Tensor, dy: Tensor, group_sizes: Tensor, impl: str) -> Tensor:
+    if impl == "triton":
+        return _triton()[0].tgmm(x, dy, group_sizes)
+    return ref.grouped_matmul_dw(x, dy, group_sizes)
+
+
+@_gmm_dw_op.register_fake
+def _(x, dy, group_sizes, impl):
+    return x.new_empty(group_sizes.shape[0], x.shape[1], dy.shape[1])
+
+
+def _gmm_setup(ctx, inputs, output):
+    x, w, group_sizes, transpose_w, impl = inputs
+    ctx.save_for_backward(x, w, group_sizes)
+    ctx.transpose_w, ctx.impl = transpose_w, impl
+
+
+def _gmm_backward(ctx, dy):
+    x, w, group_sizes = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = _gmm_op(dy, w, group_sizes, not ctx.transpose_w, ctx.impl)
+    if ctx.needs_input_grad[1]:
+        # out_e = x_e @ w_e  -> dw_e = x_e^T dy_e;  out_e = x_e @ w_e^T -> dw_e = dy_e^T x_e
+        dw = (_gmm_dw_op(dy, x, group_sizes, ctx.impl) if ctx.transpose_w
+              else _gmm_dw_op(x, dy, group_sizes, ctx.impl))
+    return dx, dw, None, None, None
+
+
+_gmm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
+
+
+def grouped_matmul(x: Tensor, w: Tensor, group_sizes: Tensor, *, transpose_w: bool = False,
+                   impl: str | None = None, validate: bool = True) -> Tensor:
+    """Grouped (ragged) matmul: rows of ``x`` sorted by group, each times its
+    group's matrix.
+
+    Args:
+      x: ``[M, K]``.
+      w: ``[E, K, N]`` (``[E, N, K]`` used transposed when ``transpose_w``),
+        same dtype and device as ``x``.
+      group_sizes: ``[E]`` int32/int64, non-negative, summing to ``M``; the
+        rows of group ``e`` are ``offsets[e] : offsets[e+1]``. Empty groups are
+        allowed (their ``dw`` is zero).
+      validate: check non-negativity and the sum (one read-back to the host).
+
+    Returns ``[M, N]`` in ``x.dtype`` (float32 accumulation; float32 inputs
+    use exact float32 products in the Triton kernel, not tf32).
+    Differentiable w.r.t. ``x`` and ``w``."""
+    _check_rows("x", x)
+    if not isinstance(w, Tensor) or w.dim() != 3:
+        raise ValueError(f"w must be a 3-D [E, K, N] tensor, got shape {getattr(w, 'shape', type(w))}")
+    E = w.shape[0]
+    K = x.shape[1]
+    wk = w.shape[2] if transpose_w else w.shape[1]
+    if wk != K:
+        raise ValueError(f"w must be [E, K={K}, N]{' (transposed: [E, N, K])' if transpose_w else ''} "
+                         f"to match x [M, {K}], got shape {tuple(w.shape)}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"w has dtype {w.dtype} but x has {x.dtype}; they must match")
+    if w.device != x.device:
+        raise ValueError(f"w is on device {w.device} but x on {x.device}")
+    _check_index("group_sizes", group_sizes, (E,), x.device)
+    if validate:
+        if E and int(group_sizes.min()) < 0:
+            raise ValueError(f"group_sizes must be non-negative, got {group_sizes.tolist()}")
+        total = int(group_sizes.sum())
+        if total != x.shape[0]:
+            raise ValueError(f"group_sizes must sum to M = x.shape[0] = {x.shape[0]}, got {total}")
+    impl = resolve_torch_impl(impl, x.device)
+    if impl == "triton" and x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"impl='triton' takes x and w in {_KERNEL_DTYPES}, got {x.dtype}")
+    return _gmm_op(x, w, group_sizes.to(torch.int32), bool(transpose_w), impl)
+
+
+# ============================================================================= SwiGLU expert layer
+
+
+class MoEOutput(NamedTuple):
+    out: Tensor                # [T, d] in x.dtype
+    load_balance_loss: Tensor  # []
+    z_loss: Tensor             # []
+
+
+def moe_mlp(x: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor, top_k: int, *,
+            score: str = "softmax", bias: Tensor | None = None, renormalize: bool = True,
+            impl: str | None = None) -> MoEOutput:
+    """Dropless SwiGLU mixture-of-experts layer.
+
+    ``out[t] = sum_j w[t, j] * (silu(x_t Wg_e) * (x_t Wu_e)) Wd_e`` with
+    ``e = expert_ids[t, j]``, composed as route -> permute -> grouped_matmul
+    (gate|up) -> SwiGLU -> grouped_matmul (down) -> unpermute.
+
+    Args:
+      x: ``[T, d]``.
+      router_logits: ``[T, E]`` (the router projection of ``x``; computed by
+        the caller).
+      w_gate_up: ``[E, d, 2f]``, gate in ``[..., :f]``, up in ``[..., f:]``;
+        same dtype and device as ``x``.
+      w_down: ``[E, f, d]``, same dtype and device as ``x``.
+      top_k, score, bias, renormalize: as ``moe_route``.
+      impl: ``None`` | ``"reference"`` | ``"triton"``, used by every op.
+
+    Returns ``MoEOutput(out [T, d], load_balance_loss, z_loss)``; all
+    differentiable w.r.t. ``x``, ``router_logits`` and both weights."""
+    _check_rows("x", x)
+    if not isinstance(w_gate_up, Tensor) or w_gate_up.dim() != 3 or not isinstance(w_down, Tensor) or w_down.dim() != 3:
+        raise ValueError("w_gate_up must be [E, d, 2f] and w_down [E, f, d]")
+    T, d = x.shape
+    E, f = w_down.shape[0], w_down.shape[1]
+    if tuple(w_gate_up.shape) != (E, d, 2 * f):
+        raise ValueError(f"w_gate_up must be [E={E}, d={d}, 2f={2 * f}] to match x [T, {d}] and w_down "
+                         f"{tuple(w_down.shape)}, got {tuple(w_gate_up.shape)}")
+    if tuple(w_down.shape) != (E, f, d):
+        raise ValueError(f"w_down must be [E, f, d={d}], got {tuple(w_down.shape)}")
+    if not isinstance(router_logits, Tensor) or tuple(router_logits.shape) != (T, E):
+        raise ValueError(f"router_logits must be [T={T}, E={E}], got shape {getattr(router_logits, 'shape', None)}")
+    for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
+    for name, t in (("router_logits", router_logits), ("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on device {t.device} but x on {x.device}")
+    impl = resolve_torch_impl(impl, x.device)
+    if impl == "triton" and x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"impl='triton' takes x and the weights in {_KERNEL_DTYPES}, got {x.dtype}")
+    r = moe_route(router_logits, top_k, score=score, bias=bias, renormalize=renormalize, impl=impl)
+    xs, group_sizes, perm, inverse = _permute_op(x, r.expert_ids, E, impl)
+    h = _gmm_op(xs, w_gate_up, group_sizes, False, impl)
+    a = ref.swiglu(h)
+    y = _gmm_op(a, w_down, group_sizes, False, impl)
+    out = _unpermute_op(y, r.weights, perm, inverse, impl)
+    return MoEOutput(out, r.load_balance_loss, r.z_loss)
