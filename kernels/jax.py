@@ -14,6 +14,16 @@ not a TPU; ``interpret=False`` forces the TPU lowering.
 """
 from __future__ import annotations
 
-# --- attention (issue 3) ---
-# --- moe (issue 4) ---
-# --- beam search (issue 5) ---
+from kernels.attention.ops_jax import beam_decode_attention, history_attention
+from kernels.beam.ops_jax import BeamStep, children_bounds, constrained_beam_search, constrained_beam_step
+from kernels.moe.ops_jax import (MoEOutput, RouteOutput, grouped_matmul, moe_mlp, moe_permute, moe_route,
+                                 moe_unpermute)
+
+__all__ = [
+    # attention (contracts 1-2)
+    "history_attention", "beam_decode_attention",
+    # MoE (contract 3)
+    "moe_route", "moe_permute", "moe_unpermute", "grouped_matmul", "moe_mlp", "RouteOutput", "MoEOutput",
+    # constrained beam search (contracts 4-5)
+    "constrained_beam_step", "constrained_beam_search", "BeamStep", "children_bounds",
+]

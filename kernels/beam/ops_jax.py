@@ -1,0 +1,206 @@
+"""JAX trie-constrained beam search: validation and dispatch.
+
+Public functions (re-exported by ``kernels.jax``):
+
+- ``constrained_beam_step(logits, beam_scores, nodes, trie, level, W, *,
+  normalize="codebook", vocab_offset=None, max_children=None, impl=None,
+  interpret=None, validate=True)`` (contract 4; semantics in
+  ``kernels/beam/reference.py``)
+- ``constrained_beam_search(step_fn, trie, *, batch_size, beam_width,
+  normalize="codebook", impl=None, interpret=None)`` (contract 5)
+
+No ``custom_vjp``: beam search is not differentiated. ``trie`` is the
+``TrieArrays`` of ``SIDTrie.to_jax()``. Integer outputs are int32 (JAX
+without ``jax_enable_x64``). Both functions work under ``jax.jit`` when the
+trie arrays are closed over (concrete); ``max_children`` must then be given
+or the codebook size is used as the (always safe, slower) child-count bound.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from types import SimpleNamespace
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._dispatch import resolve_interpret, resolve_jax_impl
+from . import reference_jax as ref
+
+MAX_BEAM = 512
+NORMALIZE = ref.NORMALIZE
+_BOUNDS_CACHE: dict[int, tuple] = {}
+_LOGIT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+
+
+class BeamStep(NamedTuple):
+    scores: jax.Array   # [B, W] float32, best first, -inf in empty slots
+    nodes: jax.Array    # [B, W] int32 trie states, -1 in empty slots
+    parent: jax.Array   # [B, W] int32, 0 in empty slots
+    token: jax.Array    # [B, W] int32, -1 in empty slots
+
+
+def _concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def children_bounds(trie) -> tuple[int, ...]:
+    """``reference_jax.children_bounds``, cached per trie object (the host
+    read of ``child_ptr`` happens once, not at every step)."""
+    hit = _BOUNDS_CACHE.get(id(trie))
+    if hit is not None and hit[0]() is trie:
+        return hit[1]
+    bounds = ref.children_bounds(trie)
+    try:
+        _BOUNDS_CACHE[id(trie)] = (weakref.ref(trie, lambda _, k=id(trie): _BOUNDS_CACHE.pop(k, None)), bounds)
+    except TypeError:  # not weak-referenceable: no caching
+        pass
+    return bounds
+
+
+def _check_trie(trie) -> None:
+    for name in ("child_ptr", "child_token", "edge_word", "level_ptr", "edge_level_ptr", "shift", "mask",
+                 "codebook_sizes", "num_internal", "num_edges"):
+        if not hasattr(trie, name):
+            raise TypeError(f"trie must be the TrieArrays of SIDTrie.to_jax(); it has no {name!r}")
+    if type(trie.child_ptr).__module__.startswith("torch"):
+        raise TypeError("trie arrays must be jax arrays: use SIDTrie.to_jax(), not to_torch()")
+
+
+def _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, max_children) -> int:
+    _check_trie(trie)
+    L = len(trie.codebook_sizes)
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < L:
+        raise ValueError(f"level must be an int in [0, {L}), got {level!r}")
+    if isinstance(W, bool) or not isinstance(W, int) or not 1 <= W <= MAX_BEAM:
+        raise ValueError(f"W (beam width) must be an int in [1, {MAX_BEAM}], got {W!r}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    nodes_dt, scores_dt, logits_dt = (jnp.dtype(getattr(x, "dtype", None) or np.float64)
+                                      for x in (nodes, beam_scores, logits))
+    if nodes_dt.kind != "i":
+        raise TypeError(f"nodes must be int32/int64 trie states, got {nodes_dt}")
+    if jnp.ndim(nodes) != 2 or nodes.shape[0] == 0 or nodes.shape[1] == 0:
+        raise ValueError(f"nodes must be [B, W_in] with B, W_in >= 1, got shape {tuple(jnp.shape(nodes))}")
+    B, W_in = nodes.shape
+    if W_in > MAX_BEAM:
+        raise ValueError(f"nodes has {W_in} beams, more than the supported maximum {MAX_BEAM}")
+    if scores_dt != jnp.float32:
+        raise TypeError(f"beam_scores must be float32, got {scores_dt}")
+    if tuple(beam_scores.shape) != (B, W_in):
+        raise ValueError(f"beam_scores must have shape [B, W_in] = {[B, W_in]}, got {list(beam_scores.shape)}")
+    if logits_dt not in [jnp.dtype(d) for d in _LOGIT_DTYPES]:
+        raise TypeError(f"logits must be float16, bfloat16 or float32, got {logits_dt}")
+    V = int(trie.codebook_sizes[level])
+    if jnp.ndim(logits) != 3 or tuple(logits.shape[:2]) != (B, W_in):
+        raise ValueError(f"logits must have shape [B, W_in, V] = [{B}, {W_in}, ...], got {list(logits.shape)}")
+    if vocab_offset is None:
+        if logits.shape[2] != V:
+            raise ValueError(f"logits must have width V_{level} = {V} (the level's codebook), got "
+                             f"{logits.shape[2]}; pass vocab_offset= for a slice of a larger vocabulary")
+        off = 0
+    else:
+        if isinstance(vocab_offset, bool) or not isinstance(vocab_offset, int) or vocab_offset < 0:
+            raise ValueError(f"vocab_offset must be a non-negative int, got {vocab_offset!r}")
+        if vocab_offset + V > logits.shape[2]:
+            raise ValueError(f"vocab_offset + V_{level} = {vocab_offset} + {V} exceeds the logits width "
+                             f"{logits.shape[2]}")
+        off = vocab_offset
+    if max_children is not None and (isinstance(max_children, bool) or not isinstance(max_children, int)
+                                     or not 1 <= max_children <= V):
+        raise ValueError(f"max_children must be an int in [1, V_{level} = {V}], got {max_children!r}")
+    return off
+
+
+def _check_node_values(nodes, trie, level: int) -> None:
+    nodes = np.asarray(nodes, dtype=np.int64)
+    I, E = int(trie.num_internal), int(trie.num_edges)
+    level_ptr = np.asarray(trie.level_ptr, dtype=np.int64)
+    edge_level_ptr = np.asarray(trie.edge_level_ptr, dtype=np.int64)
+    lo_n, hi_n = int(level_ptr[level]), int(level_ptr[level + 1])
+    ok = (nodes == -1) | ((nodes >= lo_n) & (nodes < hi_n)) | (
+        (nodes >= I) & (nodes < I + E) & (nodes - I < edge_level_ptr[level]))
+    if not ok.all():
+        b, w = np.argwhere(~ok)[0]
+        raise ValueError(f"nodes[{b}, {w}] = {nodes[b, w]} is not a trie state at level {level}: expected -1, an "
+                         f"internal node in [{lo_n}, {hi_n}) or a chain state in [{I}, {I + edge_level_ptr[level]})")
+
+
+def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, W: int, *, normalize: str = "codebook",
+                          vocab_offset: Optional[int] = None, max_children: Optional[int] = None,
+                          impl: Optional[str] = None, interpret: Optional[bool] = None,
+                          validate: bool = True) -> BeamStep:
+    """One step of beam search restricted to the SID trie (contract 4); the
+    arguments and results of ``kernels.torch.constrained_beam_step``, plus:
+
+    ``max_children``: static bound on any state's child count at ``level``
+    (``children_bounds(trie)[level]``); ``None`` computes it from the trie
+    when its arrays are concrete, else uses the codebook size.
+    ``impl``: ``None`` (Pallas on TPU, jnp reference elsewhere),
+    ``"reference"`` or ``"pallas"``. ``interpret``: ``None`` = TPU interpret
+    mode exactly when the default backend is not a TPU.
+    ``validate``: check the values of ``nodes`` when they are concrete.
+    """
+    impl = resolve_jax_impl(impl)
+    off = _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, max_children)
+    if validate and _concrete(nodes):
+        _check_node_values(nodes, trie, level)
+    if max_children is None:
+        max_children = (children_bounds(trie)[level] if _concrete(trie.child_ptr)
+                        else int(trie.codebook_sizes[level]))
+    out = _step_jit(logits, beam_scores, nodes.astype(jnp.int32), trie.child_ptr, trie.child_token, trie.edge_word,
+                    trie.shift, trie.mask, codebook_sizes=tuple(int(v) for v in trie.codebook_sizes),
+                    num_internal=int(trie.num_internal), num_edges=int(trie.num_edges), level=level, W=W,
+                    normalize=normalize, off=off, C=int(max_children), impl=impl,
+                    interpret=resolve_interpret(interpret) if impl == "pallas" else True)
+    return BeamStep(*out)
+
+
+@functools.partial(jax.jit, static_argnames=("codebook_sizes", "num_internal", "num_edges", "level", "W",
+                                             "normalize", "off", "C", "impl", "interpret"))
+def _step_jit(logits, beam_scores, nodes, child_ptr, child_token, edge_word, shift, mask, *, codebook_sizes,
+              num_internal, num_edges, level, W, normalize, off, C, impl, interpret):
+    trie = SimpleNamespace(child_ptr=child_ptr, child_token=child_token, edge_word=edge_word, shift=shift,
+                           mask=mask, codebook_sizes=codebook_sizes, num_internal=num_internal,
+                           num_edges=num_edges)
+    if impl == "reference":
+        return ref.constrained_beam_step(logits, beam_scores, nodes, trie, level, W, normalize=normalize,
+                                         vocab_offset=off, max_children=C)
+    from . import pallas as pallas_beam
+
+    x, token, nxt, _, cl = ref.candidate_logits(logits, beam_scores, nodes, trie, level, C, off)
+    top, flat = pallas_beam.beam_select(x, cl, beam_scores, W=W, normalize=normalize, interpret=interpret)
+    return ref.decode(flat, top, token, nxt, C)
+
+
+def constrained_beam_search(step_fn: Callable, trie, *, batch_size: int, beam_width: int,
+                            normalize: str = "codebook", impl: Optional[str] = None,
+                            interpret: Optional[bool] = None):
+    """Beam search over the SIDs of ``trie`` (contract 5); see
+    ``kernels.torch.constrained_beam_search``. ``step_fn(level, tokens [B, W,
+    level] int32, parent [B, W] int32) -> logits [B, W, V_level]``. Returns
+    ``(codes [B, W, L] int32, scores [B, W] float32)``."""
+    _check_trie(trie)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(beam_width, bool) or not isinstance(beam_width, int) or not 1 <= beam_width <= MAX_BEAM:
+        raise ValueError(f"beam_width must be an int in [1, {MAX_BEAM}], got {beam_width!r}")
+    B, W = batch_size, beam_width
+    L = len(trie.codebook_sizes)
+    bounds = children_bounds(trie) if _concrete(trie.child_ptr) else tuple(int(v) for v in trie.codebook_sizes)
+    lane = jnp.arange(W)
+    scores = jnp.broadcast_to(jnp.where(lane == 0, 0.0, -jnp.inf).astype(jnp.float32), (B, W))
+    nodes = jnp.broadcast_to(jnp.where(lane == 0, 0, -1).astype(jnp.int32), (B, W))
+    tokens = jnp.zeros((B, W, 0), jnp.int32)
+    parent = jnp.broadcast_to(lane.astype(jnp.int32), (B, W))
+    for level in range(L):
+        logits = step_fn(level, tokens, parent)
+        scores, nodes, parent, token = constrained_beam_step(
+            logits, scores, nodes, trie, level, W, normalize=normalize, max_children=bounds[level], impl=impl,
+            interpret=interpret, validate=False)
+        prefix = jnp.take_along_axis(tokens, parent[..., None], axis=1) if level else tokens
+        tokens = jnp.concatenate([prefix, token[..., None].astype(jnp.int32)], axis=2)
+    codes = jnp.where((scores > -jnp.inf)[..., None], tokens, -1)
+    return codes, scores

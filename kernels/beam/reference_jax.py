@@ -1,0 +1,110 @@
+"""jnp reference of the trie-constrained beam step (semantics: ``reference.py``).
+
+Same contract as the torch reference, with JAX's static shapes: every beam's
+children are gathered into a ``[B, W_in, C]`` table where ``C`` is a static
+bound on the child count at ``level`` (``children_bound``), then ranked with a
+two-key ``lax.sort`` (score descending, then flat index ``w * C + p``
+ascending, i.e. parent then token). Integer outputs are int32 (JAX without
+``jax_enable_x64``).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NORMALIZE = ("codebook", "children")
+
+
+def children_bounds(trie) -> tuple[int, ...]:
+    """Largest child count of any state at each level (at least 1), read
+    from the trie arrays on the host (one transfer of ``child_ptr``).
+    Requires concrete (non-traced) arrays."""
+    child_ptr = np.asarray(trie.child_ptr, dtype=np.int64)
+    level_ptr = np.asarray(trie.level_ptr, dtype=np.int64)
+    counts = np.diff(child_ptr)
+    out = []
+    for l in range(trie.num_levels):
+        lo, hi = int(level_ptr[l]), int(level_ptr[l + 1])
+        c = int(counts[lo:hi].max()) if hi > lo else 0
+        out.append(max(c, 1))
+    return tuple(out)
+
+
+def expand_children(nodes, trie, level: int, C: int):
+    """``(token, next_state, valid)`` each ``[..., C]`` (int32, int32, bool)
+    for every state of ``nodes``; see ``reference.expand_children``."""
+    I = int(trie.num_internal)
+    E = int(trie.num_edges)
+    nodes = nodes.astype(jnp.int32)
+    alive = nodes >= 0
+    internal = alive & (nodes < I)
+    chain = nodes >= I
+    child_ptr = trie.child_ptr
+    s_int = jnp.where(internal, nodes, 0)
+    lo = child_ptr[s_int].astype(jnp.int32)
+    cnt = jnp.where(internal, (child_ptr[s_int + 1] - child_ptr[s_int]).astype(jnp.int32), chain.astype(jnp.int32))
+    p = jnp.arange(C, dtype=jnp.int32)
+    valid = p < cnt[..., None]
+    e = jnp.where(valid & internal[..., None], jnp.minimum(lo[..., None] + p, max(E - 1, 0)), 0)
+    tok_int = trie.child_token[e].astype(jnp.int32)
+    w = trie.edge_word[e].astype(jnp.int32)
+    nxt_int = jnp.where(w < 0, ~w, I + e)
+    word = trie.edge_word[jnp.where(chain, nodes - I, 0)].astype(jnp.int32)
+    tok_chain = (word >> trie.shift[level].astype(jnp.int32)) & trie.mask[level].astype(jnp.int32)
+    token = jnp.where(chain[..., None], tok_chain[..., None], tok_int)
+    nxt = jnp.where(chain[..., None], nodes[..., None], nxt_int)
+    return jnp.where(valid, token, 0), jnp.where(valid, nxt, -1), valid
+
+
+def candidate_logits(logits, beam_scores, nodes, trie, level: int, C: int, vocab_offset: int = 0):
+    """Shared front end of the jnp reference and the Pallas path: the level's
+    logits ``x [B, W_in, V]`` (a slice at ``vocab_offset``), and per beam the
+    children ``token``/``next`` tables and their logits ``[B, W_in, C]``
+    (``-inf`` where there is no child or the beam is dead)."""
+    V = int(trie.codebook_sizes[level])
+    x = logits[..., vocab_offset:vocab_offset + V]
+    alive = (nodes >= 0) & (beam_scores > -jnp.inf)
+    token, nxt, valid = expand_children(jnp.where(alive, nodes, -1), trie, level, C)
+    cl = jnp.take_along_axis(x, token, axis=2).astype(jnp.float32)
+    cl = jnp.where(valid, cl, -jnp.inf)
+    return x, token, nxt, valid, cl
+
+
+def decode(flat, top, token, nxt, C: int):
+    """Outputs from the flat candidate index ``w * C + p`` of each kept slot."""
+    B = flat.shape[0]
+    ok = top > -jnp.inf
+    flat = jnp.where(ok, flat, 0)
+    new_token = jnp.take_along_axis(token.reshape(B, -1), flat, axis=1)
+    new_nodes = jnp.take_along_axis(nxt.reshape(B, -1), flat, axis=1)
+    return (jnp.where(ok, top, -jnp.inf), jnp.where(ok, new_nodes, -1),
+            jnp.where(ok, flat // C, 0).astype(jnp.int32), jnp.where(ok, new_token, -1))
+
+
+def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, W: int, *, normalize: str = "codebook",
+                          vocab_offset: int | None = None, max_children: int | None = None):
+    """Reference step: ``(scores [B, W] f32, nodes, parent, token [B, W] int32)``.
+
+    ``max_children``: static bound on the child count at ``level``
+    (``children_bounds(trie)[level]``); ``None`` uses the codebook size,
+    always safe."""
+    B, W_in = nodes.shape
+    V = int(trie.codebook_sizes[level])
+    C = int(max_children or V)
+    x, token, nxt, valid, cl = candidate_logits(logits, beam_scores, nodes, trie, level, C, int(vocab_offset or 0))
+    if normalize == "codebook":
+        lse = jax.nn.logsumexp(x.astype(jnp.float32), axis=-1, keepdims=True)
+    else:
+        any_child = valid.any(-1, keepdims=True)
+        lse = jnp.where(any_child, jax.nn.logsumexp(jnp.where(any_child, cl, 0.0), axis=-1, keepdims=True), 0.0)
+    score = beam_scores.astype(jnp.float32)[..., None] + (cl - lse)
+    score = jnp.where(valid, score, -jnp.inf).reshape(B, W_in * C)
+    flat = jnp.broadcast_to(jnp.arange(W_in * C, dtype=jnp.int32), score.shape)
+    neg, idx = jax.lax.sort((-score, flat), dimension=1, num_keys=2)
+    top, idx = -neg[:, :W], idx[:, :W]
+    if top.shape[1] < W:
+        pad = W - top.shape[1]
+        top = jnp.concatenate([top, jnp.full((B, pad), -jnp.inf, top.dtype)], 1)
+        idx = jnp.concatenate([idx, jnp.zeros((B, pad), idx.dtype)], 1)
+    return decode(idx, top, token, nxt, C)
