@@ -1,1 +1,50 @@
-"""Datasets, splits and item content for PLUM."""
+"""Datasets, splits and item content for PLUM.
+
+- :class:`InteractionData`: users' item sequences over a dense item index,
+  with raw IDs and optional item metadata (``interactions.py``).
+- Loaders for the LC-Rec/LETTER JSON pair, the S3-Rec/SASRec text format and
+  CSV/TSV/Parquet tables, and :func:`load_dataset` to pick one (``formats.py``).
+- :func:`leave_one_out`: the S3-Rec/TIGER split (``splits.py``).
+- :func:`make_synthetic_catalogue`: the seeded synthetic catalogue used by the
+  demo and the tests (``synthetic.py``).
+- :func:`embed_texts`: cached sentence embeddings from a local BERT
+  sentence-transformers directory (``text.py``; imported lazily because it
+  needs the ``tokenizers`` package).
+"""
+from plum.data.formats import (
+    load_dataset,
+    load_inter_json,
+    load_interaction_table,
+    load_items_json,
+    load_sequences_txt,
+)
+from plum.data.interactions import InteractionData, cooccurrence_pairs, item_text
+from plum.data.splits import EvalSet, LeaveOneOutSplit, leave_one_out
+from plum.data.synthetic import SyntheticCatalogue, SyntheticConfig, make_synthetic_catalogue
+
+__all__ = [
+    "InteractionData",
+    "cooccurrence_pairs",
+    "item_text",
+    "load_dataset",
+    "load_inter_json",
+    "load_interaction_table",
+    "load_items_json",
+    "load_sequences_txt",
+    "EvalSet",
+    "LeaveOneOutSplit",
+    "leave_one_out",
+    "SyntheticCatalogue",
+    "SyntheticConfig",
+    "make_synthetic_catalogue",
+    "embed_texts",
+    "TextEmbedder",
+]
+
+
+def __getattr__(name):  # lazy: the text model path needs `tokenizers`
+    if name in ("embed_texts", "TextEmbedder"):
+        from plum.data import text
+
+        return getattr(text, name)
+    raise AttributeError(f"module 'plum.data' has no attribute {name!r}")

@@ -1,0 +1,155 @@
+"""The SIDv2 residual-quantised autoencoder (modules and k-means only).
+
+Shapes: N items, M content embeddings ("modalities") per item with widths
+``d_m``, latent width D, L levels with codebook sizes ``V_l``.
+
+::
+
+    x_m [N, d_m] --(standardise)--> encoder_m (MLP) --> h_m [N, D]
+    concat(h_1..h_M) --fuse (Linear, M > 1 only)--> z [N, D]
+    residual quantisation: r_0 = z; c_l = argmin_k |r_l - C_l[k]|;
+                           q_l = C_l[c_l]; r_{l+1} = r_l - q_l
+    z_q = q_0 + ... + q_{L-1} --> decoder_m (MLP) --> x_hat_m [N, d_m]
+
+The training loop, losses and the public API live in
+:mod:`plum.sid.tokenizer`; this module is the model it trains.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["RQVAE", "kmeans", "mlp"]
+
+
+def mlp(dims: Sequence[int]) -> nn.Sequential:
+    """Linear layers with SiLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances ``[n, k]`` (expanded form, clamped at 0)."""
+    return (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(1)[None]).clamp_min_(0)
+
+
+@torch.no_grad()
+def kmeans(x: torch.Tensor, k: int, *, iters: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding then ``iters`` Lloyd steps; returns centroids ``[k, d]``.
+
+    With fewer distinct points than ``k`` the surplus centroids are copies of
+    random points plus small noise (they start dead and are revived by the
+    restarts during training). An empty cluster in a Lloyd step is re-seeded
+    at the point farthest from its centroid.
+    """
+    n, d = x.shape
+    if n == 0:
+        raise ValueError("kmeans needs at least one point")
+    noise = 1e-3 * x.std().clamp_min(1e-6)
+    if n <= k:
+        extra = torch.randint(n, (k - n,), generator=generator)
+        c = torch.cat([x, x[extra] + noise * torch.randn(k - n, d, generator=generator)])
+        return c[torch.randperm(k, generator=generator)]
+    # k-means++ seeding
+    c = torch.empty(k, d, dtype=x.dtype)
+    c[0] = x[torch.randint(n, (1,), generator=generator)]
+    best = _sq_dists(x, c[:1]).squeeze(1)
+    for j in range(1, k):
+        total = best.sum()
+        if total <= 0:
+            idx = torch.randint(n, (1,), generator=generator)
+        else:
+            idx = torch.multinomial(best / total, 1, generator=generator)
+        c[j] = x[idx]
+        best = torch.minimum(best, _sq_dists(x, c[j:j + 1]).squeeze(1))
+    for _ in range(iters):
+        dist = _sq_dists(x, c)
+        assign = dist.argmin(1)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        live = counts > 0
+        c[live] = sums[live] / counts[live, None].to(x.dtype)
+        if not live.all():
+            far = dist.gather(1, assign[:, None]).squeeze(1).argsort(descending=True)
+            c[~live] = x[far[: int((~live).sum())]]
+    return c
+
+
+class RQVAE(nn.Module):
+    """Per-modality encoders, fusion, residual quantiser and per-modality decoders.
+
+    Input standardisation (per-modality mean and a scalar scale, so that every
+    modality has unit mean squared norm per dimension) is part of the module's
+    state, so a saved tokenizer encodes new items exactly as at fit time.
+    """
+
+    def __init__(self, input_dims: Sequence[int], latent_dim: int, hidden_dims: Sequence[int],
+                 codebook_sizes: Sequence[int]):
+        super().__init__()
+        self.input_dims = tuple(int(d) for d in input_dims)
+        self.codebook_sizes = tuple(int(v) for v in codebook_sizes)
+        self.latent_dim = int(latent_dim)
+        hidden = list(hidden_dims)
+        self.encoders = nn.ModuleList(mlp([d, *hidden, latent_dim]) for d in self.input_dims)
+        self.fuse = nn.Linear(len(self.input_dims) * latent_dim, latent_dim) if len(self.input_dims) > 1 else nn.Identity()
+        self.decoders = nn.ModuleList(mlp([latent_dim, *hidden[::-1], d]) for d in self.input_dims)
+        self.codebooks = nn.ParameterList(
+            nn.Parameter(torch.randn(v, latent_dim) * 0.1) for v in self.codebook_sizes
+        )
+        for m, d in enumerate(self.input_dims):
+            self.register_buffer(f"in_mean_{m}", torch.zeros(d))
+            self.register_buffer(f"in_scale_{m}", torch.ones(()))
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.codebook_sizes)
+
+    # -- input standardisation ------------------------------------------------
+    @torch.no_grad()
+    def set_input_stats(self, xs: Sequence[torch.Tensor]) -> None:
+        for m, x in enumerate(xs):
+            mean = x.mean(0)
+            scale = (x - mean).pow(2).mean().sqrt().clamp_min(1e-8)
+            getattr(self, f"in_mean_{m}").copy_(mean)
+            getattr(self, f"in_scale_{m}").copy_(scale)
+
+    def standardise(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [(x - getattr(self, f"in_mean_{m}")) / getattr(self, f"in_scale_{m}") for m, x in enumerate(xs)]
+
+    # -- forward pieces -----------------------------------------------------
+    def encode_latent(self, xs_std: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Standardised inputs -> fused latent ``z [B, D]``."""
+        h = [enc(x) for enc, x in zip(self.encoders, xs_std)]
+        return self.fuse(torch.cat(h, dim=1)) if len(h) > 1 else h[0]
+
+    def decode(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Latent ``[B, D]`` -> standardised reconstructions, one per modality."""
+        return [dec(z) for dec in self.decoders]
+
+    def quantize(self, z: torch.Tensor, levels: int | None = None):
+        """Residual quantisation of ``z [B, D]``.
+
+        Returns ``codes [B, L]`` (int64), ``quantized [L, B, D]`` (the chosen
+        codewords, differentiable w.r.t. the codebooks) and ``residuals
+        [L, B, D]`` (``r_l``, differentiable w.r.t. ``z``; each residual
+        subtracts the *detached* codewords above it, so the codebook loss of
+        level l trains only codebook l).
+        """
+        levels = self.num_levels if levels is None else levels
+        r = z
+        codes, quantized, residuals = [], [], []
+        for l in range(levels):
+            cb = self.codebooks[l]
+            c = _sq_dists(r.detach(), cb.detach()).argmin(1)
+            q = cb[c]
+            codes.append(c)
+            quantized.append(q)
+            residuals.append(r)
+            r = r - q.detach()
+        return torch.stack(codes, 1), torch.stack(quantized), torch.stack(residuals)
