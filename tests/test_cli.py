@@ -1,13 +1,123 @@
-"""The README's main job, `plum demo`, on a small default."""
+"""The ``plum`` CLI: a scaled-down ``plum demo``, the stage subcommands over a TOML
+config, bad input, and the trie timing demo (``plum trie-demo``)."""
 import json
 import subprocess
 import sys
 
-from plum.cli import main
+import pytest
+
+from plum.cli import RESULT_KEYS, main
+
+SMALL = {
+    "data": {"synthetic": {"num_items": 160, "num_users": 80, "num_topics": 4, "subtopics_per_topic": 2,
+                           "max_length": 10}},
+    "sid": {"codebook_sizes": [8, 4, 4], "epochs": 6, "warmup_epochs": 2, "hidden_dims": [32],
+            "latent_dim": 8, "batch_size": 64},
+    "cpt": {"steps": 3, "max_tokens": 512, "warmup_steps": 1},
+    "sft": {"steps": 3, "max_tokens": 512, "warmup_steps": 1},
+    "sasrec": {"steps": 3, "max_tokens": 256},
+    "eval": {"beam_width": 10, "batch_size": 32},
+}
 
 
-def test_demo_writes_results(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--items", "20000"]) == 0
+def _toml(d: dict, prefix: str = "") -> str:
+    """A tiny TOML writer for the nested dict above (tables of scalars/lists)."""
+    lines, tables = [], []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            tables.append((f"{prefix}{k}", v))
+        else:
+            lines.append(f"{k} = {json.dumps(v)}")
+    out = "\n".join(lines) + "\n"
+    for name, t in tables:
+        out += f"\n[{name}]\n" + _toml(t, name + ".")
+    return out
+
+
+def test_demo_smoke_writes_results_for_every_model(tmp_path, capsys):
+    cfg = tmp_path / "small.json"
+    cfg.write_text(json.dumps(SMALL))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--config", str(cfg), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert {"plum", "sft_only", "popularity", "sasrec"} <= res.keys()
+    for name in ("plum", "sft_only", "popularity", "sasrec"):
+        assert set(RESULT_KEYS) <= res[name].keys()
+        assert all(0.0 <= res[name][k] <= 1.0 for k in RESULT_KEYS)
+        assert res[name]["recall@5"] <= res[name]["recall@10"]
+    assert res["plum"]["invalid_rate"] == 0.0 and res["sft_only"]["invalid_rate"] == 0.0
+    assert res["details"]["test_users"] == 80
+    out = capsys.readouterr().out
+    assert "PLUM demo" in out and "sasrec" in out
+    for d in ("sid", "cpt/model", "sft/model", "sft_only/model", "sasrec"):
+        assert (tmp_path / "demo" / d).exists()
+
+
+def test_stage_subcommands_over_a_toml_config(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'workdir = "{tmp_path / "work"}"\n' + _toml(SMALL))
+    for cmd in ("sid", "cpt", "sft"):
+        assert main([cmd, "--config", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--config", str(cfg)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["invalid_rate"] == 0.0 and "recall@10" in res
+    assert main(["recommend", "--config", str(cfg), "--history", "item_3,item_7", "-k", "4"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert len(recs) == 4 and all(r["item"].startswith("item_") and r["title"] for r in recs)
+    with pytest.raises(ValueError, match="unknown item ids"):
+        main(["recommend", "--config", str(cfg), "--history", "item_3,nope"])
+    # SIDs re-made with other codebooks: the saved model's vocabulary no longer matches
+    other = tmp_path / "other.toml"
+    other.write_text(cfg.read_text().replace("codebook_sizes = [8, 4, 4]", "codebook_sizes = [8, 8, 4]"))
+    assert main(["sid", "--config", str(other), "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="SID tokenizer has codebooks"):
+        main(["sft", "--config", str(other), "--no-progress"])
+
+
+def test_stages_from_a_hugging_face_checkpoint(tmp_path, capsys):
+    """model.hf_checkpoint: load Qwen3 + its tokenizer.json, add the SID tokens, CPT, SFT, eval."""
+    transformers = pytest.importorskip("transformers")
+    from plum.model.vocab import train_word_tokenizer
+
+    ckpt = tmp_path / "qwen3"
+    cfg = transformers.Qwen3Config(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16, intermediate_size=48)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(ckpt)
+    from plum.data import make_synthetic_catalogue
+    from plum.train.corpus import grounding_text
+
+    syn = make_synthetic_catalogue(**SMALL["data"]["synthetic"], seed=0)
+    train_word_tokenizer([grounding_text(m) for m in syn.data.items], vocab_size=400).save(str(ckpt / "tokenizer.json"))
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({**SMALL, "workdir": str(tmp_path / "work"), "model": {"hf_checkpoint": str(ckpt)}}))
+    for cmd in ("sid", "cpt", "sft"):
+        assert main([cmd, "--config", str(run), "--no-progress"]) == 0
+    vocab = json.loads((tmp_path / "work" / "sft" / "model" / "vocab.json").read_text())
+    assert vocab["base_size"] == 400 and vocab["codebook_sizes"] == [8, 4, 4]
+    capsys.readouterr()
+    assert main(["eval", "--config", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["invalid_rate"] == 0.0
+
+
+def test_bad_config_raises(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"cpt": {"stepz": 3}}))
+    with pytest.raises(ValueError, match="unknown config key 'cpt.stepz'"):
+        main(["sid", "--config", str(bad)])
+    from plum.train.stages import load_run_config
+
+    cfg = load_run_config(None, cpt={"grad_accum": 2, "fsdp": True}, sft={"steps": 7})
+    assert cfg["cpt"]["grad_accum"] == 2 and cfg["cpt"]["steps"] == 80 and cfg["sft"]["steps"] == 7
+    with pytest.raises(ValueError, match="unknown config key 'eval.grad_accum'"):
+        load_run_config(None, eval={"grad_accum": 2})
+    with pytest.raises(ValueError, match=".json or .toml"):
+        main(["sid", "--config", str(tmp_path / "x.yaml")])
+    with pytest.raises(FileNotFoundError, match="run `plum sid` first"):
+        main(["cpt", "--workdir", str(tmp_path / "empty"), "--no-progress"])
+
+
+def test_trie_demo_writes_results(tmp_path, capsys):
+    assert main(["trie-demo", "--out", str(tmp_path), "--items", "20000"]) == 0
     res = json.loads((tmp_path / "trie_demo.json").read_text())
     assert res["num_items"] == 20000 and res["num_sids"] == 20000
     assert res["random_sids_present"] < 0.01  # random SIDs are (almost) never in the trie
@@ -16,6 +126,8 @@ def test_demo_writes_results(tmp_path, capsys):
 
 
 def test_console_script_entry_point(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "plum.cli", "demo", "--out", str(tmp_path), "--items", "1000"],
+    out = subprocess.run([sys.executable, "-m", "plum.cli", "trie-demo", "--out", str(tmp_path), "--items", "1000"],
                          capture_output=True, text=True, check=True)
     assert "PLUM SID trie demo" in out.stdout
+    help_ = subprocess.run([sys.executable, "-m", "plum.cli", "--help"], capture_output=True, text=True, check=True)
+    assert all(c in help_.stdout for c in ("sid", "cpt", "sft", "eval", "recommend", "demo", "trie-demo"))

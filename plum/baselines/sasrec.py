@@ -1,0 +1,139 @@
+"""SASRec-style baseline: a causal transformer over item ids with a full
+item-embedding table (the large-embedding-table kind of model PLUM is
+compared with), trained with cross-entropy over *all* items at every
+position of the training sequences (RecBole's CE variant of SASRec, which
+beats the original negative-sampling loss).
+
+Packed like the LM (no padding): a batch is item sequences back to back with
+``cu_seqlens``; attention is ``kernels.torch.history_attention``. Scores of a
+position are ``h @ item_embedding.T`` (tied input/output table).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kernels.torch as K
+from plum.model.model import cu_seqlens_from_lengths, positions_from_cu_seqlens
+from plum.retrieval.metrics import topk_from_scores, topk_metrics
+from plum.train.corpus import Example, PackedBatch, check_histories
+
+__all__ = ["SASRecConfig", "SASRec", "SequenceDataset", "sasrec_loss"]
+
+
+@dataclass(frozen=True)
+class SASRecConfig:
+    num_items: int
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 1
+    max_len: int = 50
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        for name in ("num_items", "hidden_size", "num_layers", "num_heads", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.h, self.dh = cfg.num_heads, d // cfg.num_heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, d))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cu: Tensor, max_len: int) -> Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv(self.ln1(x)).view(T, 3, self.h, self.dh).unbind(1)
+        a = K.history_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, max_len, causal=True)
+        x = x + self.drop(self.out(a.reshape(T, -1)))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class SASRec(nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        self.config = cfg
+        self.item_embedding = nn.Embedding(cfg.num_items, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_len, cfg.hidden_size)
+        self.layers = nn.ModuleList(_Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.LayerNorm(cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.dropout)
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+
+    def forward(self, items: Tensor, cu_seqlens: Tensor, max_seqlen: int, *, index: Tensor | None = None) -> Tensor:
+        """Scores over all items ``[T or M, num_items]`` at every packed position (or at ``index``)."""
+        pos = positions_from_cu_seqlens(cu_seqlens, items.shape[0])
+        if int(pos.max()) >= self.config.max_len:
+            raise ValueError(f"a sequence is longer than max_len={self.config.max_len}")
+        x = self.drop(self.item_embedding(items) * self.config.hidden_size ** 0.5 + self.position_embedding(pos))
+        for layer in self.layers:
+            x = layer(x, cu_seqlens, max_seqlen)
+        h = self.norm(x if index is None else x[index])
+        return h @ self.item_embedding.weight.T
+
+    @torch.no_grad()
+    def recommend(self, histories: Sequence[np.ndarray], k: int, batch_size: int = 256) -> list[np.ndarray]:
+        check_histories(histories, self.config.num_items, "histories")
+        was = self.training
+        self.eval()
+        dev = self.item_embedding.weight.device
+        out = []
+        try:
+            for s in range(0, len(histories), batch_size):
+                hs = [np.asarray(h, np.int64)[-self.config.max_len:] for h in histories[s:s + batch_size]]
+                if any(len(h) == 0 for h in hs):
+                    raise ValueError("every history needs at least one item")
+                cu = cu_seqlens_from_lengths([len(h) for h in hs], device=dev)
+                ids = torch.from_numpy(np.concatenate(hs)).to(dev)
+                scores = self(ids, cu, max(len(h) for h in hs), index=(cu[1:] - 1).long())
+                out.extend(topk_from_scores(scores.float(), k))
+        finally:
+            self.train(was)
+        return out
+
+    def evaluate(self, histories, targets, ks=(5, 10)) -> dict:
+        res = topk_metrics(self.recommend(histories, max(ks)), targets, self.config.num_items, ks)
+        res["invalid_rate"] = 0.0
+        return res
+
+
+class SequenceDataset:
+    """Each user's training sequence (its last ``max_len`` items) as one example; every position predicts the next."""
+
+    def __init__(self, sequences: Sequence[np.ndarray], num_items: int, max_len: int):
+        check_histories(sequences, num_items, "sequences")
+        self.sequences = [np.asarray(s, np.int64)[-max_len:] for s in sequences if len(s) >= 2]
+        if not self.sequences:
+            raise ValueError("no sequence has >= 2 items")
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, i: int) -> Example:
+        s = self.sequences[i]
+        w = np.ones(len(s), np.float32)
+        w[0] = 0.0
+        return Example(s, w)
+
+
+def sasrec_loss(model, batch: PackedBatch):
+    scores = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, index=batch.loss_index)
+    ce = F.cross_entropy(scores.float(), batch.targets, reduction="none")
+    loss = (ce * batch.weights).sum() / batch.weights.sum().clamp_min(1e-12)
+    return loss, {"ce": loss.detach(), "aux": torch.zeros(()), "tokens": batch.num_tokens}

@@ -1,0 +1,141 @@
+"""Generative retrieval: the LM generates the SIDs of the items to recommend.
+
+For a batch of B users:
+
+1. **Prefill** every prompt (``<|bos|> <|hist|> <sid> ...``) once, packed
+   without padding, through ``history_attention``; keep each layer's keys and
+   values as a prefix cache ``[B, S, Hkv, D]`` stored once per user, and the
+   level-0 logits at each prompt's last token.
+2. **Constrained beam search** (``kernels.torch.constrained_beam_search``) over
+   the L SID levels with W beams per user: the step function reorders the
+   per-beam suffix cache by the beams' parents, feeds each beam's newest code
+   through :meth:`PlumLM.decode_step` (``beam_decode_attention``: the W beams
+   of a user read the shared prefix once) and returns the logits of the next
+   level's codebook only (a slice of the LM head). Only SIDs of the trie can
+   come out.
+3. **Items**: beams best first, each SID's items from the trie (collisions
+   keep all their items, in trie order), cut to K.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+import kernels.torch as K
+from plum.model.model import PlumLM, cu_seqlens_from_lengths
+from plum.model.vocab import SIDVocab
+from plum.retrieval.metrics import topk_metrics
+from plum.sid.trie import SIDTrie
+from plum.train.corpus import check_histories, history_tokens
+
+__all__ = ["GenerativeRetriever", "Recommendations"]
+
+
+@dataclass
+class Recommendations:
+    items: list[np.ndarray]   # per user, ranked item indices (<= k)
+    codes: np.ndarray         # [U, W, L] generated SIDs, best first (-1 in dead slots)
+    scores: np.ndarray        # [U, W] log-probabilities (-inf in dead slots)
+    invalid: int              # finite-score beams whose SID is not in the trie
+    beams: int                # finite-score beams
+
+
+class GenerativeRetriever:
+    """Recommend with an LM over SID tokens and a trie of the catalogue's SIDs.
+
+    Args:
+        model: the LM (its vocabulary must be ``vocab``).
+        vocab: token layout; its codebooks must be the trie's.
+        trie: SIDs of the catalogue (:func:`plum.sid.build_trie` over ``codes``).
+        codes: ``[num_items, L]`` SIDs of the items (builds the prompts).
+        beam_width: W beams per user (>= the largest K asked for).
+        batch_size: users per beam search.
+        max_items: prompt history window (the last ``max_items`` items).
+    """
+
+    def __init__(self, model: PlumLM, vocab: SIDVocab, trie: SIDTrie, codes: np.ndarray, *, beam_width: int = 10,
+                 batch_size: int = 64, max_items: int = 50, impl: str | None = None):
+        vocab.check_model(model.config.vocab_size)
+        vocab.check_codebooks(trie.codebook_sizes)
+        if beam_width < 1 or batch_size < 1 or max_items < 1:
+            raise ValueError("beam_width, batch_size and max_items must be >= 1")
+        self.model, self.vocab, self.trie = model, vocab, trie
+        self.sid_tokens = vocab.sid_to_tokens(codes)
+        self.num_items = len(self.sid_tokens)
+        self.beam_width, self.batch_size, self.max_items, self.impl = beam_width, batch_size, max_items, impl
+        self._trie_arrays = None
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def _search(self, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        model, vocab, W = self.model, self.vocab, self.beam_width
+        dev = self._device()
+        L = vocab.num_levels
+        prompts = [history_tokens(vocab, self.sid_tokens, np.asarray(h, np.int64)[-self.max_items:])
+                   for h in histories]
+        lens = [len(p) for p in prompts]
+        ids = torch.from_numpy(np.concatenate(prompts)).to(dev)
+        cu = cu_seqlens_from_lengths(lens, device=dev)
+        last = (cu[1:] - 1).long()
+        out = model(ids, cu, max(lens), logits=False, return_kv=True)
+        first = model.lm_logits(out.hidden[last], vocab.level_slice(0)).float()        # [B, V_0]
+        cache = model.prefix_cache(out.kv, cu, W, max(L - 1, 1))
+        B = len(prompts)
+        offsets = [vocab.level_offset(l) for l in range(L)]
+
+        def step_fn(level: int, tokens: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+            if level == 0:
+                return first[:, None, :].expand(B, W, first.shape[-1])
+            cache.reorder(parent)
+            newest = tokens[:, :, level - 1]
+            # dead beams carry code -1: feed any valid token, their logits are ignored
+            tok = torch.where(newest >= 0, newest + offsets[level - 1], torch.full_like(newest, offsets[level - 1]))
+            h = model.decode_step(tok, cache)
+            return model.lm_logits(h, vocab.level_slice(level)).float()
+
+        if self._trie_arrays is None or self._trie_arrays.child_ptr.device != dev:
+            self._trie_arrays = self.trie.to_torch(dev)
+        return K.constrained_beam_search(step_fn, self._trie_arrays, batch_size=B, beam_width=W, impl=self.impl)
+
+    def recommend(self, histories: Sequence[np.ndarray], k: int = 10) -> Recommendations:
+        """Top-``k`` items for each history (item indices of the catalogue)."""
+        check_histories(histories, self.num_items, "histories")
+        if any(len(h) == 0 for h in histories):
+            raise ValueError("every history needs at least one item")
+        if not 1 <= k:
+            raise ValueError(f"k must be >= 1, got {k}")
+        was_training = self.model.training
+        self.model.eval()
+        all_codes, all_scores, items = [], [], []
+        invalid = beams = 0
+        try:
+            for s in range(0, len(histories), self.batch_size):
+                codes, scores = self._search(histories[s:s + self.batch_size])
+                codes, scores = codes.cpu().numpy(), scores.cpu().numpy()
+                all_codes.append(codes)
+                all_scores.append(scores)
+                for c, sc in zip(codes, scores):
+                    live = np.isfinite(sc)
+                    flat, offs = self.trie.items_flat(np.where(live[:, None], c, 0).astype(np.int64))
+                    present = np.diff(offs) > 0
+                    beams += int(live.sum())
+                    invalid += int((live & ~present).sum())
+                    ranked = [flat[offs[w]:offs[w + 1]] for w in np.flatnonzero(live & present)]
+                    items.append((np.concatenate(ranked) if ranked else np.zeros(0, np.int64))[:k].astype(np.int64))
+        finally:
+            self.model.train(was_training)
+        return Recommendations(items, np.concatenate(all_codes), np.concatenate(all_scores), invalid, beams)
+
+    def evaluate(self, histories: Sequence[np.ndarray], targets, ks: Sequence[int] = (5, 10)) -> dict:
+        """Recall/NDCG/coverage@K over all items plus the invalid-SID rate."""
+        if max(ks) > self.beam_width:
+            raise ValueError(f"beam_width ({self.beam_width}) must be >= the largest K ({max(ks)})")
+        rec = self.recommend(histories, max(ks))
+        out = topk_metrics(rec.items, targets, self.num_items, ks)
+        out["invalid_rate"] = rec.invalid / max(rec.beams, 1)
+        return out

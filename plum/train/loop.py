@@ -1,0 +1,322 @@
+"""The training loop shared by CPT, SFT and the SASRec baseline.
+
+- AdamW (no weight decay on norms and biases), linear warm-up then cosine
+  decay to ``min_lr_ratio * lr``, gradient clipping, gradient accumulation;
+- bf16 autocast on CUDA (``bf16=None`` turns it on exactly there);
+- loss: weighted token cross-entropy at the packed positions that carry a
+  loss (``sum w * CE / sum w``) plus the model's router aux losses;
+- several processes through ``torchrun``: DDP by default, FSDP2
+  (``torch.distributed.fsdp.fully_shard`` per decoder layer) with
+  ``fsdp=True``; rank ``r`` of ``W`` takes micro-batches ``r, r + W, ...``
+  of one seeded stream, so the data order does not depend on ``W``;
+- atomic checkpoints (``checkpoint.pt``: written to a temporary file, then
+  ``os.replace``) with model, optimizer, scheduler, RNG states and the data
+  position, and exact resume from them: training ``n`` steps in one go or
+  in two runs with a checkpoint between gives the same weights;
+- metrics as JSON lines (``metrics.jsonl``; rows after the checkpoint that
+  a resumed run redoes are dropped), a tqdm progress bar on rank 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from plum.train.corpus import ExampleStream, PackedBatch
+
+__all__ = ["TrainConfig", "train", "lm_loss", "dist_env", "init_distributed", "default_device", "full_model_state",
+           "save_checkpoint", "load_checkpoint"]
+
+CKPT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0          # 0 disables
+    grad_accum: int = 1             # micro-batches per step and rank
+    max_tokens: int = 4096          # tokens per micro-batch
+    log_every: int = 10
+    checkpoint_every: int = 0       # 0: only at the end
+    seed: int = 0
+    bf16: bool | None = None        # None: autocast to bf16 exactly on CUDA
+    fsdp: bool = False              # FSDP2 instead of DDP when distributed
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        for name in ("steps", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"need lr > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        if self.max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2, got {self.max_tokens}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def lm_loss(model, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
+    """Weighted next-token cross-entropy at ``batch.loss_index`` plus router aux losses."""
+    out = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, logits_index=batch.loss_index)
+    ce = F.cross_entropy(out.logits.float(), batch.targets, reduction="none")
+    w = batch.weights
+    denom = w.sum().clamp_min(1e-12)
+    loss = (ce * w).sum() / denom
+    return loss + out.aux_loss, {"ce": loss.detach(), "aux": out.aux_loss.detach(), "tokens": batch.num_tokens}
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or name.endswith("bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def dist_env() -> tuple[int, int]:
+    """``(rank, world_size)``; 0, 1 when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _full_state(model, opt):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    if dist_env()[1] > 1:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(model, opt, options=opts)
+    return model.state_dict(), opt.state_dict()
+
+
+def full_model_state(model) -> dict:
+    """The whole model's state dict on the CPU (gathered from every rank under DDP/FSDP2)."""
+    if dist_env()[1] > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE > 1`` (NCCL on CUDA, gloo otherwise)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist_env()
+
+
+def default_device() -> torch.device:
+    """This process's CUDA device (``LOCAL_RANK``) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def save_checkpoint(out_dir: Path, model, opt, sched, *, step: int, position: int, extra: dict | None = None) -> None:
+    """Write ``out_dir/checkpoint.pt`` atomically (every rank must call it; rank 0 writes)."""
+    msd, osd = _full_state(model, opt)
+    rank, world = dist_env()
+    if rank == 0:
+        _atomic_torch_save({"model": msd, "optimizer": osd, "scheduler": sched.state_dict(), "step": step,
+                            "position": position, "rng": _rng_state(), "world_size": world,
+                            "extra": extra or {}}, out_dir / CKPT_NAME)
+    if world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _restore(model, opt, ckpt: dict) -> None:
+    if dist_env()[1] > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, opt, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _wrap(model, cfg: TrainConfig):
+    rank, world = dist_env()
+    if world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = next(model.parameters()).device
+    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------- loop
+
+def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = True,
+          loss_fn: Callable = lm_loss, desc: str = "train", stop_after: int | None = None) -> dict:
+    """Train ``model`` on ``dataset`` (random-access examples, see :mod:`plum.train.corpus`).
+
+    Resumes from ``out_dir/checkpoint.pt`` when it exists and ``resume``.
+    ``stop_after`` ends the run early after that many steps (with a
+    checkpoint), as a pre-empted job would; the schedule still spans
+    ``cfg.steps``. Returns the last logged metrics.
+    """
+    out = Path(out_dir)
+    rank, world = dist_env()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        dist.barrier()
+    torch.manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    wrapped = _wrap(model, cfg)
+    opt = make_optimizer(wrapped, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    step, position = 0, 0
+    ckpt_path = out / CKPT_NAME
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("world_size", 1) != world:
+            raise ValueError(f"{ckpt_path} was written by {ckpt.get('world_size')} processes, this run has {world}; "
+                             "the data order would differ")
+        _restore(wrapped, opt, ckpt)
+        sched.load_state_dict(ckpt["scheduler"])
+        step, position = int(ckpt["step"]), int(ckpt["position"])
+        _set_rng_state(ckpt["rng"])
+        if rank == 0:
+            _trim_metrics(out / METRICS_NAME, step)
+    stream = ExampleStream(dataset, max_tokens=cfg.max_tokens, seed=cfg.seed, position=position)
+    use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not cfg.progress or rank != 0, unit="step")
+    last: dict = {}
+    t0, tokens_seen = time.perf_counter(), 0
+    wrapped.train()
+    while step < end:
+        opt.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0}
+        for micro in range(cfg.grad_accum):
+            batches = [stream.next_batch() for _ in range(world)]  # every rank builds all, keeps its own
+            batch = batches[rank].to(device)
+            sync = micro == cfg.grad_accum - 1 or world == 1 or cfg.fsdp
+            ctx = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else contextlib.nullcontext()
+            with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, parts = loss_fn(wrapped, batch)
+            (loss / cfg.grad_accum).backward()
+            sums["loss"] += float(loss.detach()) / cfg.grad_accum
+            sums["ce"] += float(parts["ce"]) / cfg.grad_accum
+            sums["aux"] += float(parts["aux"]) / cfg.grad_accum
+            tokens_seen += sum(b.num_tokens for b in batches)
+        gnorm = (torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip) if cfg.grad_clip
+                 else torch.zeros(()))
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == end:
+            if world > 1:
+                t = torch.tensor([sums["loss"], sums["ce"], sums["aux"]], dtype=torch.float64)
+                dist.all_reduce(t)
+                sums = dict(zip(("loss", "ce", "aux"), (t / world).tolist()))
+            dt = time.perf_counter() - t0
+            last = {"step": step, **sums, "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
+                    "epoch": stream.epoch, "tokens_per_s": tokens_seen / max(dt, 1e-9)}
+            bar.set_postfix(loss=f"{sums['loss']:.3f}")
+            if rank == 0:
+                with open(out / METRICS_NAME, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
+            save_checkpoint(out, wrapped, opt, sched, step=step, position=stream.position)
+    bar.close()
+    return last
+

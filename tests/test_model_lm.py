@@ -1,0 +1,156 @@
+"""The PLUM LM: config/presets, packed forward, KV-cache decoding, errors."""
+import pytest
+import torch
+
+from plum.model import ModelConfig, PlumLM, cu_seqlens_from_lengths, preset
+from plum.model.config import PRESET_TARGETS, PRESETS
+
+
+def small(**kw):
+    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, intermediate_size=48, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                mlp_only_layers=(0,), initializer_range=0.2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def model64(**kw):
+    torch.manual_seed(0)
+    return PlumLM(small(**kw)).double().eval()
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_TARGETS))
+def test_presets_are_near_their_activated_size(name):
+    cfg = PRESETS[name]
+    assert abs(cfg.activated_params() / PRESET_TARGETS[name] - 1) < 0.1
+    assert cfg.kernel_head_dim_ok and cfg.num_params() > cfg.activated_params()
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_TARGETS))
+def test_large_presets_build_with_the_counted_parameters(name):
+    with torch.device("meta"):
+        m = PlumLM(PRESETS[name])
+    assert sum(p.numel() for p in m.parameters()) == PRESETS[name].num_params()
+
+
+def test_tiny_preset_structure_and_param_count():
+    cfg = preset("tiny", vocab_size=300)
+    m = PlumLM(cfg)
+    assert [cfg.is_moe_layer(i) for i in range(2)] == [False, True]
+    assert sum(p.numel() for p in m.parameters()) == cfg.num_params()
+    assert cfg.kernel_head_dim_ok
+
+
+def test_flops_and_mfu():
+    cfg = preset("tiny", vocab_size=300)
+    m = PlumLM(cfg)
+    fwd = cfg.flops_per_token(100, training=False)
+    assert fwd == 2 * cfg.activated_params() + 2 * 2 * 2 * 64 * 100
+    assert cfg.flops_per_token(100) == 3 * fwd
+    assert m.mfu(1000.0, 100, 1e12) == pytest.approx(1000 * 3 * fwd / 1e12)
+    with pytest.raises(ValueError, match="peak_flops"):
+        m.mfu(1.0, 1, 0.0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(num_attention_heads=3), "multiple of num_key_value_heads"),
+    (dict(head_dim=15), "even"),
+    (dict(num_experts_per_tok=5), "num_experts_per_tok"),
+    (dict(mlp_only_layers=(7,)), "mlp_only_layers"),
+    (dict(kernel_impl="cuda"), "kernel_impl"),
+    (dict(vocab_size=0), "vocab_size"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        small(**bad)
+
+
+def test_config_round_trip_and_unknown_fields():
+    cfg = small()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        ModelConfig.from_dict({**cfg.to_dict(), "n_layer": 3})
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+
+
+def test_packed_batch_equals_sequences_run_alone():
+    """No token sees another sequence: packing changes nothing."""
+    m = model64()
+    seqs = [torch.randint(0, 97, (n,)) for n in (5, 1, 9, 3)]
+    packed = m(torch.cat(seqs), cu_seqlens_from_lengths([len(s) for s in seqs])).logits
+    alone = torch.cat([m(s, cu_seqlens_from_lengths([len(s)])).logits for s in seqs])
+    torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-10)
+
+
+def test_causal_future_tokens_do_not_change_the_past():
+    m = model64()
+    ids = torch.randint(0, 97, (12,))
+    a = m(ids, cu_seqlens_from_lengths([12])).logits
+    ids2 = ids.clone()
+    ids2[8:] = (ids2[8:] + 1) % 97
+    b = m(ids2, cu_seqlens_from_lengths([12])).logits
+    torch.testing.assert_close(a[:8], b[:8], rtol=1e-10, atol=1e-10)
+    assert (a[8:] - b[8:]).abs().max() > 1e-3
+
+
+def test_logits_index_and_aux_loss():
+    m = model64()
+    ids = torch.randint(0, 97, (10,))
+    cu = cu_seqlens_from_lengths([4, 6])
+    full = m(ids, cu)
+    idx = torch.tensor([1, 7, 9])
+    part = m(ids, cu, logits_index=idx)
+    torch.testing.assert_close(part.logits, full.logits[idx], rtol=1e-12, atol=1e-12)
+    assert full.aux_loss > 0  # two MoE layers contribute load-balance + z losses
+    dense = PlumLM(small(num_experts=0)).double()
+    assert dense(ids, cu).aux_loss == 0
+
+
+def test_backward_reaches_every_parameter():
+    m = PlumLM(small())
+    out = m(torch.randint(0, 97, (11,)), cu_seqlens_from_lengths([6, 5]))
+    (out.logits.logsumexp(-1).mean() + out.aux_loss).backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert all(p.grad.abs().sum() > 0 for n, p in m.named_parameters() if "experts" not in n)
+
+
+def test_decode_step_matches_full_forward():
+    """Prefill + per-beam KV-cache decoding == running the whole sequence."""
+    m = model64()
+    prompts = [torch.randint(0, 97, (n,)) for n in (6, 3)]
+    cu = cu_seqlens_from_lengths([6, 3])
+    out = m(torch.cat(prompts), cu, return_kv=True, logits=False)
+    W, steps = 3, 3
+    cache = m.prefix_cache(out.kv, cu, W, steps)
+    new = torch.randint(0, 97, (2, W, steps))
+    for s in range(steps):
+        if s == 1:  # beams swap parents: the suffix cache must follow
+            parent = torch.tensor([[2, 0, 0], [1, 1, 2]])
+            cache.reorder(parent)
+            new[:, :, :1] = torch.gather(new[:, :, :1], 1, parent[..., None])
+        h = m.decode_step(new[:, :, s], cache)
+        for b in range(2):
+            for w in range(W):
+                seq = torch.cat([prompts[b], new[b, w, :s + 1]])
+                ref = m(seq, cu_seqlens_from_lengths([len(seq)])).hidden[-1]
+                torch.testing.assert_close(h[b, w], ref, rtol=1e-9, atol=1e-9)
+    assert cache.suffix_len == steps
+
+
+def test_bad_inputs_raise():
+    m = PlumLM(small())
+    cu = cu_seqlens_from_lengths([3])
+    with pytest.raises(ValueError, match="vocab_size"):
+        m(torch.tensor([1, 2, 97]), cu)
+    with pytest.raises(TypeError, match="input_ids"):
+        m(torch.tensor([1.0, 2.0, 3.0]), cu)
+    with pytest.raises(ValueError, match="packed to 1-D"):
+        m(torch.tensor([[1, 2, 3]]), cu)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        m(torch.tensor([1, 2, 3]), cu_seqlens_from_lengths([2]))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        PlumLM(small(max_position_embeddings=4))(torch.tensor([1, 2, 3, 4, 5]), cu_seqlens_from_lengths([5]))
+    with pytest.raises(TypeError, match="ModelConfig"):
+        PlumLM({"vocab_size": 3})
