@@ -93,7 +93,18 @@ def _build(method: str, codes: np.ndarray, sizes) -> dict:
     raise ValueError(method)
 
 
+def _warm_imports(method: str) -> None:
+    """Import what a method needs before the clock starts."""
+    if method in ("cpp", "numpy"):
+        import plum.sid.reference  # noqa: F401
+    elif method == "marisa":
+        import marisa_trie  # noqa: F401
+
+        import plum.sid.trie  # noqa: F401
+
+
 def child_main(method: str, path: str, config: str) -> None:
+    _warm_imports(method)
     codes = np.load(path)
     sizes = CONFIGS[config]
     before = _rss_kib("VmRSS:")
