@@ -17,10 +17,8 @@ once (2 * B * S * Hkv * D * 2 bytes / time) against a measured copy bandwidth.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import sys
 from pathlib import Path
 
@@ -28,7 +26,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels.torch as K  # noqa: E402
+from common import environment, time_ms  # noqa: E402
+
+bench = time_ms
 
 
 def lognormal_lengths(total: int, median: int, cap: int, seed: int = 0) -> list[int]:
@@ -51,22 +53,6 @@ def history_inputs(lens, hq, hkv, d, dtype, device):
 
 def causal_flops(lens, hq, d) -> float:
     return sum(2 * 2 * n * (n + 1) / 2 * hq * d for n in lens)
-
-
-def bench(fn, warmup=3, iters=10) -> float:
-    """Median milliseconds (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(np.median(times))
 
 
 def padded(x, lens, max_len):
@@ -204,9 +190,7 @@ def main(argv=None):
     if not args.smoke and not torch.cuda.is_available():
         p.error("needs a CUDA GPU (use --smoke on CPU)")
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-               "python": platform.python_version(),
-               "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu"}
+    results = environment() | {"command": " ".join(["python"] + sys.argv)}
     run_history(args, device, dtype, results)
     run_decode(args, device, dtype, results)
     if args.smoke:

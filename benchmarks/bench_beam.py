@@ -25,9 +25,7 @@ Writes ``bench_beam.json`` and ``bench_beam.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -37,31 +35,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kernels.torch as K  # noqa: E402
 from kernels.beam import reference as ref  # noqa: E402
 from plum.sid import build_trie  # noqa: E402
+from common import environment, time_ms  # noqa: E402
 
 PLUM_CODEBOOKS = (2048, 1024, 512, 256, 128, 64, 32, 16)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timeit(fn, device, reps: int, warmup: int = 2) -> float:
-    """Median wall time in ms (device synchronized around each call)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def topk_step(logits, scores, W):
@@ -119,35 +100,26 @@ def run_config(sidtrie, trie, device, B, W, impl, reps, with_callback, levels):
         x = logits_all[level]
         row = {"level": level, "V": PLUM_CODEBOOKS[level]}
         if level in levels:
-            row["ours"] = timeit(lambda: K.constrained_beam_step(x, scores, nodes, trie, level, W, impl=impl,
-                                                                 validate=False), device, reps)
-            row["topk"] = timeit(lambda: topk_step(x, scores, W), device, reps)
-            row["dense_mask"] = timeit(lambda: dense_mask_step(x, scores, nodes, trie, level, W), device, reps)
-            row["csr_torch"] = timeit(lambda: K.constrained_beam_step(x, scores, nodes, trie, level, W,
-                                                                      impl="reference", validate=False), device, reps)
+            def timed(fn, iters=reps, warmup=2):
+                return time_ms(fn, device=device, iters=iters, warmup=warmup)
+
+            row["ours"] = timed(lambda: K.constrained_beam_step(x, scores, nodes, trie, level, W, impl=impl,
+                                                                validate=False))
+            row["topk"] = timed(lambda: topk_step(x, scores, W))
+            row["dense_mask"] = timed(lambda: dense_mask_step(x, scores, nodes, trie, level, W))
+            row["csr_torch"] = timed(lambda: K.constrained_beam_step(x, scores, nodes, trie, level, W,
+                                                                     impl="reference", validate=False))
             if with_callback:
-                row["callback"] = timeit(lambda: callback_step(x, scores, nodes, sidtrie, level, W), device,
-                                         max(1, reps // 5), warmup=1)
+                row["callback"] = timed(lambda: callback_step(x, scores, nodes, sidtrie, level, W),
+                                        iters=max(1, reps // 5), warmup=1)
             rows.append(row)
         scores, nodes, _, _ = K.constrained_beam_step(x, scores, nodes, trie, level, W, impl=impl, validate=False)
 
     def search():
         return K.constrained_beam_search(lambda l, t, p: logits_all[l], trie, batch_size=B, beam_width=W, impl=impl)
 
-    search_ms = timeit(search, device, max(1, reps // 2), warmup=1)
+    search_ms = time_ms(search, device=device, iters=max(1, reps // 2), warmup=1)
     return rows, search_ms
-
-
-def versions():
-    import triton
-    out = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-           "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name()
-    else:
-        out["cpu"] = platform.processor() or platform.machine()
-        out["cpu_threads"] = torch.get_num_threads()
-    return out
 
 
 def main(argv=None):
@@ -193,7 +165,7 @@ def main(argv=None):
             rec["callback_speedup"] = statistics.mean(r["callback"] for r in rows) / rec["step_ms_mean"]
         results.append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k != "levels"}), flush=True)
-    meta = versions() | {"device": args.device, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+    meta = environment() | {"device": args.device, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_beam.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

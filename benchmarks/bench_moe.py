@@ -22,9 +22,7 @@ layer >= 3x the loop and >= 1.0x the torch._grouped_mm layer; route + permute
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -34,6 +32,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels.torch as K  # noqa: E402
 from kernels.moe import ops_torch as OT  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, time_ms  # noqa: E402
+
+bench = time_ms
 
 CONFIGS = [  # (tokens, d_model, ffn, experts, k)
     (16384, 1024, 512, 64, 8),
@@ -83,22 +86,6 @@ def grouped_mm_layer(x, logits, wg, wd, k):
     a = F.silu(h[:, :f]) * h[:, f:]
     y = torch._grouped_mm(a, wd, offs=offs)
     return K.moe_unpermute(y, r.weights, perm, inv)
-
-
-def bench(fn, warmup=3, iters=10) -> float:
-    """Median milliseconds (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def fwd_bwd(fn, inputs):
@@ -187,10 +174,8 @@ def main(argv=None):
         return rows
     if not torch.cuda.is_available():
         sys.exit("bench_moe.py needs a CUDA GPU (use --smoke on a CPU)")
-    import triton
 
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+    meta = environment() | {"command": " ".join(["python"] + sys.argv)}
     rows = [run_config(*c, device="cuda", dtype=torch.bfloat16, smoke=False) for c in CONFIGS]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

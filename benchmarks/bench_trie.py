@@ -95,12 +95,11 @@ def _build(method: str, codes: np.ndarray, sizes) -> dict:
 
 def _warm_imports(method: str) -> None:
     """Import what a method needs before the clock starts."""
-    if method in ("cpp", "numpy"):
-        import plum.sid.reference  # noqa: F401
-    elif method == "marisa":
-        import marisa_trie  # noqa: F401
+    import importlib
 
-        import plum.sid.trie  # noqa: F401
+    for name in {"cpp": ["plum.sid.reference"], "numpy": ["plum.sid.reference"],
+                 "marisa": ["marisa_trie", "plum.sid.trie"]}.get(method, []):
+        importlib.import_module(name)
 
 
 def child_main(method: str, path: str, config: str) -> None:
@@ -150,8 +149,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.child:
         return child_main(*args.child)
-
-    import torch  # noqa: F401  (versions only)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

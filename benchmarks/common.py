@@ -1,0 +1,52 @@
+"""Shared pieces of the benchmarks: timing and the environment record."""
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def time_ms(fn: Callable[[], object], *, warmup: int = 3, iters: int = 10, device: str | torch.device = "cuda") -> float:
+    """Median milliseconds of ``fn()``: CUDA events on a CUDA device,
+    ``perf_counter`` elsewhere (never use the CPU interpreters for speed)."""
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
+def environment() -> dict:
+    """Device, library versions and date, recorded beside every result."""
+    out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
+           "torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        out["device"] = torch.cuda.get_device_name()
+        out["cuda"] = torch.version.cuda
+    else:
+        out["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return out
