@@ -28,11 +28,9 @@ import numpy as np
 
 from .._dispatch import resolve_interpret, resolve_jax_impl
 from . import reference_jax as ref
+from .checks import MAX_BEAM, check_step_args
 
-MAX_BEAM = 512
-NORMALIZE = ref.NORMALIZE
 _BOUNDS_CACHE: dict[int, tuple] = {}
-_LOGIT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 
 class BeamStep(NamedTuple):
@@ -71,43 +69,15 @@ def _check_trie(trie) -> None:
 
 def _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, max_children) -> int:
     _check_trie(trie)
-    L = len(trie.codebook_sizes)
-    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < L:
-        raise ValueError(f"level must be an int in [0, {L}), got {level!r}")
-    if isinstance(W, bool) or not isinstance(W, int) or not 1 <= W <= MAX_BEAM:
-        raise ValueError(f"W (beam width) must be an int in [1, {MAX_BEAM}], got {W!r}")
-    if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-    nodes_dt, scores_dt, logits_dt = (jnp.dtype(getattr(x, "dtype", None) or np.float64)
-                                      for x in (nodes, beam_scores, logits))
+    nodes_dt = jnp.dtype(getattr(nodes, "dtype", None) or np.float64)
     if nodes_dt.kind != "i":
         raise TypeError(f"nodes must be int32/int64 trie states, got {nodes_dt}")
-    if jnp.ndim(nodes) != 2 or nodes.shape[0] == 0 or nodes.shape[1] == 0:
-        raise ValueError(f"nodes must be [B, W_in] with B, W_in >= 1, got shape {tuple(jnp.shape(nodes))}")
-    B, W_in = nodes.shape
-    if W_in > MAX_BEAM:
-        raise ValueError(f"nodes has {W_in} beams, more than the supported maximum {MAX_BEAM}")
-    if scores_dt != jnp.float32:
-        raise TypeError(f"beam_scores must be float32, got {scores_dt}")
-    if tuple(beam_scores.shape) != (B, W_in):
-        raise ValueError(f"beam_scores must have shape [B, W_in] = {[B, W_in]}, got {list(beam_scores.shape)}")
-    if logits_dt not in [jnp.dtype(d) for d in _LOGIT_DTYPES]:
-        raise TypeError(f"logits must be float16, bfloat16 or float32, got {logits_dt}")
+    dtype_of = lambda x: jnp.dtype(getattr(x, "dtype", None) or np.float64)  # noqa: E731
+    off = check_step_args(level=level, W=W, normalize=normalize, codebook_sizes=trie.codebook_sizes,
+                          nodes_shape=tuple(jnp.shape(nodes)), scores_shape=tuple(jnp.shape(beam_scores)),
+                          scores_dtype=dtype_of(beam_scores), logits_shape=tuple(jnp.shape(logits)),
+                          logits_dtype=dtype_of(logits), vocab_offset=vocab_offset)
     V = int(trie.codebook_sizes[level])
-    if jnp.ndim(logits) != 3 or tuple(logits.shape[:2]) != (B, W_in):
-        raise ValueError(f"logits must have shape [B, W_in, V] = [{B}, {W_in}, ...], got {list(logits.shape)}")
-    if vocab_offset is None:
-        if logits.shape[2] != V:
-            raise ValueError(f"logits must have width V_{level} = {V} (the level's codebook), got "
-                             f"{logits.shape[2]}; pass vocab_offset= for a slice of a larger vocabulary")
-        off = 0
-    else:
-        if isinstance(vocab_offset, bool) or not isinstance(vocab_offset, int) or vocab_offset < 0:
-            raise ValueError(f"vocab_offset must be a non-negative int, got {vocab_offset!r}")
-        if vocab_offset + V > logits.shape[2]:
-            raise ValueError(f"vocab_offset + V_{level} = {vocab_offset} + {V} exceeds the logits width "
-                             f"{logits.shape[2]}")
-        off = vocab_offset
     if max_children is not None and (isinstance(max_children, bool) or not isinstance(max_children, int)
                                      or not 1 <= max_children <= V):
         raise ValueError(f"max_children must be an int in [1, V_{level} = {V}], got {max_children!r}")

@@ -28,11 +28,9 @@ from torch import Tensor
 
 from .._dispatch import resolve_torch_impl
 from . import reference as ref
+from .checks import MAX_BEAM, check_step_args
 
-MAX_BEAM = 512            # parent index takes 9 bits of the Triton key
 MAX_TRITON_CODEBOOK = 1 << 23
-NORMALIZE = ref.NORMALIZE
-_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _TrieView(NamedTuple):
@@ -107,41 +105,13 @@ def _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_off
     for name, t in (("logits", logits), ("beam_scores", beam_scores), ("nodes", nodes)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    L = len(trie.codebook_sizes)
-    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < L:
-        raise ValueError(f"level must be an int in [0, {L}), got {level!r}")
-    if isinstance(W, bool) or not isinstance(W, int) or not 1 <= W <= MAX_BEAM:
-        raise ValueError(f"W (beam width) must be an int in [1, {MAX_BEAM}], got {W!r}")
-    if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
     if nodes.dtype != torch.int64:
         raise TypeError(f"nodes must be int64 trie states, got {nodes.dtype}")
-    if nodes.ndim != 2 or nodes.shape[0] == 0 or nodes.shape[1] == 0:
-        raise ValueError(f"nodes must be [B, W_in] with B, W_in >= 1, got shape {tuple(nodes.shape)}")
-    B, W_in = nodes.shape
-    if W_in > MAX_BEAM:
-        raise ValueError(f"nodes has {W_in} beams, more than the supported maximum {MAX_BEAM}")
-    if beam_scores.dtype != torch.float32:
-        raise TypeError(f"beam_scores must be float32, got {beam_scores.dtype}")
-    if tuple(beam_scores.shape) != (B, W_in):
-        raise ValueError(f"beam_scores must have shape [B, W_in] = {[B, W_in]}, got {list(beam_scores.shape)}")
-    if logits.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16 or float32, got {logits.dtype}")
+    off = check_step_args(level=level, W=W, normalize=normalize, codebook_sizes=trie.codebook_sizes,
+                          nodes_shape=tuple(nodes.shape), scores_shape=tuple(beam_scores.shape),
+                          scores_dtype=beam_scores.dtype, logits_shape=tuple(logits.shape),
+                          logits_dtype=logits.dtype, vocab_offset=vocab_offset)
     V = int(trie.codebook_sizes[level])
-    if logits.ndim != 3 or tuple(logits.shape[:2]) != (B, W_in):
-        raise ValueError(f"logits must have shape [B, W_in, V] = [{B}, {W_in}, ...], got {list(logits.shape)}")
-    if vocab_offset is None:
-        if logits.shape[2] != V:
-            raise ValueError(f"logits must have width V_{level} = {V} (the level's codebook), got "
-                             f"{logits.shape[2]}; pass vocab_offset= for a slice of a larger vocabulary")
-        off = 0
-    else:
-        if isinstance(vocab_offset, bool) or not isinstance(vocab_offset, int) or vocab_offset < 0:
-            raise ValueError(f"vocab_offset must be a non-negative int, got {vocab_offset!r}")
-        if vocab_offset + V > logits.shape[2]:
-            raise ValueError(f"vocab_offset + V_{level} = {vocab_offset} + {V} exceeds the logits width "
-                             f"{logits.shape[2]}")
-        off = vocab_offset
     dev = trie.child_ptr.device
     for name, t in (("logits", logits), ("beam_scores", beam_scores), ("nodes", nodes)):
         if t.device != dev:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-NORMALIZE = ("codebook", "children")
+
 
 
 def expand_children(nodes: Tensor, trie, level: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NORMALIZE = ("codebook", "children")
+
 
 
 def children_bounds(trie) -> tuple[int, ...]:

@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BEAM = 512        # parent index takes 9 bits of the key
+from .checks import MAX_BEAM  # noqa: F401  (parent index takes 9 bits of the key)
+
 POS_BITS = 23         # child position takes the other 23
 MAX_CHILDREN = 1 << POS_BITS
 SENTINEL = -(2**63)
