@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compile_checks import compile_for_hopper, lower_for_tpu
+from compile_checks import HOPPER_SMEM_LIMIT, compile_for_hopper, compile_in_clean_process, lower_for_tpu
 
 
 @triton.jit
@@ -40,15 +40,22 @@ def test_triton_interpreter_runs_kernel():
     torch.testing.assert_close(out.double(), 0.5 * x.double() + y.double(), rtol=1e-6, atol=1e-6)
 
 
-def test_triton_aot_for_hopper():
-    build = compile_for_hopper(_scaled_add_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32",
-                                                     "n": "i32", "alpha": "fp32"}, {"BLOCK": 1024})
-    build.check()
-    assert ".target sm_90" in build.ptx
+def _hopper_builds() -> dict:
+    """Runs in a clean process (``compile_in_clean_process``)."""
+    add = compile_for_hopper(_scaled_add_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32",
+                                                   "n": "i32", "alpha": "fp32"}, {"BLOCK": 1024})
     mm = compile_for_hopper(_tiny_matmul_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32"},
                             {"BM": 128, "BN": 128, "BK": 64}, num_warps=4)
-    mm.check(tensor_cores=True)
-    assert mm.shared > 0
+    return {name: {"shared": b.shared, "wgmma": b.uses_wgmma, "sm90": ".target sm_90" in b.ptx}
+            for name, b in (("add", add), ("matmul", mm))}
+
+
+def test_triton_aot_for_hopper():
+    builds = compile_in_clean_process("test_toolchain", "_hopper_builds")
+    for b in builds.values():
+        assert b["sm90"] and b["shared"] <= HOPPER_SMEM_LIMIT
+    assert builds["matmul"]["wgmma"] and builds["matmul"]["shared"] > 0
+    assert not builds["add"]["wgmma"]
 
 
 def _pallas_scaled_add(x, y, *, interpret, block=(8, 128)):
