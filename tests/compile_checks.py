@@ -63,6 +63,9 @@ def compile_for_hopper(kernel: Any, signature: Mapping[str, str],
     Call it in a process where the Triton interpreter has not run kernels
     (see :func:`compile_in_clean_process`).
     """
+    if os.environ.get("TRITON_INTERPRET"):
+        raise RuntimeError("compile_for_hopper runs only in a process without TRITON_INTERPRET: "
+                           "call it through compile_in_clean_process")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -82,13 +85,8 @@ def compile_for_hopper(kernel: Any, signature: Mapping[str, str],
         aligned = [name for name, ty in signature.items() if ty.startswith("*")]
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
-    old = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
-    finally:
-        if old is not None:
-            os.environ["TRITON_INTERPRET"] = old
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
     return HopperBuild(ptx=compiled.asm["ptx"], shared=int(compiled.metadata.shared),
                        num_warps=num_warps, num_stages=num_stages)
 
