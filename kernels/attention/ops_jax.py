@@ -20,7 +20,6 @@ dtypes are checked.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +30,7 @@ from kernels.attention.pallas import BlockSizes, heads_first, history_attention_
 from kernels.attention.pallas_bwd import history_attention_bwd_padded
 from kernels.attention.pallas_decode import beam_decode_attention_pallas
 from kernels.attention.reference_jax import beam_decode_attention_reference, history_attention_reference
+from kernels.attention.checks import resolve_scale
 
 __all__ = ["history_attention", "beam_decode_attention"]
 
@@ -106,14 +106,6 @@ def _pallas_vjp_bwd(causal, scale, blocks, interpret, res, cts):
 _history_attention_pallas.defvjp(_pallas_vjp_fwd, _pallas_vjp_bwd)
 
 
-def _scale(scale, d):
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    scale = float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float, got {scale}")
-    return scale
-
 
 def history_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = True, scale: float | None = None,
                       return_lse: bool = False, impl: str | None = None, interpret: bool | None = None,
@@ -156,10 +148,10 @@ def history_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = Tr
             raise ValueError(f"head dim D must be one of {_KERNEL_HEAD_DIMS} for impl='pallas', got {D}")
         if q.dtype == jnp.float64:
             raise TypeError("q must be bfloat16, float16 or float32 for impl='pallas', got float64")
-        out, lse = _history_attention_pallas(q, k, v, cu_seqlens, bool(causal), _scale(scale, D),
+        out, lse = _history_attention_pallas(q, k, v, cu_seqlens, bool(causal), resolve_scale(scale, D),
                                              block_sizes or BlockSizes(), interpret)
     else:
-        out, lse = history_attention_reference(q, k, v, cu_seqlens, causal=causal, scale=_scale(scale, D))
+        out, lse = history_attention_reference(q, k, v, cu_seqlens, causal=causal, scale=resolve_scale(scale, D))
     return (out, lse) if return_lse else out
 
 
@@ -200,7 +192,7 @@ def beam_decode_attention(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix
         if D not in _KERNEL_HEAD_DIMS:
             raise ValueError(f"head dim D must be one of {_KERNEL_HEAD_DIMS} for impl='pallas', got {D}")
         return beam_decode_attention_pallas(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, suffix_len,
-                                            scale=_scale(scale, D), blocks=block_sizes or BlockSizes(),
+                                            scale=resolve_scale(scale, D), blocks=block_sizes or BlockSizes(),
                                             interpret=interpret)
     return beam_decode_attention_reference(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, suffix_len,
-                                           scale=_scale(scale, D))
+                                           scale=resolve_scale(scale, D))

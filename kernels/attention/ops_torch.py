@@ -17,11 +17,10 @@ tracing under ``torch.compile``); the checks that need values (``cu_seqlens``,
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from kernels._dispatch import resolve_torch_impl
+from kernels.attention.checks import resolve_scale
 from kernels.attention.reference import (beam_decode_attention_reference, history_attention_reference,
                                         history_attention_reference_bwd)
 
@@ -138,14 +137,6 @@ def _check_prefix_lens_values(prefix_lens: torch.Tensor, capacity: int, suffix_l
         raise ValueError("every beam needs at least one key: prefix_lens has a 0 and suffix_len is 0")
 
 
-def _scale(scale, d: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    scale = float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float, got {scale}")
-    return scale
-
 
 def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -251,7 +242,8 @@ def history_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     """
     impl = resolve_torch_impl(impl, getattr(q, "device", "cpu"))
     _validate_history(q, k, v, cu_seqlens, max_seqlen, impl)
-    out, lse = _history_attention_fwd(q, k, v, cu_seqlens, max_seqlen, bool(causal), _scale(scale, q.shape[2]), impl,
+    out, lse = _history_attention_fwd(q, k, v, cu_seqlens, max_seqlen, bool(causal),
+                                      resolve_scale(scale, q.shape[2]), impl,
                                       bool(check_values))
     return (out, lse) if return_lse else out
 
@@ -309,4 +301,4 @@ def beam_decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: tor
     impl = resolve_torch_impl(impl, getattr(q, "device", "cpu"))
     _validate_decode(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, suffix_len, impl)
     return _beam_decode_attention(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, int(suffix_len),
-                                  _scale(scale, q.shape[3]), impl, bool(check_values))
+                                  resolve_scale(scale, q.shape[3]), impl, bool(check_values))
