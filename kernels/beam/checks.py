@@ -56,3 +56,11 @@ def check_step_args(*, level, W, normalize, codebook_sizes: Sequence[int], nodes
         raise ValueError(f"vocab_offset + V_{level} = {vocab_offset} + {V} exceeds the logits width "
                          f"{logits_shape[2]}")
     return vocab_offset
+
+
+def check_search_args(batch_size, beam_width) -> None:
+    """Arguments of ``constrained_beam_search`` (both frameworks)."""
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not _is_int(beam_width) or not 1 <= beam_width <= MAX_BEAM:
+        raise ValueError(f"beam_width must be an int in [1, {MAX_BEAM}], got {beam_width!r}")

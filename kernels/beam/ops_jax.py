@@ -28,7 +28,7 @@ import numpy as np
 
 from .._dispatch import resolve_interpret, resolve_jax_impl
 from . import reference_jax as ref
-from .checks import MAX_BEAM, check_step_args
+from .checks import check_search_args, check_step_args
 
 _BOUNDS_CACHE: dict[int, tuple] = {}
 
@@ -153,10 +153,7 @@ def constrained_beam_search(step_fn: Callable, trie, *, batch_size: int, beam_wi
     level] int32, parent [B, W] int32) -> logits [B, W, V_level]``. Returns
     ``(codes [B, W, L] int32, scores [B, W] float32)``."""
     _check_trie(trie)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(beam_width, bool) or not isinstance(beam_width, int) or not 1 <= beam_width <= MAX_BEAM:
-        raise ValueError(f"beam_width must be an int in [1, {MAX_BEAM}], got {beam_width!r}")
+    check_search_args(batch_size, beam_width)
     B, W = batch_size, beam_width
     L = len(trie.codebook_sizes)
     bounds = children_bounds(trie) if _concrete(trie.child_ptr) else tuple(int(v) for v in trie.codebook_sizes)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._dispatch import resolve_torch_impl
 from . import reference as ref
-from .checks import MAX_BEAM, check_step_args
+from .checks import check_search_args, check_step_args
 
 MAX_TRITON_CODEBOOK = 1 << 23
 
@@ -192,10 +192,7 @@ def constrained_beam_search(step_fn: Callable[[int, Tensor, Tensor], Tensor], tr
     the trie has fewer than ``W`` SIDs reachable with finite scores).
     """
     _check_trie(trie)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(beam_width, bool) or not isinstance(beam_width, int) or not 1 <= beam_width <= MAX_BEAM:
-        raise ValueError(f"beam_width must be an int in [1, {MAX_BEAM}], got {beam_width!r}")
+    check_search_args(batch_size, beam_width)
     B, W = batch_size, beam_width
     dev = trie.child_ptr.device
     scores = torch.full((B, W), float("-inf"), device=dev)
