@@ -16,40 +16,16 @@ import torch
 pytest.importorskip("tokenizers")
 
 from plum.data import text as text_mod  # noqa: E402
-from plum.data.text import BertConfig, BertEncoder, TextEmbedder, embed_texts, embedding_cache_key  # noqa: E402
+from plum.data.text import TextEmbedder, embed_texts, embedding_cache_key  # noqa: E402
+from tiny_text_model import make_tiny_bert_dir  # noqa: E402
 
-WORDS = "the a red blue nail polish cream shampoo soft light gold ##s ##ing mini set".split()
 TEXTS = ["Red nail polish", "Blue shampoo set", "a soft light cream", "gold nail polish mini set, the red one",
          "unknown words here"]
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    """A random 2-layer BERT sentence-transformers directory with a WordPiece tokenizer."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    d = tmp_path_factory.mktemp("tiny_bert")
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", *WORDS])}
-    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
-    )
-    tok.save(str(d / "tokenizer.json"))
-    config = dict(model_type="bert", vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
-                  type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu")
-    (d / "config.json").write_text(json.dumps(config))
-    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16}))
-    torch.manual_seed(0)
-    model = BertEncoder(BertConfig(**{k: v for k, v in config.items() if k != "model_type"}))
-    state = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}  # non-trivial LN
-    state["pooler.dense.weight"] = torch.randn(32, 32)  # present in real checkpoints, unused
-    state["embeddings.position_ids"] = torch.arange(64)[None]
-    save_file(state, str(d / "model.safetensors"))
-    return d
+    return make_tiny_bert_dir(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def _reference_embedding(model_dir, text: str) -> np.ndarray:
