@@ -1,0 +1,358 @@
+"""Generative retrieval on a real catalogue (issue 8): Amazon Beauty against TIGER.
+
+    python benchmarks/bench_retrieval.py --dataset /work/shared/data/amazon-beauty --out runs/beauty \\
+        [--budget-minutes 30] [--seed 0] [--beam-width 20]
+
+The pipeline is ``plum demo``'s (the stages of :mod:`plum.train.stages`,
+composed, not re-implemented) on a dataset directory read by
+:func:`plum.data.load_dataset`:
+
+1. item text (title + categories) -> all-MiniLM-L6-v2 embeddings
+   (:func:`plum.data.embed_texts`, cached on disk; ``--cache-dir``);
+2. SIDs with the Beauty-validated tokenizer (codebooks 256/128/64/32, the
+   :class:`plum.sid.SIDConfig` defaults; issue 6) and the trie (``run_sid``);
+3. CPT then SFT of the PLUM model (``run_cpt``, ``run_sft``);
+4. trie-constrained beam search (width ``--beam-width`` >= 20), full ranking
+   over every item, every test user of the leave-one-out split (``run_eval``);
+5. baselines on the same split: popularity and the SASRec-style model
+   (full-softmax CE over all items).
+
+Budget. ``--budget-minutes M`` caps the *training* time: CPT gets 35%, SFT
+35%, SASRec 30% (:data:`BUDGET_SHARES`; SASRec's full softmax over every item
+makes its steps the most expensive on the CPU, and it needs a few epochs). Each share becomes a step count from a short timed
+calibration run of that stage (``OUT/calibration/``); the step counts are
+written to ``OUT/plan.json`` and reused on every later run with the same OUT,
+so a run is deterministic for a seed given its plan (pass ``--steps
+CPT,SFT,SASREC`` to pin the steps and skip calibration entirely). The SID fit
+and the evaluations are outside the budget and are timed separately.
+
+Resume. Re-running the same command with the same OUT continues: finished
+stages (SID artefacts, ``cpt/model``, ``sft/model``, per-model evaluation
+JSONs) are skipped, an interrupted training stage continues from its last
+atomic checkpoint (``checkpoint_every`` steps; exact resume, see
+:mod:`plum.train.loop`).
+
+Output: a table beside TIGER's published numbers (Rajput et al. 2023, Table
+2, Beauty) and ``OUT/results.json`` in ``plum demo``'s format (model ->
+recall@5, recall@10, ndcg@5, ndcg@10, invalid_rate) plus ``metadata``
+(budget, wall time, device, command, plan, timings).
+
+``--max-users N`` evaluates only the first N test users (smoke runs); the
+table then says so. Reported numbers use every user.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULT_KEYS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate")
+BUDGET_SHARES = {"cpt": 0.35, "sft": 0.35, "sasrec": 0.3}
+CALIBRATION_STEPS = 3
+
+# Published Beauty numbers (same S3-Rec leave-one-out split, full ranking).
+PUBLISHED = {
+    "TIGER (paper)": {"recall@5": 0.0454, "ndcg@5": 0.0321, "recall@10": 0.0648, "ndcg@10": 0.0384},
+    "SASRec (TIGER table)": {"recall@5": 0.0387, "ndcg@5": 0.0249, "recall@10": 0.0605, "ndcg@10": 0.0318},
+    "SASRec CE (RecBole)": {"recall@10": 0.0821, "ndcg@10": 0.0405},
+}
+
+# Beauty run configuration: the issue-6 SID tokenizer (SIDConfig defaults), the tiny model, and the
+# LM/SASRec training hyper-parameters; steps are filled in from the budget.
+SID_CONFIG = {"codebook_sizes": [256, 128, 64, 32], "epochs": 50, "warmup_epochs": 5, "hidden_dims": [256, 128],
+              "latent_dim": 32, "batch_size": 1024}
+TRAIN_CONFIG = {
+    "cpt": {"lr": 3e-3, "warmup_steps": 30, "max_tokens": 4096, "behaviour_fraction": 0.7, "max_items": 20,
+            "checkpoint_every": 100},
+    "sft": {"lr": 3e-3, "warmup_steps": 20, "max_tokens": 4096, "max_items": 20, "init": "cpt",
+            "checkpoint_every": 100},
+    "sasrec": {"lr": 3e-3, "warmup_steps": 10, "weight_decay": 0.0, "max_tokens": 2048, "checkpoint_every": 100},
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, help="dataset directory (plum.data.load_dataset)")
+    p.add_argument("--out", required=True, help="output / work directory (re-use it to resume)")
+    p.add_argument("--budget-minutes", type=float, default=30.0, help="total training time: CPT+SFT+SASRec")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--beam-width", type=int, default=20, help="beam width of the constrained search (>= 20)")
+    p.add_argument("--steps", default=None, help="CPT,SFT,SASREC steps: pin them instead of calibrating")
+    p.add_argument("--preset", default="tiny", help="model preset (plum.model.config.PRESETS)")
+    p.add_argument("--codebook-sizes", default="256,128,64,32", help="SID codebook sizes, coarse to fine")
+    p.add_argument("--sid-epochs", type=int, default=SID_CONFIG["epochs"], help="SID tokenizer epochs")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="users per beam search")
+    p.add_argument("--max-users", type=int, default=None, help="evaluate only the first N test users (smoke)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/plum/embeddings)")
+    p.add_argument("--model-dir", default=None, help="sentence-transformers directory (default all-MiniLM-L6-v2)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.beam_width < 20:
+        p.error(f"--beam-width must be >= 20 (TIGER's setting), got {a.beam_width}")
+    if not a.budget_minutes > 0:
+        p.error(f"--budget-minutes must be > 0, got {a.budget_minutes}")
+    if a.max_users is not None and a.max_users < 1:
+        p.error(f"--max-users must be >= 1, got {a.max_users}")
+    try:
+        a.codebook_sizes = [int(v) for v in a.codebook_sizes.split(",")]
+    except ValueError:
+        p.error(f"--codebook-sizes must be comma-separated integers, got {a.codebook_sizes!r}")
+    if a.steps is not None:
+        try:
+            steps = [int(s) for s in a.steps.split(",")]
+        except ValueError:
+            steps = []
+        if len(steps) != 3 or min(steps) < 1:
+            p.error(f"--steps must be three positive integers CPT,SFT,SASREC, got {a.steps!r}")
+        a.steps = dict(zip(BUDGET_SHARES, steps))
+    return a
+
+
+def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
+    from plum.train.stages import load_run_config
+
+    sections = {k: dict(v) for k, v in TRAIN_CONFIG.items()}
+    for k in sections:
+        sections[k]["steps"] = int(steps[k]) if steps else CALIBRATION_STEPS + 1
+        sections[k]["progress"] = not args.no_progress
+        sections[k]["warmup_steps"] = min(sections[k]["warmup_steps"], max(sections[k]["steps"] // 10, 1))
+    return load_run_config(
+        None, workdir=str(out), seed=args.seed,
+        data={"path": args.dataset, "embeddings": [str(emb_path)]},
+        sid={**SID_CONFIG, "codebook_sizes": args.codebook_sizes, "epochs": args.sid_epochs, "warmup_epochs": min(5, max(args.sid_epochs // 5, 1))},
+        model={"preset": args.preset},
+        cpt=sections["cpt"], sft=sections["sft"], sasrec=sections["sasrec"],
+        eval={"beam_width": args.beam_width, "batch_size": args.eval_batch_size, "ks": [5, 10], "split": "test"})
+
+
+def _sasrec(ws, cfg: dict):
+    import torch
+
+    from plum.baselines import SASRec, SASRecConfig, SequenceDataset, sasrec_loss
+    from plum.train.loop import TrainConfig, default_device
+
+    torch.manual_seed(cfg["seed"])
+    model = SASRec(SASRecConfig(ws.num_items, max_len=cfg["sft"]["max_items"])).to(default_device())
+    data = SequenceDataset(ws.split.train, ws.num_items, cfg["sft"]["max_items"])
+    tcfg = TrainConfig.from_dict({"seed": cfg["seed"], **cfg["sasrec"]})
+    return model, data, tcfg, sasrec_loss
+
+
+def calibrate(ws, args, out: Path) -> dict:
+    """Seconds per training step of each stage, from CALIBRATION_STEPS steps (startup included,
+    so the estimate errs on the slow side) in OUT/calibration/."""
+    import shutil
+
+    from plum.train import stages
+    from plum.train.loop import train
+
+    cal = out / "calibration"
+    shutil.rmtree(cal, ignore_errors=True)
+    cal.mkdir(parents=True)
+    base = dict(ws.cfg)
+    per_step = {}
+    codes, _, sizes = ws.sid()
+    for name in ("cpt", "sft"):
+        ws.cfg = {**base, **{name: {**base[name], "progress": False}}}
+        model, vocab, text = stages.base_model(ws, sizes)
+        from plum.train.corpus import CPTCorpus, SFTDataset
+
+        c = ws.cfg[name]
+        toks = vocab.sid_to_tokens(codes)
+        if name == "cpt":
+            data = CPTCorpus(ws.split.train, toks, vocab, text_tokenizer=text,
+                             items=ws.data.items, behaviour_fraction=c["behaviour_fraction"],
+                             max_items=c["max_items"], seed=ws.cfg["seed"])
+        else:
+            data = SFTDataset(ws.split.train, toks, vocab, max_items=c["max_items"])
+        t0 = time.perf_counter()
+        train(model, data, stages._train_config(c, ws.cfg["seed"], False), cal / name, stop_after=CALIBRATION_STEPS)
+        per_step[name] = (time.perf_counter() - t0) / CALIBRATION_STEPS
+    ws.cfg = base
+    model, data, tcfg, loss = _sasrec(ws, base)
+    t0 = time.perf_counter()
+    from dataclasses import replace
+
+    train(model, data, replace(tcfg, progress=False), cal / "sasrec", loss_fn=loss, stop_after=CALIBRATION_STEPS)
+    per_step["sasrec"] = (time.perf_counter() - t0) / CALIBRATION_STEPS
+    shutil.rmtree(cal, ignore_errors=True)
+    return per_step
+
+
+def _cached(path: Path, fn):
+    if path.exists():
+        return json.loads(path.read_text()), 0.0
+    t0 = time.perf_counter()
+    res = fn()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, path)
+    return res, time.perf_counter() - t0
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from plum.baselines import Popularity
+    from plum.data import embed_texts, load_dataset
+    from plum.train import stages
+    from plum.train.loop import default_device, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    timings: dict[str, float] = {}
+    state_path = out / "timings.json"  # stage times of earlier (resumed) runs
+    prev = json.loads(state_path.read_text()) if state_path.exists() else {}
+
+    def done(name: str, seconds: float) -> None:
+        if seconds > 0 or name not in prev:
+            prev[name] = seconds
+        timings[name] = prev[name]
+        state_path.write_text(json.dumps(prev, indent=1))
+
+    # 1. text embeddings (cached by content hash)
+    emb_path = out / "item_embeddings.npy"
+    t0 = time.perf_counter()
+    if not emb_path.exists():
+        data = load_dataset(args.dataset)
+        emb = embed_texts(data.item_texts(), model_dir=args.model_dir, cache_dir=args.cache_dir, progress=progress)
+        np.save(emb_path.with_suffix(".tmp.npy"), emb)
+        os.replace(emb_path.with_suffix(".tmp.npy"), emb_path)
+    done("embeddings", time.perf_counter() - t0 if not prev.get("embeddings") else 0.0)
+
+    # 2. plan: steps per stage from the budget (or --steps, or an earlier run's plan)
+    plan_path = out / "plan.json"
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+        if args.steps and args.steps != plan["steps"]:
+            raise ValueError(f"{out} was planned with steps {plan['steps']}, not {args.steps}; use a new --out")
+    else:
+        plan = None
+    cfg = run_config(args, out, emb_path, plan["steps"] if plan else args.steps)
+    ws = stages.Workspace(cfg)
+    _log(f"data: {ws.num_items} items, {len(ws.split.test.targets)} test users")
+
+    sid_info_path = out / "sid_info.json"
+    if not (out / "sid" / "codes.npy").exists() or not sid_info_path.exists():
+        t0 = time.perf_counter()
+        sid_info = stages.run_sid(ws, progress=progress)
+        sid_info_path.write_text(json.dumps(sid_info))
+        done("sid", time.perf_counter() - t0)
+    else:
+        sid_info = json.loads(sid_info_path.read_text())
+        done("sid", 0.0)
+    _log(f"SIDs {sid_info['codebook_sizes']}: {sid_info['unique_sid_fraction']:.2%} unique")
+
+    if plan is None:
+        budget_s = args.budget_minutes * 60
+        if args.steps:
+            per_step, steps = None, args.steps
+        else:
+            per_step = calibrate(ws, args, out)
+            steps = {k: max(int(budget_s * BUDGET_SHARES[k] / per_step[k]), 10) for k in BUDGET_SHARES}
+        plan = {"budget_minutes": args.budget_minutes, "shares": BUDGET_SHARES, "seconds_per_step": per_step,
+                "steps": steps}
+        plan_path.write_text(json.dumps(plan, indent=1))
+        cfg = run_config(args, out, emb_path, steps)
+        ws.cfg = cfg
+    _log(f"plan: steps {plan['steps']} (s/step {plan['seconds_per_step']})")
+
+    # 3. CPT -> SFT (skipped when their model directories exist; resumed from checkpoints otherwise)
+    for name, fn in (("cpt", lambda: stages.run_cpt(ws, progress=progress)),
+                     ("sft", lambda: stages.run_sft(ws, init="cpt", out="sft", progress=progress))):
+        if (out / name / "model" / "model.safetensors").exists():
+            done(name, 0.0)
+            continue
+        t0 = time.perf_counter()
+        fn()
+        done(name, time.perf_counter() - t0)
+
+    es = ws.split.test
+    n_users = len(es.targets) if args.max_users is None else min(args.max_users, len(es.targets))
+    hist, tgt, ks = list(es.histories)[:n_users], np.asarray(es.targets)[:n_users], cfg["eval"]["ks"]
+    suffix = "" if args.max_users is None else f"_first{n_users}"
+
+    # 4. constrained beam search
+    def eval_plum():
+        r = stages.retriever(ws, out / "sft" / "model")
+        return r.evaluate(hist, tgt, ks)
+
+    results: dict[str, dict] = {}
+    results["plum"], t = _cached(out / f"eval_plum{suffix}.json", eval_plum)
+    done(f"eval_plum{suffix}", t)
+    _log(f"plum: {results['plum']}")
+
+    # 5. baselines
+    results["popularity"] = Popularity(ws.split.train, ws.num_items).evaluate(hist, tgt, ks)
+    results["popularity"].setdefault("invalid_rate", 0.0)
+
+    def fit_sasrec():
+        t0 = time.perf_counter()
+        model, data, tcfg, loss = _sasrec(ws, cfg)
+        train(model, data, tcfg, out / "sasrec", loss_fn=loss, desc="SASRec")
+        done("sasrec_train", time.perf_counter() - t0)
+        res = model.evaluate(hist, tgt, ks)
+        res.setdefault("invalid_rate", 0.0)
+        return res
+
+    results["sasrec"], t = _cached(out / f"eval_sasrec{suffix}.json", fit_sasrec)
+    done(f"sasrec{suffix}", t)
+    _log(f"sasrec: {results['sasrec']}")
+
+    wall = time.perf_counter() - t_start
+    table = {name: {k: float(r.get(k, 0.0)) for k in RESULT_KEYS} for name, r in results.items()}
+    extra = {name: {k: v for k, v in r.items() if k not in RESULT_KEYS} for name, r in results.items()}
+    training_s = sum(prev.get(k, 0.0) for k in ("cpt", "sft", "sasrec_train"))
+    meta = {
+        "dataset": str(args.dataset), "items": int(ws.num_items), "test_users": int(n_users),
+        "all_test_users": int(len(es.targets)), "subsampled_users": args.max_users is not None,
+        "budget_minutes": args.budget_minutes, "training_seconds": training_s, "plan": plan,
+        "wall_seconds_this_run": wall, "stage_seconds": prev, "seed": args.seed, "beam_width": args.beam_width,
+        "model_preset": args.preset, "device": str(default_device()),
+        "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else
+                   "bench_retrieval.py " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    res = {**table, "details": {"sid": sid_info, "metrics": extra, "published": PUBLISHED}, "metadata": meta}
+    with open(out / "results.json", "w") as f:
+        json.dump(res, f, indent=1)
+    print_table(table, meta, sid_info)
+    print(f"wrote {out / 'results.json'}")
+    return res
+
+
+def print_table(table: dict, meta: dict, sid_info: dict) -> None:
+    users = f"{meta['test_users']} test users" + (
+        f" (FIRST {meta['test_users']} OF {meta['all_test_users']}: subsampled)" if meta["subsampled_users"] else "")
+    print(f"\nGenerative retrieval: {meta['items']} items, SIDs {tuple(sid_info['codebook_sizes'])} "
+          f"({sid_info['unique_sid_fraction']:.1%} unique), {users}, full ranking, beam {meta['beam_width']}")
+    print(f"budget {meta['budget_minutes']} min training (used {meta['training_seconds'] / 60:.1f} min), "
+          f"steps {meta['plan']['steps']}, this run {meta['wall_seconds_this_run'] / 60:.1f} min wall")
+    cols = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "invalid_rate")
+    head = f"  {'model':<22}" + "".join(f"{k:>13}" for k in cols)
+    print(head)
+    print("  " + "-" * (len(head) - 2))
+    for name, row in {**table, **PUBLISHED}.items():
+        print(f"  {name:<22}" + "".join(f"{row[k]:>13.4f}" if k in row else f"{'-':>13}" for k in cols))
+
+
+if __name__ == "__main__":
+    main()
