@@ -116,6 +116,26 @@ struct BadCode {
   int64_t row = -1, level = -1, value = 0;
 };
 
+// Calls f(T{}) with T the C type of an integer numpy dtype (kind 'i' or 'u').
+template <class F>
+void dispatch_int_dtype(char kind, int size, F&& f) {
+  if (kind == 'i') {
+    if (size == 1) f(int8_t{}); else if (size == 2) f(int16_t{});
+    else if (size == 4) f(int32_t{}); else f(int64_t{});
+  } else {
+    if (size == 1) f(uint8_t{}); else if (size == 2) f(uint16_t{});
+    else if (size == 4) f(uint32_t{}); else f(uint64_t{});
+  }
+}
+
+// ValueError naming the array, row, level and the codebook it falls outside.
+[[noreturn]] void throw_bad_code(const char* name, const BadCode& bad, const std::vector<int64_t>& sizes) {
+  std::ostringstream os;
+  os << name << "[" << bad.row << ", " << bad.level << "] = " << bad.value
+     << " is outside level " << bad.level << "'s codebook [0, " << sizes[bad.level] << ")";
+  throw std::invalid_argument(os.str());
+}
+
 template <class T, class K>
 void pack_keys(const char* base, int64_t s0, int64_t s1, int64_t n, const Layout& lay,
                K* keys, int threads, BadCode& bad) {
@@ -394,22 +414,11 @@ py::dict build_keys(const py::array& codes, const Layout& lay, const py::object&
     const int size = static_cast<int>(codes.dtype().itemsize());
     py::gil_scoped_release nogil;
     for (int64_t i = 0; i < n; ++i) rows[i] = static_cast<uint32_t>(i);
-#define PACK(T) pack_keys<T, K>(base, s0, s1, n, lay, keys.data(), threads, bad)
-    if (kind == 'i') {
-      if (size == 1) PACK(int8_t); else if (size == 2) PACK(int16_t);
-      else if (size == 4) PACK(int32_t); else PACK(int64_t);
-    } else {
-      if (size == 1) PACK(uint8_t); else if (size == 2) PACK(uint16_t);
-      else if (size == 4) PACK(uint32_t); else PACK(uint64_t);
-    }
-#undef PACK
+    dispatch_int_dtype(kind, size, [&](auto tag) {
+      pack_keys<decltype(tag), K>(base, s0, s1, n, lay, keys.data(), threads, bad);
+    });
   }
-  if (bad.row >= 0) {
-    std::ostringstream os;
-    os << "codes[" << bad.row << ", " << bad.level << "] = " << bad.value
-       << " is outside level " << bad.level << "'s codebook [0, " << lay.sizes[bad.level] << ")";
-    throw std::invalid_argument(os.str());
-  }
+  if (bad.row >= 0) throw_bad_code("codes", bad, lay.sizes);
   if (item_ids.is_none()) return build_impl<K, int32_t>(lay, keys, rows, nullptr, threads);
   py::array ids = py::reinterpret_borrow<py::array>(item_ids);
   if (ids.dtype().is(py::dtype::of<int32_t>()))
@@ -515,22 +524,11 @@ py::array_t<int64_t> walk(const py::array& prefixes, const std::vector<int64_t>&
     const int size = static_cast<int>(prefixes.dtype().itemsize());
     const int threads = resolve_threads(num_threads, m * 4);
     py::gil_scoped_release nogil;
-#define WALK(T) walk_rows<T>(base, s0, s1, m, depth, t, lay, o, threads, bad)
-    if (kind == 'i') {
-      if (size == 1) WALK(int8_t); else if (size == 2) WALK(int16_t);
-      else if (size == 4) WALK(int32_t); else WALK(int64_t);
-    } else {
-      if (size == 1) WALK(uint8_t); else if (size == 2) WALK(uint16_t);
-      else if (size == 4) WALK(uint32_t); else WALK(uint64_t);
-    }
-#undef WALK
+    dispatch_int_dtype(kind, size, [&](auto tag) {
+      walk_rows<decltype(tag)>(base, s0, s1, m, depth, t, lay, o, threads, bad);
+    });
   }
-  if (bad.row >= 0) {
-    std::ostringstream os;
-    os << "prefixes[" << bad.row << ", " << bad.level << "] = " << bad.value
-       << " is outside level " << bad.level << "'s codebook [0, " << lay.sizes[bad.level] << ")";
-    throw std::invalid_argument(os.str());
-  }
+  if (bad.row >= 0) throw_bad_code("prefixes", bad, lay.sizes);
   return out;
 }
 
