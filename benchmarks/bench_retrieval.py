@@ -11,11 +11,17 @@ composed, not re-implemented) on a dataset directory read by
    (:func:`plum.data.embed_texts`, cached on disk; ``--cache-dir``);
 2. SIDs with the Beauty-validated tokenizer (codebooks 256/128/64/32, the
    :class:`plum.sid.SIDConfig` defaults; issue 6) and the trie (``run_sid``);
-3. CPT then SFT of the PLUM model (``run_cpt``, ``run_sft``);
+3. CPT then SFT of the PLUM model (``run_cpt``, ``run_sft``). SFT uses the
+   ``sequence`` objective (:class:`plum.train.SequenceSFTDataset`: every next
+   item of a user's window is a target of one example, the same targets as
+   one-target-per-example SFT for ~1/5 of the tokens on Beauty) and the
+   ``codebook`` loss (:class:`plum.train.loop.CodebookLoss`: softmax over the
+   target level's codebook, the distribution beam search decodes);
 4. trie-constrained beam search (width ``--beam-width`` >= 20), full ranking
    over every item, every test user of the leave-one-out split (``run_eval``);
 5. baselines on the same split: popularity and the SASRec-style model
-   (full-softmax CE over all items).
+   (full-softmax CE over all items); with ``--sft-only``, PLUM's ablation
+   too: the same SFT from a fresh model (no CPT), row ``sft_only``.
 
 Budget. ``--budget-minutes M`` caps the *training* time: CPT gets 35%, SFT
 35%, SASRec 30% (:data:`BUDGET_SHARES`; SASRec's full softmax over every item
@@ -71,7 +77,7 @@ TRAIN_CONFIG = {
     "cpt": {"lr": 3e-3, "warmup_steps": 30, "max_tokens": 4096, "behaviour_fraction": 0.7, "max_items": 20,
             "checkpoint_every": 100},
     "sft": {"lr": 3e-3, "warmup_steps": 20, "max_tokens": 4096, "max_items": 20, "init": "cpt",
-            "checkpoint_every": 100},
+            "objective": "sequence", "loss": "codebook", "checkpoint_every": 100},
     "sasrec": {"lr": 3e-3, "warmup_steps": 10, "weight_decay": 0.0, "max_tokens": 2048, "checkpoint_every": 100},
 }
 
@@ -89,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beam-width", type=int, default=20, help="beam width of the constrained search (>= 20)")
     p.add_argument("--steps", default=None, help="CPT,SFT,SASREC steps: pin them instead of calibrating")
     p.add_argument("--preset", default="tiny", help="model preset (plum.model.config.PRESETS)")
+    p.add_argument("--model-overrides", default="{}",
+                   help='JSON of ModelConfig fields replacing the preset\'s, e.g. \'{"num_hidden_layers": 4}\'')
     p.add_argument("--codebook-sizes", default="256,128,64,32", help="SID codebook sizes, coarse to fine")
     p.add_argument("--sid-epochs", type=int, default=SID_CONFIG["epochs"], help="SID tokenizer epochs")
     p.add_argument("--eval-batch-size", type=int, default=256, help="users per beam search")
@@ -96,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/plum/embeddings)")
     p.add_argument("--model-dir", default=None, help="sentence-transformers directory (default all-MiniLM-L6-v2)")
+    p.add_argument("--sft-only", action="store_true",
+                   help="also run PLUM's ablation: the same SFT from a fresh model (no CPT), row sft_only")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.beam_width < 20:
@@ -104,6 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--budget-minutes must be > 0, got {a.budget_minutes}")
     if a.max_users is not None and a.max_users < 1:
         p.error(f"--max-users must be >= 1, got {a.max_users}")
+    try:
+        a.model_overrides = json.loads(a.model_overrides)
+        if not isinstance(a.model_overrides, dict):
+            raise ValueError
+    except ValueError:
+        p.error(f"--model-overrides must be a JSON object, got {a.model_overrides!r}")
     try:
         a.codebook_sizes = [int(v) for v in a.codebook_sizes.split(",")]
     except ValueError:
@@ -131,7 +147,7 @@ def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
         None, workdir=str(out), seed=args.seed,
         data={"path": args.dataset, "embeddings": [str(emb_path)]},
         sid={**SID_CONFIG, "codebook_sizes": args.codebook_sizes, "epochs": args.sid_epochs, "warmup_epochs": min(5, max(args.sid_epochs // 5, 1))},
-        model={"preset": args.preset},
+        model={"preset": args.preset, "overrides": args.model_overrides},
         cpt=sections["cpt"], sft=sections["sft"], sasrec=sections["sasrec"],
         eval={"beam_width": args.beam_width, "batch_size": args.eval_batch_size, "ks": [5, 10], "split": "test"})
 
@@ -166,7 +182,7 @@ def calibrate(ws, args, out: Path) -> dict:
     for name in ("cpt", "sft"):
         ws.cfg = {**base, **{name: {**base[name], "progress": False}}}
         model, vocab, text = stages.base_model(ws, sizes)
-        from plum.train.corpus import CPTCorpus, SFTDataset
+        from plum.train.corpus import CPTCorpus
 
         c = ws.cfg[name]
         toks = vocab.sid_to_tokens(codes)
@@ -175,9 +191,11 @@ def calibrate(ws, args, out: Path) -> dict:
                              items=ws.data.items, behaviour_fraction=c["behaviour_fraction"],
                              max_items=c["max_items"], seed=ws.cfg["seed"])
         else:
-            data = SFTDataset(ws.split.train, toks, vocab, max_items=c["max_items"])
+            data = stages.sft_dataset(ws, vocab, codes)
         t0 = time.perf_counter()
-        train(model, data, stages._train_config(c, ws.cfg["seed"], False), cal / name, stop_after=CALIBRATION_STEPS)
+        loss = stages.lm_loss if name == "cpt" else stages.sft_loss(ws, vocab)
+        train(model, data, stages._train_config(c, ws.cfg["seed"], False), cal / name, loss_fn=loss,
+              stop_after=CALIBRATION_STEPS)
         per_step[name] = (time.perf_counter() - t0) / CALIBRATION_STEPS
     ws.cfg = base
     model, data, tcfg, loss = _sasrec(ws, base)
@@ -298,6 +316,16 @@ def main(argv=None) -> dict:
     done(f"eval_plum{suffix}", t)
     _log(f"plum: {results['plum']}")
 
+    if args.sft_only:  # PLUM's ablation: SFT (same steps) from a fresh model instead of the CPT one
+        if not (out / "sft_only" / "model" / "model.safetensors").exists():
+            t0 = time.perf_counter()
+            stages.run_sft(ws, init="scratch", out="sft_only", progress=progress)
+            done("sft_only", time.perf_counter() - t0)
+        results["sft_only"], t = _cached(out / f"eval_sft_only{suffix}.json", lambda: stages.retriever(
+            ws, out / "sft_only" / "model").evaluate(hist, tgt, ks))
+        done(f"eval_sft_only{suffix}", t)
+        _log(f"sft_only: {results['sft_only']}")
+
     # 5. baselines
     results["popularity"] = Popularity(ws.split.train, ws.num_items).evaluate(hist, tgt, ks)
     results["popularity"].setdefault("invalid_rate", 0.0)
@@ -318,13 +346,14 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - t_start
     table = {name: {k: float(r.get(k, 0.0)) for k in RESULT_KEYS} for name, r in results.items()}
     extra = {name: {k: v for k, v in r.items() if k not in RESULT_KEYS} for name, r in results.items()}
-    training_s = sum(prev.get(k, 0.0) for k in ("cpt", "sft", "sasrec_train"))
+    training_s = sum(prev.get(k, 0.0) for k in ("cpt", "sft", "sft_only", "sasrec_train"))
     meta = {
         "dataset": str(args.dataset), "items": int(ws.num_items), "test_users": int(n_users),
         "all_test_users": int(len(es.targets)), "subsampled_users": args.max_users is not None,
         "budget_minutes": args.budget_minutes, "training_seconds": training_s, "plan": plan,
+        "train_config": {k: {kk: cfg[k][kk] for kk in v} for k, v in TRAIN_CONFIG.items()},
         "wall_seconds_this_run": wall, "stage_seconds": prev, "seed": args.seed, "beam_width": args.beam_width,
-        "model_preset": args.preset, "device": str(default_device()),
+        "sft_only": args.sft_only, "model_preset": args.preset, "model_overrides": args.model_overrides, "device": str(default_device()),
         "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} threads",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else

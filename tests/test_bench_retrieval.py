@@ -60,6 +60,7 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
     meta = on_disk["metadata"]
     assert meta["test_users"] == meta["all_test_users"] == 40 and not meta["subsampled_users"]
     assert meta["budget_minutes"] == 0.05 and meta["beam_width"] == 20 and meta["device"] == "cpu"
+    assert meta["train_config"]["sft"]["objective"] == "sequence" and meta["train_config"]["sft"]["loss"] == "codebook"
     steps = meta["plan"]["steps"]
     assert set(steps) == {"cpt", "sft", "sasrec"} and min(steps.values()) >= 10
     for stage in ("cpt", "sft", "sasrec"):
@@ -75,9 +76,30 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad", [["--beam-width", "10"], ["--budget-minutes", "0"], ["--steps", "1,2"],
-                                 ["--codebook-sizes", "8,x"]])
+                                 ["--codebook-sizes", "8,x"], ["--model-overrides", "[1]"],
+                                 ["--model-overrides", "{x"]])
 def test_bench_retrieval_rejects_bad_arguments(tmp_path, bad, capsys):
     bench = _bench()
     with pytest.raises(SystemExit):
         bench.parse_args(["--dataset", str(tmp_path), "--out", str(tmp_path / "o"), *bad])
     assert "must" in capsys.readouterr().err
+
+
+def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
+    """Two fresh runs (new OUT each) with pinned steps and one seed give the same SIDs and numbers."""
+    bench = _bench()
+    data = _write_dataset(tmp_path / "data", seed=1)
+    bert = make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS)
+    runs = []
+    for name in ("a", "b"):
+        argv = ["--dataset", str(data), "--out", str(tmp_path / name), "--steps", "12,12,12", "--seed", "3",
+                "--codebook-sizes", "8,4,4", "--sid-epochs", "3", "--eval-batch-size", "16",
+                "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress", "--model-dir", str(bert),
+                "--model-overrides", '{"num_hidden_layers": 3}', "--sft-only"]
+        runs.append(bench.main(argv))
+    assert (np.load(tmp_path / "a" / "sid" / "codes.npy") == np.load(tmp_path / "b" / "sid" / "codes.npy")).all()
+    for model in ("plum", "sft_only", "popularity", "sasrec"):
+        assert runs[0][model] == runs[1][model]
+    assert runs[0]["metadata"]["plan"]["steps"] == {"cpt": 12, "sft": 12, "sasrec": 12}
+    assert runs[0]["metadata"]["model_overrides"] == {"num_hidden_layers": 3}
+    assert json.loads((tmp_path / "a" / "sft" / "model" / "config.json").read_text())["num_hidden_layers"] == 3

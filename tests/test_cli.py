@@ -114,6 +114,14 @@ def test_bad_config_raises(tmp_path):
         main(["sid", "--config", str(tmp_path / "x.yaml")])
     with pytest.raises(FileNotFoundError, match="run `plum sid` first"):
         main(["cpt", "--workdir", str(tmp_path / "empty"), "--no-progress"])
+    from types import SimpleNamespace
+
+    from plum.train.stages import sft_dataset, sft_loss
+
+    with pytest.raises(ValueError, match="sft.objective must be one of"):
+        sft_dataset(SimpleNamespace(cfg=load_run_config(None, sft={"objective": "all"})), None, None)
+    with pytest.raises(ValueError, match="sft.loss must be one of"):
+        sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"loss": "sid"})), None)
 
 
 def test_trie_demo_writes_results(tmp_path, capsys):

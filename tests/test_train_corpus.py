@@ -4,7 +4,7 @@ import pytest
 
 from plum.model import SIDVocab
 from plum.model.vocab import train_word_tokenizer
-from plum.train import CPTCorpus, Example, ExampleStream, SFTDataset, grounding_text, pack
+from plum.train import CPTCorpus, Example, ExampleStream, SequenceSFTDataset, SFTDataset, grounding_text, pack
 
 SIZES = (8, 4, 4)
 
@@ -107,3 +107,121 @@ def test_stream_budget_and_resume(world):
     s3 = ExampleStream(d, max_tokens=64, seed=1, position=s2.position)
     for b in batches[3:]:
         assert b.input_ids.tolist() == s3.next_batch().input_ids.tolist()
+
+
+def _target_cuts(d):
+    return sorted((int(u), j) for u, j0, j1 in d.blocks for j in range(j0, j1))
+
+
+@pytest.mark.parametrize("max_items,stride", [(20, None), (3, None), (4, 1), (5, 5)])
+def test_sequence_sft_covers_every_target_once_within_max_items(world, max_items, stride):
+    vocab, sid, text, items, seqs = world
+    long = seqs + [np.arange(23) % 30]
+    d = SequenceSFTDataset(long, sid, vocab, max_items=max_items, stride=stride)
+    # the same (user, cut) targets as SFTDataset, each exactly once
+    assert _target_cuts(d) == sorted((int(u), int(c)) for u, c in SFTDataset(long, sid, vocab).examples)
+    assert d.num_targets == sum(len(s) - 1 for s in long)
+    st = d.stride
+    for i in range(len(d)):
+        u, j0, j1 = (int(x) for x in d.blocks[i])
+        ex = d[i]
+        start = max(0, j1 - 1 - max_items)
+        body = ex.tokens[2:].reshape(-1, 3)
+        assert (body == sid[long[u][start:j1]]).all()
+        w = ex.weights[2:].reshape(-1, 3)
+        assert (ex.weights[:2] == 0).all()
+        assert (w[j0 - start:] == 1).all() and (w[:j0 - start] == 0).all()
+        # every target sees at most max_items items of history, and at least min(j0, max_items + 1 - stride)
+        assert j1 - 1 - start <= max_items and j0 - start >= min(j0, max_items + 1 - st)
+
+
+def test_sequence_sft_features_weights_and_errors(world):
+    vocab, sid, text, items, seqs = world
+    feats = [np.arange(len(s)) % 2 for s in seqs]
+    d = SequenceSFTDataset(seqs, sid, vocab, features=feats, weights=lambda u, c, t: 0.5 + c, min_history=2)
+    u, j0, j1 = (int(x) for x in d.blocks[0])
+    ex = d[0]
+    w = ex.weights[2:].reshape(-1, 4)
+    assert (w[:, 3] == 0).all()  # never a loss on a feature token
+    assert [float(x) for x in w[:, 0]] == [0.0 if j < j0 else 0.5 + j for j in range(j1)]
+    assert np.isin(ex.tokens[2:].reshape(-1, 4)[:, 3], [vocab.feature(0), vocab.feature(1)]).all()
+    assert _target_cuts(d) == sorted((u, c) for u, s in enumerate(seqs) for c in range(2, len(s)))
+    with pytest.raises(ValueError, match="stride"):
+        SequenceSFTDataset(seqs, sid, vocab, max_items=4, stride=5)
+    with pytest.raises(TypeError, match="weights must be a function"):
+        SequenceSFTDataset(seqs, sid, vocab, weights=np.ones(3))
+    with pytest.raises(ValueError, match="shorter than min_history"):
+        SequenceSFTDataset(seqs, sid, vocab, min_history=50)
+    with pytest.raises(ValueError, match=r"sequences\[1\] names unknown item 30"):
+        SequenceSFTDataset([seqs[0], np.array([30, 1])], sid, vocab)
+
+
+def test_sequence_sft_loss_equals_next_item_sft_loss(world):
+    """Under causal attention each target's loss in a sequence example is the loss of
+    SFTDataset's example for the same (user, cut), in float64 on a random model."""
+    import torch
+
+    from plum.model import PlumLM, preset
+    from plum.train.loop import lm_loss
+
+    vocab, sid, text, items, seqs = world
+    torch.manual_seed(0)
+    model = PlumLM(preset("tiny", vocab_size=vocab.size, num_experts=0)).double().eval()
+    seq_d = SequenceSFTDataset(seqs, sid, vocab, max_items=20)
+    cut_d = SFTDataset(seqs, sid, vocab, max_items=20)
+    with torch.no_grad():
+        # per target token: loss from one packed batch of every sequence example ...
+        b = pack([seq_d[i] for i in range(len(seq_d))])
+        out = model(b.input_ids, b.cu_seqlens, b.max_seqlen, logits_index=b.loss_index)
+        seq_ce = torch.nn.functional.cross_entropy(out.logits, b.targets, reduction="none")
+        # ... and from the next-item examples, in the same (user, cut) order
+        order = {uc: k for k, uc in enumerate(map(tuple, cut_d.examples.tolist()))}
+        cuts = [order[uc] for uc in _target_cuts(seq_d)]
+        c = pack([cut_d[k] for k in cuts])
+        out = model(c.input_ids, c.cu_seqlens, c.max_seqlen, logits_index=c.loss_index)
+        cut_ce = torch.nn.functional.cross_entropy(out.logits, c.targets, reduction="none")
+    assert seq_ce.shape == cut_ce.shape and seq_ce.shape[0] == 3 * seq_d.num_targets
+    assert torch.allclose(seq_ce.sort().values, cut_ce.sort().values, rtol=0, atol=1e-10)
+    assert float(lm_loss(model, b)[1]["ce"]) == pytest.approx(float(lm_loss(model, c)[1]["ce"]), abs=1e-10)
+
+
+def test_codebook_loss_is_ce_over_the_target_level_codebook(world):
+    """CodebookLoss == cross-entropy of the full logits sliced to each target's level,
+    value and gradients, in float64; non-SID targets are refused."""
+    import torch
+
+    from plum.model import PlumLM, preset
+    from plum.train.loop import CodebookLoss
+
+    vocab, sid, text, items, seqs = world
+    torch.manual_seed(1)
+    model = PlumLM(preset("tiny", vocab_size=vocab.size, num_experts=4)).double()
+    d = SequenceSFTDataset(seqs, sid, vocab, max_items=20, weights=lambda u, c, t: 1.0 + (c % 3))
+    b = pack([d[i] for i in range(len(d))])
+    loss_fn = CodebookLoss(vocab)
+    loss, parts = loss_fn(model, b)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    out = model(b.input_ids, b.cu_seqlens, b.max_seqlen, logits_index=b.loss_index)
+    num = 0.0
+    for row in range(len(b.targets)):
+        t = int(b.targets[row])
+        sl = next(vocab.level_slice(l) for l in range(vocab.num_levels) if vocab.level_slice(l).start <= t
+                  < vocab.level_slice(l).stop)
+        num = num + b.weights[row].double() * torch.nn.functional.cross_entropy(
+            out.logits[row, sl][None], torch.tensor([t - sl.start]))
+    ref = num / b.weights.double().sum() + out.aux_loss
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    assert loss.dtype == torch.float64 and torch.allclose(loss, ref, rtol=1e-12, atol=0)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert torch.allclose(g, r, rtol=1e-9, atol=1e-12)
+    # the codebook softmax is the full one renormalised: its CE is never larger
+    full = float(torch.nn.functional.cross_entropy(out.logits.detach(), b.targets, reduction="none")
+                 .mul(b.weights.double()).sum() / b.weights.double().sum())
+    assert float(parts["ce"]) < full
+    bad = pack([Example(np.array([vocab.token("<|bos|>"), vocab.token("<|hist|>"), 3]),
+                        np.array([0, 1, 1], np.float32))])
+    with pytest.raises(ValueError, match="needs every target to be a SID token"):
+        loss_fn(model, bad)

@@ -99,9 +99,10 @@ _DDP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_train_loop import _setup, _cfg
     from plum.train import train
+    from test_train_loop import _loss
     dist.init_process_group("gloo")
     model, data = _setup()
-    train(model, data, _cfg(fsdp={fsdp}), {out!r})
+    train(model, data, _cfg(fsdp={fsdp}), {out!r}, loss_fn=_loss({loss!r}, data))
     from plum.train.loop import _full_state
     sd, _ = _full_state(model, torch.optim.SGD(model.parameters(), lr=0.1))
     if dist.get_rank() == 0:
@@ -110,19 +111,26 @@ _DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_two_process_gloo_matches_gradient_accumulation(tmp_path, fsdp):
+def _loss(name, data):
+    from plum.train.loop import CodebookLoss, lm_loss
+
+    return lm_loss if name == "lm" else CodebookLoss(data.vocab)
+
+
+@pytest.mark.parametrize("fsdp,loss", [(False, "lm"), (True, "lm"), (False, "codebook"), (True, "codebook")])
+def test_two_process_gloo_matches_gradient_accumulation(tmp_path, fsdp, loss):
     """torchrun with 2 CPU processes (gloo): rank r takes micro-batch r, DDP averages the
-    gradients, which is what one process does with grad_accum=2 over the same stream."""
+    gradients, which is what one process does with grad_accum=2 over the same stream. With the
+    codebook loss the distributed run slices full logits, the single one multiplies the slices."""
     script = tmp_path / "ddp.py"
     out = tmp_path / "ddp"
-    script.write_text(_DDP_SCRIPT.format(tests=str(REPO / "tests"), out=str(out), fsdp=fsdp))
+    script.write_text(_DDP_SCRIPT.format(tests=str(REPO / "tests"), out=str(out), fsdp=fsdp, loss=loss))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ref, data = _setup()
-    train(ref, data, _cfg(grad_accum=2), tmp_path / "single")
+    train(ref, data, _cfg(grad_accum=2), tmp_path / "single", loss_fn=_loss(loss, data))
     ddp = torch.load(out / "final.pt", weights_only=False)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)

@@ -17,7 +17,10 @@ tensors and the reference otherwise; ``impl="triton"`` on CPU tensors runs the
 Triton interpreter (the caller sets ``TRITON_INTERPRET=1``). Semantics:
 ``kernels/moe/reference.py``.
 
-Host synchronisation: none inside the ops. The public ``moe_permute`` and
+Host synchronisation: none inside the ops on CUDA. On CPU tensors the
+reference grouped matmuls run one product per expert (``*_segments`` in the
+reference: the group sizes are read on the host, which costs nothing there).
+The public ``moe_permute`` and
 ``grouped_matmul`` check the *values* of ``expert_ids`` / ``group_sizes``
 (range, sum) when ``validate=True`` (the default), which reads them back once;
 ``moe_mlp`` builds them itself and skips that.
@@ -314,6 +317,8 @@ def moe_unpermute(y: Tensor, weights: Tensor, permutation: Tensor, inverse: Tens
 def _gmm_op(x: Tensor, w: Tensor, group_sizes: Tensor, transpose_w: bool, impl: str) -> Tensor:
     if impl == "triton":
         return _triton()[0].gmm(x, w, group_sizes, transpose_w=transpose_w)
+    if x.device.type == "cpu":  # one product per expert: 1/E of the dense reference's FLOPs
+        return ref.grouped_matmul_segments(x, w, group_sizes, transpose_w)
     return ref.grouped_matmul(x, w, group_sizes, transpose_w)
 
 
@@ -326,6 +331,8 @@ def _(x, w, group_sizes, transpose_w, impl):
 def _gmm_dw_op(x: Tensor, dy: Tensor, group_sizes: Tensor, impl: str) -> Tensor:
     if impl == "triton":
         return _triton()[0].tgmm(x, dy, group_sizes)
+    if x.device.type == "cpu":
+        return ref.grouped_matmul_dw_segments(x, dy, group_sizes)
     return ref.grouped_matmul_dw(x, dy, group_sizes)
 
 

@@ -4,7 +4,9 @@ Plain torch ops, float32 accumulation (float64 when given float64), no host
 synchronisation and no data-dependent shapes, so that every function here also
 traces under ``torch.compile(fullgraph=True)``. Readable before fast: the
 grouped matmul multiplies every row by every expert and keeps its own (``E``
-times the FLOPs), fine for the CPU and for tests, and what the kernels beat.
+times the FLOPs), fine for tests, and what the kernels beat. The
+``*_segments`` variants compute the same with one product per expert (host
+read of the group sizes): what the ops run on CPU tensors.
 
 Notation: ``T`` tokens, ``E`` experts, ``k`` experts per token, ``M = T * k``
 token copies after the permutation, ``group_sizes [E]`` rows per expert in
@@ -206,6 +208,46 @@ def grouped_matmul_dw(x: torch.Tensor, dy: torch.Tensor, group_sizes: torch.Tens
     mask = (row_e[None, :] == torch.arange(E, device=x.device)[:, None]).to(acc)   # [E, M]
     xm = mask[:, :, None] * x.to(acc)[None]                                        # [E, M, K]
     return (xm.transpose(1, 2) @ dy.to(acc)).to(x.dtype)
+
+
+def _segments(group_sizes: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(expert, start, stop)`` of every non-empty group (reads the sizes on the host)."""
+    sizes = group_sizes.tolist()
+    out, start = [], 0
+    for e, n in enumerate(sizes):
+        if n:
+            out.append((e, start, start + n))
+        start += n
+    return out
+
+
+def grouped_matmul_segments(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor,
+                            transpose_w: bool = False) -> torch.Tensor:
+    """:func:`grouped_matmul` as one product per non-empty expert over its rows.
+
+    Same result (float32 accumulation, float64 when given float64), ``1/E``
+    of the FLOPs and no ``[M, E, N]`` temporary, but it reads ``group_sizes``
+    on the host and slices by it (data-dependent shapes): the CPU path of the
+    ``plum_moe::grouped_matmul`` op, whose body ``torch.compile`` does not trace."""
+    acc = _acc_dtype(x.dtype)
+    N = w.shape[1] if transpose_w else w.shape[2]
+    out = torch.zeros(x.shape[0], N, dtype=acc, device=x.device)
+    xa = x.to(acc)
+    for e, a, b in _segments(group_sizes):
+        we = w[e].to(acc)
+        out[a:b] = xa[a:b] @ (we.T if transpose_w else we)
+    return out.to(x.dtype)
+
+
+def grouped_matmul_dw_segments(x: torch.Tensor, dy: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_matmul_dw` as one product per non-empty expert (host-read sizes,
+    ``1/E`` of the FLOPs, no ``[E, M, K]`` temporary): the CPU path of its op."""
+    acc = _acc_dtype(x.dtype)
+    E = group_sizes.shape[0]
+    dw = torch.zeros(E, x.shape[1], dy.shape[1], dtype=acc, device=x.device)
+    for e, a, b in _segments(group_sizes):
+        dw[e] = x[a:b].to(acc).T @ dy[a:b].to(acc)
+    return dw.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- SwiGLU expert layer

@@ -10,6 +10,7 @@ item i's L SID tokens, ``<f>`` an optional feature token after each item)::
     behaviour (CPT)   <|bos|> <|hist|> <sid a> <f> <sid b> <f> ... <|eos|>      loss on every token
     grounding (CPT)   <|bos|> <|item|> <sid i> text("has title ... . categories: ...") <|eos|>
     SFT               <|bos|> <|hist|> <sid a> <f> ... <sid z> <f> | <sid next>  loss on <sid next> only
+    SFT (sequence)    <|bos|> <|hist|> <sid a> <f> <sid b> <f> ... <sid z>        loss on every <sid> after a
 
 An SFT prompt is a prefix of the behaviour format, so continued pre-training
 on histories teaches exactly the continuation SFT and retrieval ask for.
@@ -34,7 +35,7 @@ import torch
 
 from plum.model.vocab import SIDVocab, TextTokenizer
 
-__all__ = ["Example", "PackedBatch", "CPTCorpus", "SFTDataset", "pack", "ExampleStream",
+__all__ = ["Example", "PackedBatch", "CPTCorpus", "SFTDataset", "SequenceSFTDataset", "pack", "ExampleStream",
            "check_histories", "grounding_text"]
 
 
@@ -228,6 +229,80 @@ class SFTDataset:
         weights = np.zeros(len(tokens), np.float32)
         weights[len(prompt):] = self.weights[i]
         return Example(tokens, weights)
+
+
+class SequenceSFTDataset:
+    """Next-item SFT with every next item of a window as a target (the causal-LM form of
+    :class:`SFTDataset`).
+
+    A user's sequence ``s`` of ``n`` items gives the targets ``s[j]`` for
+    ``j`` in ``min_history .. n - 1``, as :class:`SFTDataset` does, but one
+    example carries many of them: the tokens are the history format of a
+    window of at most ``max_items + 1`` items and the loss weighs the SID
+    tokens of every target in it (never the feature tokens, never the
+    window's first items). Under causal attention the loss of target ``j`` is
+    exactly :class:`SFTDataset`'s for the prompt ``s[start:j]``, so an epoch
+    asks the same questions for about ``1 / (mean history length)`` of the
+    tokens.
+
+    Windows: the targets of a user are cut, from the end, into blocks of at
+    most ``stride`` (default ``max_items // 2``) consecutive positions; the
+    block ``[j0, j1)`` is trained in the window ``s[max(0, j1 - 1 - max_items) : j1]``,
+    so every target sees at most ``max_items`` items of history (retrieval's
+    prompt length) and at least ``min(j0, max_items + 1 - stride)``. A
+    sequence of up to ``max_items + 1`` items is one example. ``weights``
+    (optional) is a function ``(user, cut, target) -> float`` giving each
+    target's loss weight.
+    """
+
+    def __init__(self, sequences: Sequence[np.ndarray], sid_tokens: np.ndarray, vocab: SIDVocab, *,
+                 features: Sequence[np.ndarray] | None = None, max_items: int = 50,
+                 weights: Callable | None = None, min_history: int = 1, stride: int | None = None):
+        self.vocab = vocab
+        self.sid_tokens = _check_sid_tokens(sid_tokens, vocab)
+        check_histories(sequences, len(self.sid_tokens), "sequences")
+        if max_items < 1 or min_history < 1:
+            raise ValueError("max_items and min_history must be >= 1")
+        stride = max(max_items // 2, 1) if stride is None else stride
+        if not 1 <= stride <= max_items:
+            raise ValueError(f"stride must be in [1, max_items={max_items}], got {stride}")
+        if weights is not None and not callable(weights):
+            raise TypeError("weights must be a function (user, cut, target) -> float")
+        if features is not None and (len(features) != len(sequences)
+                                     or any(len(f) != len(s) for f, s in zip(features, sequences))):
+            raise ValueError("features must align with sequences (one feature per item)")
+        self.sequences = [np.asarray(s, np.int64) for s in sequences]
+        self.features = features
+        self.max_items, self.stride, self.min_history, self.weights = max_items, stride, min_history, weights
+        blocks = []  # (user, j0, j1)
+        for u, s in enumerate(self.sequences):
+            j1 = len(s)
+            while j1 > min_history:
+                j0 = max(min_history, j1 - stride)
+                blocks.append((u, j0, j1))
+                j1 = j0
+        if not blocks:
+            raise ValueError("no SFT example: every sequence is shorter than min_history + 1")
+        self.blocks = np.asarray(blocks, np.int64)
+        self.num_targets = int((self.blocks[:, 2] - self.blocks[:, 1]).sum())
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> Example:
+        u, j0, j1 = (int(x) for x in self.blocks[i])
+        start = max(0, j1 - 1 - self.max_items)
+        seq = self.sequences[u]
+        feats = None if self.features is None else np.asarray(self.features[u])[start:j1]
+        tokens = history_tokens(self.vocab, self.sid_tokens, seq[start:j1], feats)
+        per_item = self.vocab.num_levels + (0 if feats is None else 1)
+        w = np.zeros((j1 - start, per_item), np.float32)
+        for j in range(j0, j1):
+            w[j - start, :self.vocab.num_levels] = 1.0 if self.weights is None else \
+                float(self.weights(u, j, int(seq[j])))
+        if not np.isfinite(w).all() or (w < 0).any():
+            raise ValueError(f"weights must be finite and >= 0 (user {u})")
+        return Example(tokens, np.concatenate([np.zeros(2, np.float32), w.reshape(-1)]))
 
 
 @dataclass

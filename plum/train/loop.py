@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from plum.train.corpus import ExampleStream, PackedBatch
 
-__all__ = ["TrainConfig", "train", "lm_loss", "dist_env", "init_distributed", "default_device", "full_model_state",
+__all__ = ["TrainConfig", "train", "lm_loss", "CodebookLoss", "dist_env", "init_distributed", "default_device", "full_model_state",
            "save_checkpoint", "load_checkpoint"]
 
 CKPT_NAME = "checkpoint.pt"
@@ -94,6 +94,58 @@ def lm_loss(model, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
     denom = w.sum().clamp_min(1e-12)
     loss = (ce * w).sum() / denom
     return loss + out.aux_loss, {"ce": loss.detach(), "aux": out.aux_loss.detach(), "tokens": batch.num_tokens}
+
+
+class CodebookLoss:
+    """SFT loss normalised over each target's SID codebook: the distribution that
+    constrained beam search decodes from.
+
+    Every target of the batch must be a SID token; a target of level ``l`` is
+    scored by cross-entropy over the logits of level ``l``'s codebook only
+    (``vocab.level_slice(l)`` of the LM head), not over the whole vocabulary.
+    Retrieval ranks SIDs by the sum of these per-level log-probabilities
+    (``normalize="codebook"``), so the loss is the ranking's own likelihood;
+    it also computes ``[M, V_l]`` logits instead of ``[M, V]`` (V_l <= 256
+    against a ~5k-token vocabulary). Weighted as :func:`lm_loss`.
+
+    In one process the level slices are multiplied directly; under DDP/FSDP
+    (world size > 1) the full logits come out of the wrapped forward and are
+    sliced, so that every parameter is used inside ``forward`` (same loss).
+    """
+
+    def __init__(self, vocab):
+        self.num_levels = vocab.num_levels
+        self.slices = [vocab.level_slice(l) for l in range(vocab.num_levels)]
+        self.bounds = torch.tensor([sl.start for sl in self.slices] + [self.slices[-1].stop])
+        if any(a.stop != b.start for a, b in zip(self.slices, self.slices[1:])):
+            raise ValueError("the SID levels must be contiguous in the vocabulary")
+
+    def __call__(self, model, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
+        tgt = batch.targets
+        bounds = self.bounds.to(tgt.device)
+        if tgt.numel() and (int(tgt.min()) < int(bounds[0]) or int(tgt.max()) >= int(bounds[-1])):
+            raise ValueError(f"CodebookLoss needs every target to be a SID token in [{int(bounds[0])}, "
+                             f"{int(bounds[-1])}); got targets in [{int(tgt.min())}, {int(tgt.max())}] "
+                             "(use lm_loss for text or special tokens)")
+        level = torch.searchsorted(bounds, tgt, right=True) - 1
+        full = dist_env()[1] > 1
+        out = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, logits=full,
+                    logits_index=batch.loss_index)
+        base = getattr(model, "module", model)
+        w, num, used = batch.weights, 0.0, 0
+        for l, sl in enumerate(self.slices):
+            rows = (level == l).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            logits = out.logits[rows, sl] if full else base.lm_logits(out.hidden[rows], sl)
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            ce = F.cross_entropy(logits, tgt[rows] - sl.start, reduction="none")
+            num = num + (ce * w[rows].to(ce.dtype)).sum()
+            used += rows.numel()
+        if used == 0:  # no target: a zero loss that still depends on the parameters
+            num = out.hidden.sum() * 0.0
+        loss = num / w.sum().clamp_min(1e-12)
+        return loss + out.aux_loss, {"ce": loss.detach(), "aux": out.aux_loss.detach(), "tokens": batch.num_tokens}
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
