@@ -284,7 +284,8 @@ def main(argv=None) -> dict:
         else:
             per_step = calibrate(ws, args, out)
             steps = {k: max(int(budget_s * BUDGET_SHARES[k] / per_step[k]), 10) for k in BUDGET_SHARES}
-        plan = {"budget_minutes": args.budget_minutes, "shares": BUDGET_SHARES, "seconds_per_step": per_step,
+        plan = {"budget_minutes": None if args.steps else args.budget_minutes, "shares": BUDGET_SHARES,
+                "seconds_per_step": per_step,
                 "steps": steps}
         plan_path.write_text(json.dumps(plan, indent=1))
         cfg = run_config(args, out, emb_path, steps)
@@ -350,10 +351,11 @@ def main(argv=None) -> dict:
     meta = {
         "dataset": str(args.dataset), "items": int(ws.num_items), "test_users": int(n_users),
         "all_test_users": int(len(es.targets)), "subsampled_users": args.max_users is not None,
-        "budget_minutes": args.budget_minutes, "training_seconds": training_s, "plan": plan,
+        "budget_minutes": plan["budget_minutes"], "training_seconds": training_s, "plan": plan,
         "train_config": {k: {kk: cfg[k][kk] for kk in v} for k, v in TRAIN_CONFIG.items()},
         "wall_seconds_this_run": wall, "stage_seconds": prev, "seed": args.seed, "beam_width": args.beam_width,
-        "sft_only": args.sft_only, "model_preset": args.preset, "model_overrides": args.model_overrides, "device": str(default_device()),
+        "sft_only": args.sft_only, "model_preset": args.preset, "model_overrides": args.model_overrides,
+        "device": str(default_device()),
         "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} threads",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else
@@ -373,8 +375,10 @@ def print_table(table: dict, meta: dict, sid_info: dict) -> None:
         f" (FIRST {meta['test_users']} OF {meta['all_test_users']}: subsampled)" if meta["subsampled_users"] else "")
     print(f"\nGenerative retrieval: {meta['items']} items, SIDs {tuple(sid_info['codebook_sizes'])} "
           f"({sid_info['unique_sid_fraction']:.1%} unique), {users}, full ranking, beam {meta['beam_width']}")
-    print(f"budget {meta['budget_minutes']} min training (used {meta['training_seconds'] / 60:.1f} min), "
-          f"steps {meta['plan']['steps']}, this run {meta['wall_seconds_this_run'] / 60:.1f} min wall")
+    budget = ("steps pinned by --steps (no budget)" if meta["plan"].get("seconds_per_step") is None
+              else f"budget {meta['budget_minutes']} min training")
+    print(f"{budget}, steps {meta['plan']['steps']}, training took {meta['training_seconds'] / 60:.1f} min, "
+          f"this run {meta['wall_seconds_this_run'] / 60:.1f} min wall")
     cols = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "invalid_rate")
     head = f"  {'model':<22}" + "".join(f"{k:>13}" for k in cols)
     print(head)

@@ -225,3 +225,13 @@ def test_codebook_loss_is_ce_over_the_target_level_codebook(world):
                         np.array([0, 1, 1], np.float32))])
     with pytest.raises(ValueError, match="needs every target to be a SID token"):
         loss_fn(model, bad)
+
+
+@pytest.mark.parametrize("cls", ["SFTDataset", "SequenceSFTDataset"])
+def test_sft_datasets_check_features(world, cls):
+    vocab, sid, text, items, seqs = world
+    make = {"SFTDataset": SFTDataset, "SequenceSFTDataset": SequenceSFTDataset}[cls]
+    with pytest.raises(ValueError, match="features must align"):
+        make(seqs, sid, vocab, features=[np.zeros(1, np.int64)] * len(seqs))
+    with pytest.raises(ValueError, match=r"feature values must be in \[0, 2\)"):
+        make(seqs, sid, vocab, features=[np.full(len(s), 2) for s in seqs])

@@ -69,6 +69,17 @@ def _check_sid_tokens(sid_tokens: np.ndarray, vocab: SIDVocab) -> np.ndarray:
     return sid_tokens
 
 
+def _check_features(features, sequences, vocab: SIDVocab) -> None:
+    """Per-user feature arrays must align with the sequences and index ``vocab.feature_tokens``."""
+    if features is None:
+        return
+    if len(features) != len(sequences) or any(len(f) != len(s) for f, s in zip(features, sequences)):
+        raise ValueError("features must align with sequences (one feature per item)")
+    nf = len(vocab.feature_tokens)
+    if any(len(f) and (np.min(f) < 0 or np.max(f) >= nf) for f in features):
+        raise ValueError(f"feature values must be in [0, {nf}) (vocab.feature_tokens)")
+
+
 def history_tokens(vocab: SIDVocab, sid_tokens: np.ndarray, items: np.ndarray,
                    features: np.ndarray | None = None) -> np.ndarray:
     """``<|bos|> <|hist|>`` then every item's SID tokens (and feature token)."""
@@ -123,12 +134,7 @@ class CPTCorpus:
             raise ValueError("grounding examples (behaviour_fraction < 1) need text_tokenizer and items")
         if items is not None and len(items) != len(self.sid_tokens):
             raise ValueError(f"items must have one entry per item ({len(self.sid_tokens)}), got {len(items)}")
-        if features is not None:
-            if len(features) != len(sequences) or any(len(f) != len(s) for f, s in zip(features, sequences)):
-                raise ValueError("features must align with sequences (one feature per item)")
-            nf = len(vocab.feature_tokens)
-            if any(len(f) and (np.min(f) < 0 or np.max(f) >= nf) for f in features):
-                raise ValueError(f"feature values must be in [0, {nf}) (vocab.feature_tokens)")
+        _check_features(features, sequences, vocab)
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         self.users = [u for u, s in enumerate(sequences) if len(s) >= 2]
@@ -189,6 +195,7 @@ class SFTDataset:
         check_histories(sequences, len(self.sid_tokens), "sequences")
         if max_items < 1 or min_history < 1:
             raise ValueError("max_items and min_history must be >= 1")
+        _check_features(features, sequences, vocab)
         self.sequences = [np.asarray(s, np.int64) for s in sequences]
         self.features = features
         self.max_items = max_items
@@ -268,9 +275,7 @@ class SequenceSFTDataset:
             raise ValueError(f"stride must be in [1, max_items={max_items}], got {stride}")
         if weights is not None and not callable(weights):
             raise TypeError("weights must be a function (user, cut, target) -> float")
-        if features is not None and (len(features) != len(sequences)
-                                     or any(len(f) != len(s) for f, s in zip(features, sequences))):
-            raise ValueError("features must align with sequences (one feature per item)")
+        _check_features(features, sequences, vocab)
         self.sequences = [np.asarray(s, np.int64) for s in sequences]
         self.features = features
         self.max_items, self.stride, self.min_history, self.weights = max_items, stride, min_history, weights
