@@ -10,7 +10,9 @@ composed, not re-implemented) on a dataset directory read by
 1. item text (title + categories) -> all-MiniLM-L6-v2 embeddings
    (:func:`plum.data.embed_texts`, cached on disk; ``--cache-dir``);
 2. SIDs with the Beauty-validated tokenizer (codebooks 256/128/64/32, the
-   :class:`plum.sid.SIDConfig` defaults; issue 6) and the trie (``run_sid``);
+   :class:`plum.sid.SIDConfig` defaults; issue 6) and the trie (``run_sid``),
+   fitted on one thread (multi-threaded fits were not bit-reproducible across
+   processes);
 3. CPT then SFT of the PLUM model (``run_cpt``, ``run_sft``). SFT uses the
    ``sequence`` objective (:class:`plum.train.SequenceSFTDataset`: every next
    item of a user's window is a target of one example, the same targets as
@@ -269,7 +271,14 @@ def main(argv=None) -> dict:
     sid_info_path = out / "sid_info.json"
     if not (out / "sid" / "codes.npy").exists() or not sid_info_path.exists():
         t0 = time.perf_counter()
-        sid_info = stages.run_sid(ws, progress=progress)
+        # One thread: with two, 50-epoch Beauty fits with one seed differed between processes
+        # (4 of 4 runs; 1 thread: bit-identical), and the fit is small (~25 s here).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            sid_info = stages.run_sid(ws, progress=progress)
+        finally:
+            torch.set_num_threads(threads)
         sid_info_path.write_text(json.dumps(sid_info))
         done("sid", time.perf_counter() - t0)
     else:
