@@ -184,16 +184,8 @@ def calibrate(ws, args, out: Path) -> dict:
     for name in ("cpt", "sft"):
         ws.cfg = {**base, **{name: {**base[name], "progress": False}}}
         model, vocab, text = stages.base_model(ws, sizes)
-        from plum.train.corpus import CPTCorpus
-
         c = ws.cfg[name]
-        toks = vocab.sid_to_tokens(codes)
-        if name == "cpt":
-            data = CPTCorpus(ws.split.train, toks, vocab, text_tokenizer=text,
-                             items=ws.data.items, behaviour_fraction=c["behaviour_fraction"],
-                             max_items=c["max_items"], seed=ws.cfg["seed"])
-        else:
-            data = stages.sft_dataset(ws, vocab, codes)
+        data = stages.cpt_corpus(ws, vocab, text, codes) if name == "cpt" else stages.sft_dataset(ws, vocab, codes)
         t0 = time.perf_counter()
         loss = stages.lm_loss if name == "cpt" else stages.sft_loss(ws, vocab)
         train(model, data, stages._train_config(c, ws.cfg["seed"], False), cal / name, loss_fn=loss,

@@ -302,9 +302,8 @@ class SequenceSFTDataset:
         tokens = history_tokens(self.vocab, self.sid_tokens, seq[start:j1], feats)
         per_item = self.vocab.num_levels + (0 if feats is None else 1)
         w = np.zeros((j1 - start, per_item), np.float32)
-        for j in range(j0, j1):
-            w[j - start, :self.vocab.num_levels] = 1.0 if self.weights is None else \
-                float(self.weights(u, j, int(seq[j])))
+        w[j0 - start:, :self.vocab.num_levels] = 1.0 if self.weights is None else np.asarray(
+            [float(self.weights(u, j, int(seq[j]))) for j in range(j0, j1)], np.float32)[:, None]
         if not np.isfinite(w).all() or (w < 0).any():
             raise ValueError(f"weights must be finite and >= 0 (user {u})")
         return Example(tokens, np.concatenate([np.zeros(2, np.float32), w.reshape(-1)]))

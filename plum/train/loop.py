@@ -90,9 +90,12 @@ def lm_loss(model, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
     """Weighted next-token cross-entropy at ``batch.loss_index`` plus router aux losses."""
     out = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, logits_index=batch.loss_index)
     ce = F.cross_entropy(out.logits.float(), batch.targets, reduction="none")
-    w = batch.weights
-    denom = w.sum().clamp_min(1e-12)
-    loss = (ce * w).sum() / denom
+    return _weighted_loss((ce * batch.weights).sum(), batch, out)
+
+
+def _weighted_loss(weighted_ce_sum: torch.Tensor, batch: PackedBatch, out) -> tuple[torch.Tensor, dict]:
+    """``sum(w * ce) / sum(w)`` plus the router aux losses, and the logged parts."""
+    loss = weighted_ce_sum / batch.weights.sum().clamp_min(1e-12)
     return loss + out.aux_loss, {"ce": loss.detach(), "aux": out.aux_loss.detach(), "tokens": batch.num_tokens}
 
 
@@ -114,7 +117,6 @@ class CodebookLoss:
     """
 
     def __init__(self, vocab):
-        self.num_levels = vocab.num_levels
         self.slices = [vocab.level_slice(l) for l in range(vocab.num_levels)]
         self.bounds = torch.tensor([sl.start for sl in self.slices] + [self.slices[-1].stop])
         if any(a.stop != b.start for a, b in zip(self.slices, self.slices[1:])):
@@ -144,8 +146,7 @@ class CodebookLoss:
             used += rows.numel()
         if used == 0:  # no target: a zero loss that still depends on the parameters
             num = out.hidden.sum() * 0.0
-        loss = num / w.sum().clamp_min(1e-12)
-        return loss + out.aux_loss, {"ce": loss.detach(), "aux": out.aux_loss.detach(), "tokens": batch.num_tokens}
+        return _weighted_loss(num, batch, out)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:

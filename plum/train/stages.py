@@ -45,7 +45,7 @@ from plum.train.corpus import CPTCorpus, SequenceSFTDataset, SFTDataset, groundi
 from plum.train.loop import CodebookLoss, TrainConfig, default_device, dist_env, full_model_state, lm_loss, train
 
 __all__ = ["load_run_config", "DEFAULTS", "Workspace", "save_model", "load_model", "run_sid", "run_cpt",
-           "run_sft", "sft_dataset", "sft_loss", "run_eval", "run_recommend"]
+           "run_sft", "cpt_corpus", "sft_dataset", "sft_loss", "run_eval", "run_recommend"]
 
 # The defaults are `plum demo`'s budget: 3.5 min wall on this project's idle 2-core CPU, 5-7 min
 # when the machine is shared (measured 2026-11-23, torch 2.13 CPU, 1 thread). CPT 40 -> 80 steps raised
@@ -231,13 +231,18 @@ def base_model(ws: Workspace, codebook_sizes) -> tuple[PlumLM, SIDVocab, TextTok
     return PlumLM(preset(m["preset"], vocab_size=vocab.size, **m["overrides"])), vocab, text
 
 
+def cpt_corpus(ws: Workspace, vocab: SIDVocab, text: TextTokenizer, codes: np.ndarray) -> CPTCorpus:
+    """The CPT corpus of the ``cpt`` section: training histories in SIDs mixed with grounding text."""
+    c = ws.cfg["cpt"]
+    return CPTCorpus(ws.split.train, vocab.sid_to_tokens(codes), vocab, text_tokenizer=text, items=ws.data.items,
+                     behaviour_fraction=c["behaviour_fraction"], max_items=c["max_items"], seed=ws.cfg["seed"])
+
+
 def run_cpt(ws: Workspace, *, progress: bool = True) -> dict:
     codes, _, sizes = ws.sid()
     model, vocab, text = base_model(ws, sizes)
     c = ws.cfg["cpt"]
-    corpus = CPTCorpus(ws.split.train, vocab.sid_to_tokens(codes), vocab, text_tokenizer=text,
-                       items=ws.data.items, behaviour_fraction=c["behaviour_fraction"], max_items=c["max_items"],
-                       seed=ws.cfg["seed"])
+    corpus = cpt_corpus(ws, vocab, text, codes)
     model = model.to(default_device())
     metrics = train(model, corpus, _train_config(c, ws.cfg["seed"], progress), ws.dir / "cpt", desc="CPT")
     save_model(model, vocab, text, ws.dir / "cpt" / "model")
@@ -249,7 +254,7 @@ def sft_dataset(ws: Workspace, vocab: SIDVocab, codes: np.ndarray):
     target per example) or ``"sequence"`` (:class:`SequenceSFTDataset`, every next item
     of a window per example: the same targets for far fewer tokens)."""
     c = ws.cfg["sft"]
-    objective = c.get("objective", "sequence")
+    objective = c["objective"]
     if objective not in SFT_OBJECTIVES:
         raise ValueError(f"sft.objective must be one of {SFT_OBJECTIVES}, got {objective!r}")
     cls = SFTDataset if objective == "next_item" else SequenceSFTDataset
@@ -260,7 +265,7 @@ def sft_loss(ws: Workspace, vocab: SIDVocab):
     """The SFT loss of ``sft.loss``: ``"vocab"`` (:func:`lm_loss`, softmax over the whole
     vocabulary) or ``"codebook"`` (:class:`CodebookLoss`, softmax over the target
     level's codebook: what constrained beam search decodes)."""
-    loss = ws.cfg["sft"].get("loss", "codebook")
+    loss = ws.cfg["sft"]["loss"]
     if loss not in SFT_LOSSES:
         raise ValueError(f"sft.loss must be one of {SFT_LOSSES}, got {loss!r}")
     return lm_loss if loss == "vocab" else CodebookLoss(vocab)
