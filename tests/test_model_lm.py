@@ -59,6 +59,8 @@ def test_flops_and_mfu():
     (dict(mlp_only_layers=(7,)), "mlp_only_layers"),
     (dict(kernel_impl="cuda"), "kernel_impl"),
     (dict(vocab_size=0), "vocab_size"),
+    (dict(hidden_dropout=1.0), "hidden_dropout"),
+    (dict(hidden_dropout=-0.1), "hidden_dropout"),
 ])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -105,6 +107,25 @@ def test_logits_index_and_aux_loss():
     assert full.aux_loss > 0  # two MoE layers contribute load-balance + z losses
     dense = PlumLM(small(num_experts=0)).double()
     assert dense(ids, cu).aux_loss == 0
+
+
+def test_hidden_dropout_acts_in_training_only():
+    """Eval mode is the dropout-free model exactly; training mode drops, reproducibly for a seed."""
+    ids, cu = torch.randint(0, 97, (11,)), cu_seqlens_from_lengths([6, 5])
+    plain, dropped = model64(), model64(hidden_dropout=0.3)
+    dropped.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(dropped(ids, cu).logits, plain(ids, cu).logits, rtol=0, atol=0)
+    dropped.train()
+    torch.manual_seed(1)
+    a = dropped(ids, cu).logits
+    torch.manual_seed(1)
+    b = dropped(ids, cu).logits
+    torch.manual_seed(2)
+    c = dropped(ids, cu).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - c).abs().max() > 1e-3 and (a - plain(ids, cu).logits).abs().max() > 1e-3
+    plain.train()
+    torch.testing.assert_close(plain(ids, cu).logits, plain.eval()(ids, cu).logits, rtol=0, atol=0)
 
 
 def test_backward_reaches_every_parameter():

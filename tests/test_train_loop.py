@@ -18,7 +18,7 @@ from plum.train.loop import lr_lambda
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _setup(seed=0):
+def _setup(seed=0, dropout=0.0):
     rng = np.random.default_rng(seed)
     sizes = (8, 4)
     codes = np.stack([rng.integers(0, v, 20) for v in sizes], 1)
@@ -28,7 +28,7 @@ def _setup(seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab.size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=16, intermediate_size=32, moe_intermediate_size=16,
-                      num_experts=4, num_experts_per_tok=2, mlp_only_layers=(0,))
+                      num_experts=4, num_experts_per_tok=2, mlp_only_layers=(0,), hidden_dropout=dropout)
     return PlumLM(cfg), data
 
 
@@ -55,15 +55,17 @@ def test_training_reduces_the_loss(tmp_path):
     assert {"loss", "ce", "aux", "grad_norm", "lr", "epoch", "tokens_per_s"} <= rows[0].keys()
 
 
-def test_exact_resume(tmp_path):
-    full, data = _setup()
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_exact_resume(tmp_path, dropout):
+    """With dropout the resumed run must also draw the same masks (the RNG state is checkpointed)."""
+    full, data = _setup(dropout=dropout)
     train(full, data, _cfg(grad_accum=2), tmp_path / "a")
-    part, _ = _setup()
+    part, _ = _setup(dropout=dropout)
     train(part, data, _cfg(grad_accum=2), tmp_path / "b", stop_after=4)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 4
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a row a killed run wrote after its checkpoint
         f.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")
-    resumed, _ = _setup(seed=1)  # different init: everything must come from the checkpoint
+    resumed, _ = _setup(seed=1, dropout=dropout)  # different init: everything must come from the checkpoint
     train(resumed, data, _cfg(grad_accum=2), tmp_path / "b")
     a, b = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"

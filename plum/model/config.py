@@ -67,6 +67,7 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.01    # load-balance loss weight
     router_z_loss_coef: float = 1e-3      # router z-loss weight
     initializer_range: float = 0.02
+    hidden_dropout: float = 0.0           # dropout on the embeddings and each residual branch (training only)
     kernel_impl: str | None = None        # impl= passed to kernels.torch (None: fastest available)
 
     def __post_init__(self):
@@ -95,6 +96,9 @@ class ModelConfig:
             raise ValueError(f"mlp_only_layers must index layers in [0, {self.num_hidden_layers}), got {bad}")
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
             raise ValueError("rope_theta and rms_norm_eps must be > 0")
+        if not isinstance(self.hidden_dropout, (int, float)) or isinstance(self.hidden_dropout, bool) \
+                or not 0.0 <= self.hidden_dropout < 1.0:
+            raise ValueError(f"hidden_dropout must be a float in [0, 1), got {self.hidden_dropout!r}")
         if self.kernel_impl not in (None, "reference", "triton"):
             raise ValueError(f"kernel_impl must be None, 'reference' or 'triton', got {self.kernel_impl!r}")
 

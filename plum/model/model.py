@@ -8,8 +8,12 @@ SwiGLU experts through ``kernels.torch.moe_mlp`` (top-k softmax router).
 
 Layer (pre-norm, Qwen3)::
 
-    h = x + o_proj(attn(rope(q_norm(q_proj(n1(x)))), rope(k_norm(k_proj(n1(x)))), v_proj(n1(x))))
-    y = h + ffn(n2(h))
+    h = x + drop(o_proj(attn(rope(q_norm(q_proj(n1(x)))), rope(k_norm(k_proj(n1(x)))), v_proj(n1(x)))))
+    y = h + drop(ffn(n2(h)))
+
+``drop`` is dropout with ``config.hidden_dropout`` (also applied to the token
+embeddings) in training mode only; it is 0 in every preset and in checkpoints
+loaded from Hugging Face, so inference is Qwen3's exactly.
 
 Serving (generative retrieval) uses two more entry points:
 
@@ -214,14 +218,18 @@ class DecoderLayer(nn.Module):
         self.mlp = MoEMLP(cfg) if cfg.is_moe_layer(layer) else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.dropout = cfg.hidden_dropout
+
+    def _drop(self, t: Tensor) -> Tensor:
+        return F.dropout(t, self.dropout, self.training) if self.dropout else t
 
     def _ffn(self, h: Tensor):
         out, lb, z = self.mlp(self.post_attention_layernorm(h))
-        return h + out.to(h.dtype), lb, z
+        return h + self._drop(out.to(h.dtype)), lb, z
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, kv_out=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, kv_out).to(x.dtype)
-        return self._ffn(h)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, kv_out)
+        return self._ffn(x + self._drop(attn.to(x.dtype)))
 
     def decode(self, x, cos, sin, cache, layer):
         h = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, layer).to(x.dtype)
@@ -350,11 +358,13 @@ class PlumLM(nn.Module):
             positions = positions_from_cu_seqlens(cu_seqlens, T)
         if int(positions.max() if T else 0) >= self.config.max_position_embeddings:
             raise ValueError(f"a position exceeds max_position_embeddings={self.config.max_position_embeddings}")
+        cfg = self.config
         cos, sin = self.rotary(positions, self._rope_dtype)
         x = self.embed_tokens(input_ids)
+        if cfg.hidden_dropout and self.training:
+            x = F.dropout(x, cfg.hidden_dropout, True)
         kv = [] if return_kv else None
         aux = x.new_zeros((), dtype=torch.float32)
-        cfg = self.config
         for layer in self.layers:
             x, lb, z = layer(x, cos, sin, cu_seqlens, max_seqlen, kv)
             if lb is not None:
