@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         trie_demo(args.out, num_items=args.items, seed=args.seed)
     else:
         from plum.train import stages
-        from plum.train.loop import init_distributed
+        from plum.train.loop import init_distributed, shutdown_distributed
 
         if args.command in ("cpt", "sft"):
             init_distributed()  # under torchrun: DDP (or FSDP2 with fsdp = true in the config)
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             out = stages.run_eval(ws, args.model)
         else:
             out = stages.run_recommend(ws, args.history.split(","), args.k, args.model)
+        shutdown_distributed()
         print(json.dumps(out, indent=1))
     return 0
 

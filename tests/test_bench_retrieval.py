@@ -102,5 +102,5 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
         assert runs[0][model] == runs[1][model]
     assert runs[0]["metadata"]["plan"]["steps"] == {"cpt": 12, "sft": 12, "sasrec": 12}
     assert runs[0]["metadata"]["budget_minutes"] is None  # pinned steps: no budget
-    assert runs[0]["metadata"]["model_overrides"] == {"hidden_dropout": 0.1, "num_hidden_layers": 3}
+    assert runs[0]["metadata"]["model_overrides"] == {"num_hidden_layers": 3}
     assert json.loads((tmp_path / "a" / "sft" / "model" / "config.json").read_text())["num_hidden_layers"] == 3

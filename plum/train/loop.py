@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from plum.train.corpus import ExampleStream, PackedBatch
 
-__all__ = ["TrainConfig", "train", "lm_loss", "CodebookLoss", "dist_env", "init_distributed", "default_device",
+__all__ = ["TrainConfig", "train", "lm_loss", "CodebookLoss", "dist_env", "init_distributed", "shutdown_distributed", "default_device",
            "full_model_state", "save_checkpoint", "load_checkpoint"]
 
 CKPT_NAME = "checkpoint.pt"
@@ -228,6 +228,24 @@ def init_distributed() -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist_env()
+
+
+def shutdown_distributed() -> None:
+    """Leave the ``torchrun`` process group at the end of a successful job (no-op in one process).
+
+    Every rank waits at a barrier, so no collective is in flight, then calls
+    ``destroy_process_group``. Call it only when every rank got there: a rank
+    that raised never reaches the barrier, and the others would wait for it.
+    Known torch limitation on the CPU (gloo): a gloo worker thread can still
+    drop the last reference to a finished collective's tensors while the
+    interpreter finalizes (it needs the GIL to free them), which aborts the
+    process after the job has finished ("terminate called without an active
+    exception"; mechanism in pytorch/pytorch#179291); the barrier narrows
+    that window, it cannot close it.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def default_device() -> torch.device:
