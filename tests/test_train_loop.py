@@ -101,6 +101,7 @@ _DDP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_train_loop import _setup, _cfg
     from plum.train import train
+    from plum.train.loop import shutdown_distributed
     from test_train_loop import _loss
     dist.init_process_group("gloo")
     model, data = _setup()
@@ -109,7 +110,6 @@ _DDP_SCRIPT = textwrap.dedent("""
     sd, _ = _full_state(model, torch.optim.SGD(model.parameters(), lr=0.1))
     if dist.get_rank() == 0:
         torch.save(sd, {out!r} + "/final.pt")
-    from plum.train.loop import shutdown_distributed
     shutdown_distributed()
     # Skip interpreter finalization: a gloo worker thread that drops the last reference to a
     # finished all-gather's tensors while Python finalizes aborts the process (torch bug, see

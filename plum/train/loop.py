@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from plum.train.corpus import ExampleStream, PackedBatch
 
-__all__ = ["TrainConfig", "train", "lm_loss", "CodebookLoss", "dist_env", "init_distributed", "shutdown_distributed", "default_device",
-           "full_model_state", "save_checkpoint", "load_checkpoint"]
+__all__ = ["TrainConfig", "train", "lm_loss", "CodebookLoss", "dist_env", "init_distributed", "shutdown_distributed",
+           "default_device", "full_model_state", "save_checkpoint", "load_checkpoint"]
 
 CKPT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
