@@ -33,12 +33,22 @@ def test_large_presets_build_with_the_counted_parameters(name):
     assert sum(p.numel() for p in m.parameters()) == PRESETS[name].num_params()
 
 
-def test_tiny_preset_structure_and_param_count():
-    cfg = preset("tiny", vocab_size=300)
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_cpu_presets_structure_and_param_count(name):
+    cfg = preset(name, vocab_size=300)
     m = PlumLM(cfg)
     assert [cfg.is_moe_layer(i) for i in range(2)] == [False, True]
     assert sum(p.numel() for p in m.parameters()) == cfg.num_params()
     assert cfg.kernel_head_dim_ok
+
+
+def test_small_preset_is_tiny_widened_with_dropout():
+    """The Beauty benchmark's model: tiny's structure at twice the width, dropout 0.1 (RESULTS.md)."""
+    wide = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512,
+                moe_intermediate_size=256, hidden_dropout=0.1)
+    assert preset("small") == preset("tiny", **wide)
+    assert preset("tiny").hidden_dropout == 0.0
+    assert preset("small", vocab_size=4583).num_params() == 2_748_672  # the size RESULTS.md quotes
 
 
 def test_flops_and_mfu():
