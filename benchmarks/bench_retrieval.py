@@ -49,8 +49,13 @@ Output: a table beside TIGER's published numbers (Rajput et al. 2023, Table
 recall@5, recall@10, ndcg@5, ndcg@10, invalid_rate) plus ``metadata``
 (budget, wall time, device, command, plan, timings).
 
-``--max-users N`` evaluates only the first N test users (smoke runs); the
-table then says so. Reported numbers use every user.
+``--split valid`` scores the validation users instead (target ``s[-2]``,
+history ``s[:-2]``; training never reads either split's target), for choosing
+a setup without touching the test split; re-run with the same OUT after a
+test run to score its saved models (cached as ``eval_*_valid.json``,
+table in ``OUT/results_valid.json``).
+``--max-users N`` evaluates only the first N users (smoke runs); the table
+then says so. Reported numbers use every test user.
 """
 from __future__ import annotations
 
@@ -107,7 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--codebook-sizes", default="256,128,64,32", help="SID codebook sizes, coarse to fine")
     p.add_argument("--sid-epochs", type=int, default=SID_CONFIG["epochs"], help="SID tokenizer epochs")
     p.add_argument("--eval-batch-size", type=int, default=256, help="users per beam search")
-    p.add_argument("--max-users", type=int, default=None, help="evaluate only the first N test users (smoke)")
+    p.add_argument("--split", choices=("test", "valid"), default="test",
+                   help="users to score: test (target s[-1]) or valid (target s[-2], for model selection)")
+    p.add_argument("--max-users", type=int, default=None, help="evaluate only the first N users (smoke)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/plum/embeddings)")
     p.add_argument("--model-dir", default=None, help="sentence-transformers directory (default all-MiniLM-L6-v2)")
@@ -263,7 +270,7 @@ def main(argv=None) -> dict:
         plan = None
     cfg = run_config(args, out, emb_path, plan["steps"] if plan else args.steps)
     ws = stages.Workspace(cfg)
-    _log(f"data: {ws.num_items} items, {len(ws.split.test.targets)} test users")
+    _log(f"data: {ws.num_items} items, {len(getattr(ws.split, args.split).targets)} {args.split} users")
 
     sid_info_path = out / "sid_info.json"
     if not (out / "sid" / "codes.npy").exists() or not sid_info_path.exists():
@@ -308,10 +315,11 @@ def main(argv=None) -> dict:
         fn()
         done(name, time.perf_counter() - t0)
 
-    es = ws.split.test
+    es = getattr(ws.split, args.split)
     n_users = len(es.targets) if args.max_users is None else min(args.max_users, len(es.targets))
     hist, tgt, ks = list(es.histories)[:n_users], np.asarray(es.targets)[:n_users], cfg["eval"]["ks"]
-    suffix = "" if args.max_users is None else f"_first{n_users}"
+    suffix = ("" if args.split == "test" else f"_{args.split}") + (
+        "" if args.max_users is None else f"_first{n_users}")
 
     # 4. constrained beam search
     def eval_plum():
@@ -340,8 +348,8 @@ def main(argv=None) -> dict:
     def fit_sasrec():
         t0 = time.perf_counter()
         model, data, tcfg, loss = _sasrec(ws, cfg)
-        train(model, data, tcfg, out / "sasrec", loss_fn=loss, desc="SASRec")
-        done("sasrec_train", time.perf_counter() - t0)
+        if train(model, data, tcfg, out / "sasrec", loss_fn=loss, desc="SASRec"):  # {}: finished before
+            done("sasrec_train", time.perf_counter() - t0)
         res = model.evaluate(hist, tgt, ks)
         res.setdefault("invalid_rate", 0.0)
         return res
@@ -355,7 +363,7 @@ def main(argv=None) -> dict:
     extra = {name: {k: v for k, v in r.items() if k not in RESULT_KEYS} for name, r in results.items()}
     training_s = sum(prev.get(k, 0.0) for k in ("cpt", "sft", "sft_only", "sasrec_train"))
     meta = {
-        "dataset": str(args.dataset), "items": int(ws.num_items), "test_users": int(n_users),
+        "dataset": str(args.dataset), "items": int(ws.num_items), "split": args.split, "test_users": int(n_users),
         "all_test_users": int(len(es.targets)), "subsampled_users": args.max_users is not None,
         "budget_minutes": plan["budget_minutes"], "training_seconds": training_s, "plan": plan,
         "train_config": {k: {kk: cfg[k][kk] for kk in v} for k, v in TRAIN_CONFIG.items()},
@@ -369,15 +377,16 @@ def main(argv=None) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     res = {**table, "details": {"sid": sid_info, "metrics": extra, "published": PUBLISHED}, "metadata": meta}
-    with open(out / "results.json", "w") as f:
+    res_path = out / ("results.json" if args.split == "test" else f"results_{args.split}.json")
+    with open(res_path, "w") as f:
         json.dump(res, f, indent=1)
     print_table(table, meta, sid_info)
-    print(f"wrote {out / 'results.json'}")
+    print(f"wrote {res_path}")
     return res
 
 
 def print_table(table: dict, meta: dict, sid_info: dict) -> None:
-    users = f"{meta['test_users']} test users" + (
+    users = f"{meta['test_users']} {meta.get('split', 'test')} users" + (
         f" (FIRST {meta['test_users']} OF {meta['all_test_users']}: subsampled)" if meta["subsampled_users"] else "")
     print(f"\nGenerative retrieval: {meta['items']} items, SIDs {tuple(sid_info['codebook_sizes'])} "
           f"({sid_info['unique_sid_fraction']:.1%} unique), {users}, full ranking, beam {meta['beam_width']}")
@@ -391,6 +400,8 @@ def print_table(table: dict, meta: dict, sid_info: dict) -> None:
     print("  " + "-" * (len(head) - 2))
     for name, row in {**table, **PUBLISHED}.items():
         print(f"  {name:<22}" + "".join(f"{row[k]:>13.4f}" if k in row else f"{'-':>13}" for k in cols))
+    if meta.get("split", "test") != "test":
+        print(f"  (our rows: the {meta['split']} split; the published rows are test-split numbers)")
 
 
 if __name__ == "__main__":

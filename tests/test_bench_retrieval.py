@@ -73,6 +73,21 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
         assert res2[model] == res[model]
     assert json.loads((out / "timings.json").read_text()) == times
     assert res2["metadata"]["wall_seconds_this_run"] < res["metadata"]["wall_seconds_this_run"]
+    # --split valid on the same OUT scores the saved models on the validation users, beside the test results
+    test_json = (out / "results.json").read_text()
+    res_v = bench.main([*argv, "--split", "valid"])
+    assert "valid users" in capsys.readouterr().out
+    assert (out / "results.json").read_text() == test_json and (out / "eval_plum_valid.json").exists()
+    assert json.loads((out / "results_valid.json").read_text())["metadata"]["split"] == "valid"
+    assert json.loads((out / "timings.json").read_text())["sasrec_train"] == times["sasrec_train"]
+    from plum.train import stages
+
+    ws = stages.Workspace(bench.run_config(bench.parse_args(argv), out, out / "item_embeddings.npy", steps))
+    valid = ws.split.valid
+    assert not np.array_equal(valid.targets, ws.split.test.targets)
+    expect = stages.retriever(ws, out / "sft" / "model").evaluate(list(valid.histories), np.asarray(valid.targets),
+                                                                   [5, 10])
+    assert {k: res_v["plum"][k] for k in bench.RESULT_KEYS} == {k: expect.get(k, 0.0) for k in bench.RESULT_KEYS}
 
 
 @pytest.mark.parametrize("bad", [["--beam-width", "10"], ["--budget-minutes", "0"], ["--steps", "1,2"],
