@@ -270,7 +270,9 @@ def main(argv=None) -> dict:
         plan = None
     cfg = run_config(args, out, emb_path, plan["steps"] if plan else args.steps)
     ws = stages.Workspace(cfg)
-    _log(f"data: {ws.num_items} items, {len(getattr(ws.split, args.split).targets)} {args.split} users")
+    es = getattr(ws.split, args.split)  # the users scored: test, or valid for model selection
+    split_tag = "" if args.split == "test" else f"_{args.split}"  # in the names of cached evaluations and results
+    _log(f"data: {ws.num_items} items, {len(es.targets)} {args.split} users")
 
     sid_info_path = out / "sid_info.json"
     if not (out / "sid" / "codes.npy").exists() or not sid_info_path.exists():
@@ -315,11 +317,9 @@ def main(argv=None) -> dict:
         fn()
         done(name, time.perf_counter() - t0)
 
-    es = getattr(ws.split, args.split)
     n_users = len(es.targets) if args.max_users is None else min(args.max_users, len(es.targets))
     hist, tgt, ks = list(es.histories)[:n_users], np.asarray(es.targets)[:n_users], cfg["eval"]["ks"]
-    suffix = ("" if args.split == "test" else f"_{args.split}") + (
-        "" if args.max_users is None else f"_first{n_users}")
+    suffix = split_tag + ("" if args.max_users is None else f"_first{n_users}")
 
     # 4. constrained beam search
     def eval_plum():
@@ -377,7 +377,7 @@ def main(argv=None) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     res = {**table, "details": {"sid": sid_info, "metrics": extra, "published": PUBLISHED}, "metadata": meta}
-    res_path = out / ("results.json" if args.split == "test" else f"results_{args.split}.json")
+    res_path = out / f"results{split_tag}.json"
     with open(res_path, "w") as f:
         json.dump(res, f, indent=1)
     print_table(table, meta, sid_info)
@@ -386,7 +386,7 @@ def main(argv=None) -> dict:
 
 
 def print_table(table: dict, meta: dict, sid_info: dict) -> None:
-    users = f"{meta['test_users']} {meta.get('split', 'test')} users" + (
+    users = f"{meta['test_users']} {meta['split']} users" + (
         f" (FIRST {meta['test_users']} OF {meta['all_test_users']}: subsampled)" if meta["subsampled_users"] else "")
     print(f"\nGenerative retrieval: {meta['items']} items, SIDs {tuple(sid_info['codebook_sizes'])} "
           f"({sid_info['unique_sid_fraction']:.1%} unique), {users}, full ranking, beam {meta['beam_width']}")
@@ -400,7 +400,7 @@ def print_table(table: dict, meta: dict, sid_info: dict) -> None:
     print("  " + "-" * (len(head) - 2))
     for name, row in {**table, **PUBLISHED}.items():
         print(f"  {name:<22}" + "".join(f"{row[k]:>13.4f}" if k in row else f"{'-':>13}" for k in cols))
-    if meta.get("split", "test") != "test":
+    if meta["split"] != "test":
         print(f"  (our rows: the {meta['split']} split; the published rows are test-split numbers)")
 
 
