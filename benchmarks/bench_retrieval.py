@@ -54,6 +54,12 @@ history ``s[:-2]``; training never reads either split's target), for choosing
 a setup without touching the test split; re-run with the same OUT after a
 test run to score its saved models (cached as ``eval_*_valid.json``,
 table in ``OUT/results_valid.json``).
+``--exclude-history`` drops each user's history items from every model's
+ranking before the cut to K (RecBole's full-sort protocol; no Beauty test or
+validation target is in its history, so this only frees slots): a re-run with
+the same OUT scores the saved models that way, into ``eval_*_xh.json`` and
+``OUT/results_xh.json`` (``results_valid_xh.json`` with ``--split valid``).
+The default ranks every item, history included.
 ``--max-users N`` evaluates only the first N users (smoke runs); the table
 then says so. Reported numbers use every test user.
 """
@@ -114,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=256, help="users per beam search")
     p.add_argument("--split", choices=("test", "valid"), default="test",
                    help="users to score: test (target s[-1]) or valid (target s[-2], for model selection)")
+    p.add_argument("--exclude-history", action="store_true",
+                   help="drop each user's history items from every ranking (RecBole's full-sort protocol)")
     p.add_argument("--max-users", type=int, default=None, help="evaluate only the first N users (smoke)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/plum/embeddings)")
@@ -163,7 +171,8 @@ def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
         sid={**SID_CONFIG, "codebook_sizes": args.codebook_sizes, "epochs": args.sid_epochs, "warmup_epochs": min(5, max(args.sid_epochs // 5, 1))},
         model={"preset": args.preset, "overrides": args.model_overrides},
         cpt=sections["cpt"], sft=sections["sft"], sasrec=sections["sasrec"],
-        eval={"beam_width": args.beam_width, "batch_size": args.eval_batch_size, "ks": [5, 10], "split": "test"})
+        eval={"beam_width": args.beam_width, "batch_size": args.eval_batch_size, "ks": [5, 10], "split": "test",
+              "exclude_history": args.exclude_history})
 
 
 def _sasrec(ws, cfg: dict):
@@ -271,7 +280,9 @@ def main(argv=None) -> dict:
     cfg = run_config(args, out, emb_path, plan["steps"] if plan else args.steps)
     ws = stages.Workspace(cfg)
     es = getattr(ws.split, args.split)  # the users scored: test, or valid for model selection
-    split_tag = "" if args.split == "test" else f"_{args.split}"  # in the names of cached evaluations and results
+    xh = args.exclude_history
+    # the protocol in the names of cached evaluations and results
+    split_tag = ("" if args.split == "test" else f"_{args.split}") + ("_xh" if xh else "")
     _log(f"data: {ws.num_items} items, {len(es.targets)} {args.split} users")
 
     sid_info_path = out / "sid_info.json"
@@ -324,7 +335,7 @@ def main(argv=None) -> dict:
     # 4. constrained beam search
     def eval_plum():
         r = stages.retriever(ws, out / "sft" / "model")
-        return r.evaluate(hist, tgt, ks)
+        return r.evaluate(hist, tgt, ks, exclude_history=xh)
 
     results: dict[str, dict] = {}
     results["plum"], t = _cached(out / f"eval_plum{suffix}.json", eval_plum)
@@ -337,12 +348,12 @@ def main(argv=None) -> dict:
             stages.run_sft(ws, init="scratch", out="sft_only", progress=progress)
             done("sft_only", time.perf_counter() - t0)
         results["sft_only"], t = _cached(out / f"eval_sft_only{suffix}.json", lambda: stages.retriever(
-            ws, out / "sft_only" / "model").evaluate(hist, tgt, ks))
+            ws, out / "sft_only" / "model").evaluate(hist, tgt, ks, exclude_history=xh))
         done(f"eval_sft_only{suffix}", t)
         _log(f"sft_only: {results['sft_only']}")
 
     # 5. baselines
-    results["popularity"] = Popularity(ws.split.train, ws.num_items).evaluate(hist, tgt, ks)
+    results["popularity"] = Popularity(ws.split.train, ws.num_items).evaluate(hist, tgt, ks, exclude_history=xh)
     results["popularity"].setdefault("invalid_rate", 0.0)
 
     def fit_sasrec():
@@ -350,7 +361,7 @@ def main(argv=None) -> dict:
         model, data, tcfg, loss = _sasrec(ws, cfg)
         if train(model, data, tcfg, out / "sasrec", loss_fn=loss, desc="SASRec"):  # {}: finished before
             done("sasrec_train", time.perf_counter() - t0)
-        res = model.evaluate(hist, tgt, ks)
+        res = model.evaluate(hist, tgt, ks, exclude_history=xh)
         res.setdefault("invalid_rate", 0.0)
         return res
 
@@ -363,7 +374,7 @@ def main(argv=None) -> dict:
     extra = {name: {k: v for k, v in r.items() if k not in RESULT_KEYS} for name, r in results.items()}
     training_s = sum(prev.get(k, 0.0) for k in ("cpt", "sft", "sft_only", "sasrec_train"))
     meta = {
-        "dataset": str(args.dataset), "items": int(ws.num_items), "split": args.split, "test_users": int(n_users),
+        "dataset": str(args.dataset), "items": int(ws.num_items), "split": args.split, "exclude_history": xh, "test_users": int(n_users),
         "all_test_users": int(len(es.targets)), "subsampled_users": args.max_users is not None,
         "budget_minutes": plan["budget_minutes"], "training_seconds": training_s, "plan": plan,
         "train_config": {k: {kk: cfg[k][kk] for kk in v} for k, v in TRAIN_CONFIG.items()},
@@ -390,6 +401,8 @@ def print_table(table: dict, meta: dict, sid_info: dict) -> None:
         f" (FIRST {meta['test_users']} OF {meta['all_test_users']}: subsampled)" if meta["subsampled_users"] else "")
     print(f"\nGenerative retrieval: {meta['items']} items, SIDs {tuple(sid_info['codebook_sizes'])} "
           f"({sid_info['unique_sid_fraction']:.1%} unique), {users}, full ranking, beam {meta['beam_width']}")
+    if meta.get("exclude_history"):
+        print("history items excluded from every ranking of our rows (RecBole's full-sort protocol)")
     budget = ("steps pinned by --steps (no budget)" if meta["plan"].get("seconds_per_step") is None
               else f"budget {meta['budget_minutes']} min training")
     print(f"{budget}, steps {meta['plan']['steps']}, training took {meta['training_seconds'] / 60:.1f} min, "

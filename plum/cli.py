@@ -53,7 +53,8 @@ def demo(out_dir: str, *, config: str | None = None, threads: int | None = 1, pr
 
     from plum.baselines import Popularity, SASRec, SASRecConfig, SequenceDataset, sasrec_loss
     from plum.train.loop import TrainConfig, default_device, train
-    from plum.train.stages import Workspace, load_run_config, run_cpt, run_eval, run_sft, run_sid
+    from plum.train.stages import (Workspace, exclude_history, load_run_config, run_cpt, run_eval, run_sft,
+                                   run_sid)
 
     if threads:
         torch.set_num_threads(threads)
@@ -71,7 +72,8 @@ def demo(out_dir: str, *, config: str | None = None, threads: int | None = 1, pr
     results["plum"], timings["eval_plum"] = _timed(run_eval, ws, ws.dir / "sft" / "model")
     results["sft_only"], timings["eval_sft_only"] = _timed(run_eval, ws, ws.dir / "sft_only" / "model")
     (ws.dir / "eval.json").unlink(missing_ok=True)
-    results["popularity"] = Popularity(ws.split.train, ws.num_items).evaluate(hist, tgt, ks)
+    xh = exclude_history(ws)
+    results["popularity"] = Popularity(ws.split.train, ws.num_items).evaluate(hist, tgt, ks, exclude_history=xh)
     t0 = time.perf_counter()
     torch.manual_seed(cfg["seed"])
     sas = SASRec(SASRecConfig(ws.num_items, max_len=cfg["sft"]["max_items"])).to(default_device())
@@ -79,7 +81,7 @@ def demo(out_dir: str, *, config: str | None = None, threads: int | None = 1, pr
                                      "progress": progress, **cfg["sasrec"]})
     train(sas, SequenceDataset(ws.split.train, ws.num_items, cfg["sft"]["max_items"]), sas_cfg,
           ws.dir / "sasrec", loss_fn=sasrec_loss, desc="SASRec")
-    results["sasrec"] = sas.evaluate(hist, tgt, ks)
+    results["sasrec"] = sas.evaluate(hist, tgt, ks, exclude_history=xh)
     timings["sasrec"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     table = {name: {k: float(r[k]) for k in RESULT_KEYS} for name, r in results.items()}

@@ -88,6 +88,16 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
     expect = stages.retriever(ws, out / "sft" / "model").evaluate(list(valid.histories), np.asarray(valid.targets),
                                                                    [5, 10])
     assert {k: res_v["plum"][k] for k in bench.RESULT_KEYS} == {k: expect.get(k, 0.0) for k in bench.RESULT_KEYS}
+    # --exclude-history on the same OUT scores the saved models with history items dropped, beside the rest
+    res_x = bench.main([*argv, "--exclude-history"])
+    assert "history items excluded" in capsys.readouterr().out
+    assert (out / "results.json").read_text() == test_json and (out / "eval_plum_xh.json").exists()
+    assert json.loads((out / "results_xh.json").read_text())["metadata"]["exclude_history"] is True
+    assert json.loads((out / "timings.json").read_text())["sasrec_train"] == times["sasrec_train"]
+    test = ws.split.test
+    expect = stages.retriever(ws, out / "sft" / "model").evaluate(list(test.histories), np.asarray(test.targets),
+                                                                   [5, 10], exclude_history=True)
+    assert {k: res_x["plum"][k] for k in bench.RESULT_KEYS} == {k: expect.get(k, 0.0) for k in bench.RESULT_KEYS}
 
 
 @pytest.mark.parametrize("bad", [["--beam-width", "10"], ["--budget-minutes", "0"], ["--steps", "1,2"],

@@ -116,7 +116,12 @@ def test_bad_config_raises(tmp_path):
         main(["cpt", "--workdir", str(tmp_path / "empty"), "--no-progress"])
     from types import SimpleNamespace
 
-    from plum.train.stages import sft_dataset, sft_loss
+    from plum.train.stages import exclude_history, sft_dataset, sft_loss
+
+    assert exclude_history(SimpleNamespace(cfg=load_run_config(None))) is False
+    assert exclude_history(SimpleNamespace(cfg=load_run_config(None, eval={"exclude_history": True}))) is True
+    with pytest.raises(ValueError, match="eval.exclude_history must be true or false"):
+        exclude_history(SimpleNamespace(cfg=load_run_config(None, eval={"exclude_history": "yes"})))
 
     with pytest.raises(ValueError, match="sft.objective must be one of"):
         sft_dataset(SimpleNamespace(cfg=load_run_config(None, sft={"objective": "all"})), None, None)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from plum.baselines import Popularity
+from plum.baselines import Popularity, SASRec, SASRecConfig
 from plum.model import ModelConfig, PlumLM, SIDVocab, cu_seqlens_from_lengths
-from plum.retrieval import GenerativeRetriever, topk_from_scores, topk_metrics
+from plum.retrieval import GenerativeRetriever, drop_history, topk_from_scores, topk_metrics
 from plum.sid import build_trie
 from plum.train.corpus import history_tokens
 
@@ -109,3 +109,67 @@ def test_topk_from_scores_and_popularity():
     assert pop.evaluate([np.array([0]), np.array([3])], [2, 3], ks=(1,))["recall@1"] == 0.5
     with pytest.raises(ValueError, match="unknown item 4"):
         pop.recommend([np.array([4])], 2)
+
+
+def _without(ranked, history):
+    seen = set(np.asarray(history).tolist())
+    return [int(i) for i in ranked if int(i) not in seen]
+
+
+@pytest.mark.parametrize("beam_width", [6, 40])
+def test_exclude_history_drops_history_items_and_keeps_the_order(beam_width):
+    model, vocab, codes, trie = _world()
+    r = GenerativeRetriever(model, vocab, trie, codes, beam_width=beam_width, batch_size=2)
+    rng = np.random.default_rng(1)
+    hists = [rng.choice(len(codes), n, replace=False) for n in (1, 3, 5, 2, 7)]
+    k = 4
+    full = r.recommend(hists, k=len(codes))  # every item the beams hold, best first
+    rec = r.recommend(hists, k=k, exclude_history=True)
+    assert (rec.codes == full.codes).all() and np.array_equal(rec.scores, full.scores)
+    for u, h in enumerate(hists):
+        assert rec.items[u].dtype == np.int64
+        assert rec.items[u].tolist() == _without(full.items[u], h)[:k]
+        assert not np.isin(rec.items[u], h).any()
+    # evaluate scores the filtered lists; a target ranked behind history items moves up
+    targets = np.array([_without(full.items[u], h)[min(1, len(_without(full.items[u], h)) - 1)]
+                        for u, h in enumerate(hists)])
+    got = r.evaluate(hists, targets, ks=(2, 4), exclude_history=True)
+    expect = topk_metrics(rec.items, targets, len(codes), ks=(2, 4))
+    assert {k_: got[k_] for k_ in expect} == expect
+    assert got["recall@2"] == 1.0
+    assert r.evaluate(hists, targets, ks=(2, 4))["ndcg@4"] <= got["ndcg@4"]
+
+
+def test_drop_history_and_popularity_exclusion_by_hand():
+    assert drop_history(np.array([5, 3, 9, 3, 1]), [3, 7]).tolist() == [5, 9, 1]
+    assert drop_history(np.array([], np.int64), [1]).tolist() == []
+    pop = Popularity([np.array([2, 2, 1, 2]), np.array([1, 3, 0])], num_items=5)  # ranking 2, 1, 0, 3, 4
+    assert pop.recommend([np.array([2, 2, 0])], 3, exclude_history=True)[0].tolist() == [1, 3, 4]
+    assert pop.recommend([np.array([4])], 2, exclude_history=True)[0].tolist() == [2, 1]
+    m = pop.evaluate([np.array([2]), np.array([0])], [1, 1], ks=(1,), exclude_history=True)
+    assert m["recall@1"] == 0.5  # user 0: item 2 dropped, item 1 first; user 1: item 2 first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sasrec_exclude_history_matches_masked_scores(dtype):
+    torch.manual_seed(0)
+    n = 37
+    sas = SASRec(SASRecConfig(n, max_len=4, hidden_size=16, num_layers=1, num_heads=2)).to(dtype).eval()
+    rng = np.random.default_rng(2)
+    hists = [rng.integers(0, n, size=m) for m in (1, 3, 6, 9, 2)]  # repeats, and histories past max_len
+    k = 10
+    got = sas.recommend(hists, k, batch_size=2, exclude_history=True)
+    plain = sas.recommend(hists, n, batch_size=2)
+    with torch.no_grad():
+        for u, h in enumerate(hists):
+            hh = torch.from_numpy(h[-4:])
+            scores = sas(hh, torch.tensor([0, len(hh)], dtype=torch.int32), len(hh), index=torch.tensor([len(hh) - 1]))
+            s = scores[0].float().double().numpy().copy()  # recommend ranks float32 scores
+            s[h] = -np.inf  # the whole history, not only the model's window
+            expect = np.argsort(-s, kind="stable")[:k]
+            assert got[u].tolist() == expect.tolist()
+            assert got[u].tolist() == _without(plain[u], h)[:k]
+            assert not np.isin(got[u], h).any()
+    targets = np.array([g[3] for g in got])
+    m = sas.evaluate(hists, targets, ks=(5, 10), exclude_history=True)
+    assert m["recall@5"] == 1.0 and m["ndcg@5"] == pytest.approx(1 / math.log2(5))

@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 
 from plum.baselines.sasrec import SASRec, SASRecConfig, SequenceDataset, sasrec_loss
-from plum.retrieval.metrics import topk_metrics
+from plum.retrieval.metrics import drop_history, topk_metrics
 from plum.train.corpus import check_histories
 
 __all__ = ["Popularity", "SASRec", "SASRecConfig", "SequenceDataset", "sasrec_loss"]
@@ -22,11 +22,15 @@ class Popularity:
         self.num_items = num_items
         self.ranking = np.argsort(-counts, kind="stable")
 
-    def recommend(self, histories: Sequence[np.ndarray], k: int) -> list[np.ndarray]:
+    def recommend(self, histories: Sequence[np.ndarray], k: int, *, exclude_history: bool = False) -> list[np.ndarray]:
+        """The ``k`` most popular items (``exclude_history``: the most popular ones not in each history)."""
         check_histories(histories, self.num_items, "histories")
-        return [self.ranking[:k].copy() for _ in histories]
+        if not exclude_history:
+            return [self.ranking[:k].copy() for _ in histories]
+        return [drop_history(self.ranking[:k + len(np.unique(h))], h)[:k] for h in histories]
 
-    def evaluate(self, histories, targets, ks=(5, 10)) -> dict:
-        res = topk_metrics(self.recommend(histories, max(ks)), targets, self.num_items, ks)
+    def evaluate(self, histories, targets, ks=(5, 10), *, exclude_history: bool = False) -> dict:
+        res = topk_metrics(self.recommend(histories, max(ks), exclude_history=exclude_history), targets,
+                           self.num_items, ks)
         res["invalid_rate"] = 0.0
         return res

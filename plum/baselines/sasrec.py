@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import kernels.torch as K
 from plum.model.model import cu_seqlens_from_lengths, positions_from_cu_seqlens
-from plum.retrieval.metrics import topk_from_scores, topk_metrics
+from plum.retrieval.metrics import drop_history, topk_from_scores, topk_metrics
 from plum.train.corpus import Example, PackedBatch, check_histories
 
 __all__ = ["SASRecConfig", "SASRec", "SequenceDataset", "sasrec_loss"]
@@ -88,7 +88,13 @@ class SASRec(nn.Module):
         return h @ self.item_embedding.weight.T
 
     @torch.no_grad()
-    def recommend(self, histories: Sequence[np.ndarray], k: int, batch_size: int = 256) -> list[np.ndarray]:
+    def recommend(self, histories: Sequence[np.ndarray], k: int, batch_size: int = 256, *,
+                  exclude_history: bool = False) -> list[np.ndarray]:
+        """Top-``k`` item indices per history (best first, ties: lower index).
+
+        With ``exclude_history`` the items of each (whole, untruncated) history are never returned:
+        their scores are set to -inf before the top-k (see :mod:`plum.retrieval.metrics`).
+        """
         check_histories(histories, self.config.num_items, "histories")
         was = self.training
         self.eval()
@@ -96,19 +102,27 @@ class SASRec(nn.Module):
         out = []
         try:
             for s in range(0, len(histories), batch_size):
-                hs = [np.asarray(h, np.int64)[-self.config.max_len:] for h in histories[s:s + batch_size]]
+                full = [np.asarray(h, np.int64) for h in histories[s:s + batch_size]]
+                hs = [h[-self.config.max_len:] for h in full]
                 if any(len(h) == 0 for h in hs):
                     raise ValueError("every history needs at least one item")
                 cu = cu_seqlens_from_lengths([len(h) for h in hs], device=dev)
                 ids = torch.from_numpy(np.concatenate(hs)).to(dev)
-                scores = self(ids, cu, max(len(h) for h in hs), index=(cu[1:] - 1).long())
-                out.extend(topk_from_scores(scores.float(), k))
+                scores = self(ids, cu, max(len(h) for h in hs), index=(cu[1:] - 1).long()).float()
+                if exclude_history:
+                    rows = torch.from_numpy(np.repeat(np.arange(len(full)), [len(h) for h in full])).to(dev)
+                    scores[rows, torch.from_numpy(np.concatenate(full)).to(dev)] = float("-inf")
+                    out.extend(drop_history(r, h) for r, h in zip(topk_from_scores(scores, k), full))
+                else:
+                    out.extend(topk_from_scores(scores, k))
         finally:
             self.train(was)
         return out
 
-    def evaluate(self, histories, targets, ks=(5, 10)) -> dict:
-        res = topk_metrics(self.recommend(histories, max(ks)), targets, self.config.num_items, ks)
+    def evaluate(self, histories, targets, ks=(5, 10), *, exclude_history: bool = False) -> dict:
+        """Recall/NDCG/coverage@K over all items (``exclude_history``: see :meth:`recommend`)."""
+        res = topk_metrics(self.recommend(histories, max(ks), exclude_history=exclude_history), targets,
+                           self.config.num_items, ks)
         res["invalid_rate"] = 0.0
         return res
 

@@ -14,7 +14,8 @@ For a batch of B users:
    level's codebook only (a slice of the LM head). Only SIDs of the trie can
    come out.
 3. **Items**: beams best first, each SID's items from the trie (collisions
-   keep all their items, in trie order), cut to K.
+   keep all their items, in trie order), without the user's history items if
+   ``exclude_history`` (then the W beams must leave K others: W > K), cut to K.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 import kernels.torch as K
 from plum.model.model import PlumLM, cu_seqlens_from_lengths
 from plum.model.vocab import SIDVocab
-from plum.retrieval.metrics import topk_metrics
+from plum.retrieval.metrics import drop_history, topk_metrics
 from plum.sid.trie import SIDTrie
 from plum.train.corpus import check_histories, history_tokens
 
@@ -102,8 +103,15 @@ class GenerativeRetriever:
             self._trie_arrays = self.trie.to_torch(dev)
         return K.constrained_beam_search(step_fn, self._trie_arrays, batch_size=B, beam_width=W, impl=self.impl)
 
-    def recommend(self, histories: Sequence[np.ndarray], k: int = 10) -> Recommendations:
-        """Top-``k`` items for each history (item indices of the catalogue)."""
+    def recommend(self, histories: Sequence[np.ndarray], k: int = 10, *,
+                  exclude_history: bool = False) -> Recommendations:
+        """Top-``k`` items for each history (item indices of the catalogue).
+
+        With ``exclude_history`` the items of the history are dropped from the beams' items before
+        the cut to ``k`` (see :mod:`plum.retrieval.metrics`); a list is shorter than ``k`` only if
+        the ``beam_width`` beams hold fewer than ``k`` other items. ``codes`` / ``scores`` are the
+        beams either way.
+        """
         check_histories(histories, self.num_items, "histories")
         if any(len(h) == 0 for h in histories):
             raise ValueError("every history needs at least one item")
@@ -119,23 +127,26 @@ class GenerativeRetriever:
                 codes, scores = codes.cpu().numpy(), scores.cpu().numpy()
                 all_codes.append(codes)
                 all_scores.append(scores)
-                for c, sc in zip(codes, scores):
+                for c, sc, h in zip(codes, scores, histories[s:s + self.batch_size]):
                     live = np.isfinite(sc)
                     flat, offs = self.trie.items_flat(np.where(live[:, None], c, 0).astype(np.int64))
                     present = np.diff(offs) > 0
                     beams += int(live.sum())
                     invalid += int((live & ~present).sum())
                     ranked = [flat[offs[w]:offs[w + 1]] for w in np.flatnonzero(live & present)]
-                    items.append((np.concatenate(ranked) if ranked else np.zeros(0, np.int64))[:k].astype(np.int64))
+                    ranked = np.concatenate(ranked).astype(np.int64) if ranked else np.zeros(0, np.int64)
+                    items.append((drop_history(ranked, h) if exclude_history else ranked)[:k])
         finally:
             self.model.train(was_training)
         return Recommendations(items, np.concatenate(all_codes), np.concatenate(all_scores), invalid, beams)
 
-    def evaluate(self, histories: Sequence[np.ndarray], targets, ks: Sequence[int] = (5, 10)) -> dict:
-        """Recall/NDCG/coverage@K over all items plus the invalid-SID rate."""
+    def evaluate(self, histories: Sequence[np.ndarray], targets, ks: Sequence[int] = (5, 10), *,
+                 exclude_history: bool = False) -> dict:
+        """Recall/NDCG/coverage@K over all items plus the invalid-SID rate (``exclude_history``: see
+        :meth:`recommend`)."""
         if max(ks) > self.beam_width:
             raise ValueError(f"beam_width ({self.beam_width}) must be >= the largest K ({max(ks)})")
-        rec = self.recommend(histories, max(ks))
+        rec = self.recommend(histories, max(ks), exclude_history=exclude_history)
         out = topk_metrics(rec.items, targets, self.num_items, ks)
         out["invalid_rate"] = rec.invalid / max(rec.beams, 1)
         return out

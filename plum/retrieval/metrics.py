@@ -10,6 +10,14 @@ chosen among *all* items; with one held-out target per user:
 - ``invalid_rate`` (generative models) = fraction of the returned beams
   with a finite score whose SID is not in the trie (must be 0 with
   constrained decoding).
+
+Excluding the history (``exclude_history=True`` in every model's
+``recommend`` / ``evaluate``) drops the items a user has already interacted
+with from its ranking before the cut to K, as RecBole's full-sort evaluation
+does. On data without repeat interactions (the 5-core Amazon splits: no test
+or validation target is in its history) this only frees slots for items the
+user can still take; where repeats are common it hides real hits, so it is
+off by default and every result says which protocol it used.
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["topk_metrics", "topk_from_scores"]
+__all__ = ["topk_metrics", "topk_from_scores", "drop_history"]
 
 
 def topk_metrics(ranked: Sequence[np.ndarray], targets, num_items: int, ks: Sequence[int] = (5, 10)) -> dict:
@@ -58,3 +66,9 @@ def topk_from_scores(scores, k: int) -> np.ndarray:
     # stable descending sort on the top candidates keeps ties in index order
     idx = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
     return idx.cpu().numpy()
+
+
+def drop_history(ranked: np.ndarray, history) -> np.ndarray:
+    """``ranked`` without the items of ``history`` (order kept): the history-excluded protocol."""
+    ranked = np.asarray(ranked, np.int64)
+    return ranked[~np.isin(ranked, np.asarray(history, np.int64))]

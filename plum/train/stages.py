@@ -45,7 +45,7 @@ from plum.train.corpus import CPTCorpus, SequenceSFTDataset, SFTDataset, groundi
 from plum.train.loop import CodebookLoss, TrainConfig, default_device, dist_env, full_model_state, lm_loss, train
 
 __all__ = ["load_run_config", "DEFAULTS", "Workspace", "save_model", "load_model", "run_sid", "run_cpt",
-           "run_sft", "cpt_corpus", "sft_dataset", "sft_loss", "run_eval", "run_recommend"]
+           "run_sft", "cpt_corpus", "sft_dataset", "sft_loss", "run_eval", "run_recommend", "exclude_history"]
 
 # The defaults are `plum demo`'s budget: 3.5 min wall on this project's idle 2-core CPU, 5-7 min
 # when the machine is shared (measured 2026-11-23, torch 2.13 CPU, 1 thread). CPT 40 -> 80 steps raised
@@ -63,7 +63,7 @@ DEFAULTS: dict = {
     "sft": {"steps": 60, "lr": 3e-3, "warmup_steps": 5, "max_tokens": 4096, "max_items": 20, "init": "cpt",
             "objective": "sequence", "loss": "codebook"},
     "sasrec": {"steps": 150, "lr": 1e-3, "max_tokens": 2048},
-    "eval": {"beam_width": 10, "batch_size": 100, "ks": [5, 10], "split": "test"},
+    "eval": {"beam_width": 10, "batch_size": 100, "ks": [5, 10], "split": "test", "exclude_history": False},
 }
 _LOADER_KEYS = {"behaviour_fraction", "max_items", "init", "objective", "loss"}
 SFT_OBJECTIVES = ("next_item", "sequence")
@@ -291,6 +291,14 @@ def run_sft(ws: Workspace, *, init: str | None = None, out: str = "sft", progres
     return metrics
 
 
+def exclude_history(ws: Workspace) -> bool:
+    """``eval.exclude_history``: drop each user's history items from its ranking (every model)."""
+    x = ws.cfg["eval"].get("exclude_history", False)
+    if not isinstance(x, bool):
+        raise ValueError(f"eval.exclude_history must be true or false, got {x!r}")
+    return x
+
+
 def _eval_set(ws: Workspace):
     split = ws.cfg["eval"]["split"]
     if split not in ("test", "valid"):
@@ -312,7 +320,7 @@ def retriever(ws: Workspace, model_dir: str | os.PathLike):
 def run_eval(ws: Workspace, model_dir: str | os.PathLike | None = None) -> dict:
     es = _eval_set(ws)
     r = retriever(ws, model_dir or ws.dir / "sft" / "model")
-    res = r.evaluate(list(es.histories), es.targets, ws.cfg["eval"]["ks"])
+    res = r.evaluate(list(es.histories), es.targets, ws.cfg["eval"]["ks"], exclude_history=exclude_history(ws))
     (ws.dir / "eval.json").write_text(json.dumps(res, indent=1))
     return res
 
