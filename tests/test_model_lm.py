@@ -33,7 +33,7 @@ def test_large_presets_build_with_the_counted_parameters(name):
     assert sum(p.numel() for p in m.parameters()) == PRESETS[name].num_params()
 
 
-@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("name", ["tiny", "small", "medium"])
 def test_cpu_presets_structure_and_param_count(name):
     cfg = preset(name, vocab_size=300)
     m = PlumLM(cfg)
@@ -49,6 +49,14 @@ def test_small_preset_is_tiny_widened_with_dropout():
     assert preset("small") == preset("tiny", **wide)
     assert preset("tiny").hidden_dropout == 0.0
     assert preset("small", vocab_size=4583).num_params() == 2_748_672  # the size RESULTS.md quotes
+
+
+def test_medium_preset_is_tiny_three_times_wider_with_dropout():
+    """bench_retrieval's default: tiny's structure at three times the width, dropout 0.2 (RESULTS.md, fifth run)."""
+    wide = dict(hidden_size=384, num_attention_heads=6, num_key_value_heads=3, intermediate_size=768,
+                moe_intermediate_size=384, hidden_dropout=0.2)
+    assert preset("medium") == preset("tiny", **wide)
+    assert preset("medium", vocab_size=4583).num_params() == 5_302_528  # the size RESULTS.md quotes
 
 
 def test_flops_and_mfu():
