@@ -375,7 +375,8 @@ def main(argv=None) -> dict:
     extra = {name: {k: v for k, v in r.items() if k not in RESULT_KEYS} for name, r in results.items()}
     training_s = sum(prev.get(k, 0.0) for k in ("cpt", "sft", "sft_only", "sasrec_train"))
     meta = {
-        "dataset": str(args.dataset), "items": int(ws.num_items), "split": args.split, "exclude_history": xh, "test_users": int(n_users),
+        "dataset": str(args.dataset), "items": int(ws.num_items), "split": args.split, "exclude_history": xh,
+        "test_users": int(n_users),
         "all_test_users": int(len(es.targets)), "subsampled_users": args.max_users is not None,
         "budget_minutes": plan["budget_minutes"], "training_seconds": training_s, "plan": plan,
         "train_config": {k: {kk: cfg[k][kk] for kk in v} for k, v in TRAIN_CONFIG.items()},

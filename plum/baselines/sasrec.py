@@ -112,6 +112,8 @@ class SASRec(nn.Module):
                 if exclude_history:
                     rows = torch.from_numpy(np.repeat(np.arange(len(full)), [len(h) for h in full])).to(dev)
                     scores[rows, torch.from_numpy(np.concatenate(full)).to(dev)] = float("-inf")
+                    # the -inf scores refill the top k; dropping them again only matters when fewer than k
+                    # items are left outside the history (tiny catalogues), where -inf would fill the rest
                     out.extend(drop_history(r, h) for r, h in zip(topk_from_scores(scores, k), full))
                 else:
                     out.extend(topk_from_scores(scores, k))
