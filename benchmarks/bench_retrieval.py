@@ -10,9 +10,13 @@ composed, not re-implemented) on a dataset directory read by
 1. item text (title + categories) -> all-MiniLM-L6-v2 embeddings
    (:func:`plum.data.embed_texts`, cached on disk; ``--cache-dir``);
 2. SIDs with the Beauty-validated tokenizer (codebooks 256/128/64/32, the
-   :class:`plum.sid.SIDConfig` defaults; issue 6) and the trie (``run_sid``),
-   fitted on one thread (multi-threaded fits were not bit-reproducible across
-   processes);
+   :class:`plum.sid.SIDConfig` defaults of issue 6 but a co-occurrence weight
+   of 3.0 instead of 0.1: items bought one after the other get closer latents
+   and so share SID prefixes, which raised PLUM's validation Recall@10 /
+   NDCG@10 by 8% at 16 SFT epochs; benchmarks/RESULTS.md; other
+   :class:`~plum.sid.SIDConfig` fields through ``--sid-overrides``) and the
+   trie (``run_sid``), fitted on one thread (multi-threaded fits were not
+   bit-reproducible across processes);
 3. CPT then SFT of the PLUM model (``run_cpt``, ``run_sft``; the ``--preset``
    model, ``medium`` by default: ``tiny`` three times as wide with dropout
    0.2, which beat ``small`` (twice as wide, dropout 0.1) on the full
@@ -87,10 +91,11 @@ PUBLISHED = {
     "SASRec CE (RecBole)": {"recall@10": 0.0821, "ndcg@10": 0.0405},
 }
 
-# Beauty run configuration: the issue-6 SID tokenizer (SIDConfig defaults) and the LM/SASRec
+# Beauty run configuration: the issue-6 SID tokenizer (SIDConfig defaults, but co-occurrence weight
+# 3.0: +8% validation R@10 / N@10 over 0.1 at 16 SFT epochs, see the docstring) and the LM/SASRec
 # training hyper-parameters; steps are filled in from the budget.
 SID_CONFIG = {"codebook_sizes": [256, 128, 64, 32], "epochs": 50, "warmup_epochs": 5, "hidden_dims": [256, 128],
-              "latent_dim": 32, "batch_size": 1024}
+              "latent_dim": 32, "batch_size": 1024, "cooccurrence_weight": 3.0}
 TRAIN_CONFIG = {
     "cpt": {"lr": 3e-3, "warmup_steps": 30, "max_tokens": 4096, "behaviour_fraction": 0.7, "max_items": 20,
             "checkpoint_every": 100},
@@ -118,6 +123,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "or '{\"hidden_dropout\": 0.2}'")
     p.add_argument("--codebook-sizes", default="256,128,64,32", help="SID codebook sizes, coarse to fine")
     p.add_argument("--sid-epochs", type=int, default=SID_CONFIG["epochs"], help="SID tokenizer epochs")
+    p.add_argument("--sid-overrides", default="{}",
+                   help="JSON of SIDConfig fields replacing the Beauty tokenizer's, e.g. "
+                        "'{\"cooccurrence_weight\": 1.0}' (codebook sizes and epochs have their own flags)")
+    p.add_argument("--extra-embeddings", default="",
+                   help="comma-separated .npy files of further [num_items, d] item embeddings (image, metadata, "
+                        "collaborative, ...) fused with the text embedding by the SID tokenizer")
     p.add_argument("--eval-batch-size", type=int, default=256, help="users per beam search")
     p.add_argument("--split", choices=("test", "valid"), default="test",
                    help="users to score: test (target s[-1]) or valid (target s[-2], for model selection)")
@@ -143,6 +154,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError
     except ValueError:
         p.error(f"--model-overrides must be a JSON object, got {a.model_overrides!r}")
+    a.sid_overrides = _sid_overrides(p, a.sid_overrides)
+    a.extra_embeddings = [str(Path(f).resolve()) for f in a.extra_embeddings.split(",") if f]
+    for f in a.extra_embeddings:
+        if not Path(f).is_file():
+            p.error(f"--extra-embeddings: {f} must be an existing .npy file")
     try:
         a.codebook_sizes = [int(v) for v in a.codebook_sizes.split(",")]
     except ValueError:
@@ -158,6 +174,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
+def _sid_overrides(p: argparse.ArgumentParser, text: str) -> dict:
+    """``--sid-overrides``: a JSON object of :class:`plum.sid.SIDConfig` fields other than
+    ``codebook_sizes`` / ``epochs`` / ``seed`` (``--codebook-sizes``, ``--sid-epochs``, ``--seed``)."""
+    import dataclasses
+
+    from plum.sid import SIDConfig
+
+    try:
+        over = json.loads(text)
+        if not isinstance(over, dict):
+            raise ValueError
+    except ValueError:
+        p.error(f"--sid-overrides must be a JSON object, got {text!r}")
+    fields = {f.name for f in dataclasses.fields(SIDConfig)}
+    own = {"codebook_sizes": "--codebook-sizes", "epochs": "--sid-epochs", "seed": "--seed"}
+    for k in over:
+        if k in own:
+            p.error(f"--sid-overrides: {k!r} must be set with {own[k]}")
+        if k not in fields:
+            p.error(f"--sid-overrides: {k!r} is not a SIDConfig field; it must be one of {sorted(fields - set(own))}")
+    return over
+
+
+def check_sid_config(out: Path, requested: dict, input_dims: list[int]) -> None:
+    """Refuse to resume on SIDs fitted with another tokenizer config: every field of the run
+    config's ``sid`` section, and the widths of the embeddings, must equal the saved
+    tokenizer's (``OUT/sid/config.json``)."""
+    meta = json.loads((out / "sid" / "config.json").read_text())
+    saved = meta["config"]
+    for k, v in requested.items():
+        if k in saved and json.loads(json.dumps(v)) != saved[k]:
+            raise ValueError(f"{out}/sid was fitted with {k}={saved[k]!r}, not {v!r}; use a new --out")
+    if list(meta["input_dims"]) != list(input_dims):
+        raise ValueError(f"{out}/sid was fitted on embeddings of widths {meta['input_dims']}, not {input_dims} "
+                         "(--extra-embeddings); use a new --out")
+
+
+def check_extra_embeddings(ws, paths: list[str]) -> None:
+    """Every ``--extra-embeddings`` file must hold one finite row per item."""
+    for path, e in zip(paths, ws.embeddings[1:]):
+        if e.ndim != 2 or len(e) != ws.num_items or not np.isfinite(e).all():
+            raise ValueError(f"--extra-embeddings: {path} must be a finite [num_items={ws.num_items}, d] array, "
+                             f"got shape {e.shape}")
+
+
 def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
     from plum.train.stages import load_run_config
 
@@ -168,8 +229,9 @@ def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
         sections[k]["warmup_steps"] = min(sections[k]["warmup_steps"], max(sections[k]["steps"] // 10, 1))
     return load_run_config(
         None, workdir=str(out), seed=args.seed,
-        data={"path": args.dataset, "embeddings": [str(emb_path)]},
-        sid={**SID_CONFIG, "codebook_sizes": args.codebook_sizes, "epochs": args.sid_epochs, "warmup_epochs": min(5, max(args.sid_epochs // 5, 1))},
+        data={"path": args.dataset, "embeddings": [str(emb_path), *args.extra_embeddings]},
+        sid={**SID_CONFIG, "codebook_sizes": args.codebook_sizes, "epochs": args.sid_epochs,
+             "warmup_epochs": min(5, max(args.sid_epochs // 5, 1)), **args.sid_overrides},
         model={"preset": args.preset, "overrides": args.model_overrides},
         cpt=sections["cpt"], sft=sections["sft"], sasrec=sections["sasrec"],
         eval={"beam_width": args.beam_width, "batch_size": args.eval_batch_size, "ks": [5, 10], "split": "test",
@@ -280,6 +342,7 @@ def main(argv=None) -> dict:
         plan = None
     cfg = run_config(args, out, emb_path, plan["steps"] if plan else args.steps)
     ws = stages.Workspace(cfg)
+    check_extra_embeddings(ws, args.extra_embeddings)
     es = getattr(ws.split, args.split)  # the users scored: test, or valid for model selection
     xh = args.exclude_history
     # the protocol in the names of cached evaluations and results
@@ -300,6 +363,7 @@ def main(argv=None) -> dict:
         sid_info_path.write_text(json.dumps(sid_info))
         done("sid", time.perf_counter() - t0)
     else:
+        check_sid_config(out, cfg["sid"], [e.shape[1] for e in ws.embeddings])
         sid_info = json.loads(sid_info_path.read_text())
         done("sid", 0.0)
     _log(f"SIDs {sid_info['codebook_sizes']}: {sid_info['unique_sid_fraction']:.2%} unique")
@@ -382,6 +446,7 @@ def main(argv=None) -> dict:
         "train_config": {k: {kk: cfg[k][kk] for kk in v} for k, v in TRAIN_CONFIG.items()},
         "wall_seconds_this_run": wall, "stage_seconds": prev, "seed": args.seed, "beam_width": args.beam_width,
         "sft_only": args.sft_only, "model_preset": args.preset, "model_overrides": args.model_overrides,
+        "sid_overrides": args.sid_overrides, "extra_embeddings": args.extra_embeddings,
         "device": str(default_device()),
         "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} threads",

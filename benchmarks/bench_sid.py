@@ -8,7 +8,13 @@ multi-resolution codebooks, without progressive masking, TIGER's 3 x 256).
 
 The co-occurrence loss trains on consecutive items of the leave-one-out
 *training* sequences; the proxy is measured on the held-out test transitions
-(last history item -> test target), which the tokenizer never saw.
+(last history item -> test target), which the tokenizer never saw, or with
+``--proxy-split valid`` on the validation transitions (for choosing a
+setting without touching the test split). ``--overrides`` sets any other
+:class:`plum.sid.SIDConfig` field, e.g. a co-occurrence weight sweep::
+
+    for w in 0.1 1 3 10; do python benchmarks/bench_sid.py --dataset DIR --threads 1 --proxy-split valid \
+        --overrides "{\"cooccurrence_weight\": $w}"; done
 
 This is a quality benchmark, not a kernel timing: it runs on the CPU.
 
@@ -33,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plum.data import cooccurrence_pairs, leave_one_out, load_dataset, make_synthetic_catalogue  # noqa: E402
-from plum.sid import SemanticIdTokenizer, multi_resolution_codebooks  # noqa: E402
+from plum.sid import SIDConfig, SemanticIdTokenizer, multi_resolution_codebooks  # noqa: E402
 
 # Codebook sizes for a ~12k-item catalogue: PLUM's halving scheme started at
 # 256 instead of 2048. Level 1 then holds ~47 items per code (2048 would leave
@@ -80,19 +86,33 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="override SIDConfig.epochs")
     p.add_argument("--hidden", default=None, help="override SIDConfig.hidden_dims, comma-separated")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overrides", default="{}", help="JSON of further SIDConfig fields, e.g. '{\"cooccurrence_weight\": 3}'")
+    p.add_argument("--proxy-split", choices=("test", "valid"), default="test",
+                   help="held-out transitions of the proxy: test (last history item -> test target) or valid")
     p.add_argument("--ablation", action="store_true", help="run every ablation variant, not only SIDv2")
     p.add_argument("--only", default=None, help="with --ablation: comma-separated variant numbers (0-based) to run")
     p.add_argument("--smoke", action="store_true", help="tiny synthetic run with a tiny model (seconds)")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = p.parse_args(argv)
+    try:
+        overrides = json.loads(args.overrides)
+        if not isinstance(overrides, dict):
+            raise ValueError
+    except ValueError:
+        p.error(f"--overrides must be a JSON object of SIDConfig fields, got {args.overrides!r}")
+    fields = {f.name for f in dataclasses.fields(SIDConfig)} - {"codebook_sizes", "seed"}
+    if set(overrides) - fields:
+        p.error(f"--overrides: {sorted(set(overrides) - fields)} must be SIDConfig fields, one of {sorted(fields)} "
+                "(codebook sizes and seed: --sizes, --seed)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     data, emb, source = load(args)
     split = leave_one_out(data)
     train_pairs = cooccurrence_pairs(split.train, data.num_items)
-    held_out = np.stack([[h[-1] for h in split.test.histories], split.test.targets], 1)
+    held = getattr(split, args.proxy_split)
+    held_out = np.stack([[h[-1] for h in held.histories], held.targets], 1)
     sizes = tuple(int(s) for s in args.sizes.split(","))
     extra = {}
     if args.smoke:
@@ -103,6 +123,7 @@ def main(argv=None):
     if args.epochs:
         extra["epochs"] = args.epochs
         extra.setdefault("warmup_epochs", max(1, args.epochs // 10))
+    extra.update(overrides)
 
     todo = variants(sizes)
     if not args.ablation:
@@ -126,7 +147,8 @@ def main(argv=None):
 
     print()
     print(f"Dataset: {source}; {data.num_items} items, {len(train_pairs)} training co-occurrence pairs, "
-          f"{len(held_out)} held-out test transitions for the proxy.")
+          f"{len(held_out)} held-out {args.proxy_split} transitions for the proxy"
+          + (f"; SIDConfig overrides {overrides}." if overrides else "."))
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}; {datetime.date.today().isoformat()}")
     print()

@@ -102,7 +102,8 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", [["--beam-width", "10"], ["--budget-minutes", "0"], ["--steps", "1,2"],
                                  ["--codebook-sizes", "8,x"], ["--model-overrides", "[1]"],
-                                 ["--model-overrides", "{x"]])
+                                 ["--model-overrides", "{x"], ["--sid-overrides", "[1]"],
+                                 ["--sid-overrides", '{"epochs": 3}'], ["--sid-overrides", '{"cooc_weight": 1}']])
 def test_bench_retrieval_rejects_bad_arguments(tmp_path, bad, capsys):
     bench = _bench()
     with pytest.raises(SystemExit):
@@ -120,7 +121,8 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
         argv = ["--dataset", str(data), "--out", str(tmp_path / name), "--steps", "12,12,12", "--seed", "3",
                 "--codebook-sizes", "8,4,4", "--sid-epochs", "3", "--eval-batch-size", "16",
                 "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress", "--model-dir", str(bert),
-                "--model-overrides", '{"num_hidden_layers": 3}', "--sft-only"]
+                "--model-overrides", '{"num_hidden_layers": 3}', "--sid-overrides", '{"cooccurrence_weight": 0.5}',
+                "--sft-only"]
         runs.append(bench.main(argv))
     assert (np.load(tmp_path / "a" / "sid" / "codes.npy") == np.load(tmp_path / "b" / "sid" / "codes.npy")).all()
     for model in ("plum", "sft_only", "popularity", "sasrec"):
@@ -129,3 +131,29 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
     assert runs[0]["metadata"]["budget_minutes"] is None  # pinned steps: no budget
     assert runs[0]["metadata"]["model_overrides"] == {"num_hidden_layers": 3}
     assert json.loads((tmp_path / "a" / "sft" / "model" / "config.json").read_text())["num_hidden_layers"] == 3
+    assert runs[0]["metadata"]["sid_overrides"] == {"cooccurrence_weight": 0.5}
+    assert json.loads((tmp_path / "a" / "sid" / "config.json").read_text())["config"]["cooccurrence_weight"] == 0.5
+    # resuming on SIDs fitted with another tokenizer config is refused, naming the field
+    with pytest.raises(ValueError, match="cooccurrence_weight=0.5, not 1.0"):
+        bench.main([*argv[:-3], "--sid-overrides", '{"cooccurrence_weight": 1.0}', "--sft-only"])
+
+
+def test_bench_retrieval_extra_embeddings(tmp_path):
+    """--extra-embeddings are fused into the SIDs (the tokenizer's input widths), a resume without them
+    is refused, and a file with the wrong number of rows is an error naming the option."""
+    bench = _bench()
+    data = _write_dataset(tmp_path / "data", seed=2)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "collab.npy", rng.normal(size=(48, 5)).astype(np.float32))
+    np.save(tmp_path / "short.npy", rng.normal(size=(47, 5)).astype(np.float32))
+    argv = ["--dataset", str(data), "--out", str(tmp_path / "o"), "--steps", "10,10,10", "--codebook-sizes", "8,4,4",
+            "--sid-epochs", "3", "--eval-batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
+            "--no-progress", "--model-dir", str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))]
+    res = bench.main([*argv, "--extra-embeddings", str(tmp_path / "collab.npy")])
+    text_dim = np.load(tmp_path / "o" / "item_embeddings.npy").shape[1]
+    assert json.loads((tmp_path / "o" / "sid" / "config.json").read_text())["input_dims"] == [text_dim, 5]
+    assert res["metadata"]["extra_embeddings"] == [str(tmp_path / "collab.npy")]
+    with pytest.raises(ValueError, match=r"widths \[%d, 5\], not \[%d\]" % (text_dim, text_dim)):
+        bench.main(argv)
+    with pytest.raises(ValueError, match="--extra-embeddings: .*short.npy must be a finite"):
+        bench.main([*argv[:3], str(tmp_path / "o2"), *argv[4:], "--extra-embeddings", str(tmp_path / "short.npy")])

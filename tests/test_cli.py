@@ -110,6 +110,11 @@ def test_bad_config_raises(tmp_path):
     assert cfg["cpt"]["grad_accum"] == 2 and cfg["cpt"]["steps"] == 80 and cfg["sft"]["steps"] == 7
     with pytest.raises(ValueError, match="unknown config key 'eval.grad_accum'"):
         load_run_config(None, eval={"grad_accum": 2})
+    # sid takes SIDConfig's fields, but not its seed (the run's seed is the tokenizer's)
+    cfg = load_run_config(None, sid={"cooccurrence_weight": 2.0})
+    assert cfg["sid"]["cooccurrence_weight"] == 2.0 and cfg["sid"]["epochs"] == 30
+    with pytest.raises(ValueError, match="unknown config key 'sid.seed'"):
+        load_run_config(None, sid={"seed": 1})
     with pytest.raises(ValueError, match=".json or .toml"):
         main(["sid", "--config", str(tmp_path / "x.yaml")])
     with pytest.raises(FileNotFoundError, match="run `plum sid` first"):

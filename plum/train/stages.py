@@ -14,8 +14,10 @@ A saved model directory holds ``config.json`` (:class:`ModelConfig`),
 ``tokenizer.json`` (the text tokenizer). The run configuration is a dict
 (from JSON or TOML, see :func:`load_run_config`) with sections ``data``,
 ``sid``, ``model``, ``cpt``, ``sft``, ``sasrec``, ``eval`` (:data:`DEFAULTS`);
-every key has a default, and the training sections also take any
-:class:`TrainConfig` field (``grad_accum``, ``fsdp``, ``bf16``, ...).
+every key has a default, the training sections also take any
+:class:`TrainConfig` field (``grad_accum``, ``fsdp``, ``bf16``, ...) and
+``sid`` any :class:`~plum.sid.SIDConfig` field but ``seed`` (the run's
+``seed`` is the tokenizer's): ``cooccurrence_weight``, ``mask_prob``, ...
 
 SFT takes ``objective`` (``"sequence"``: every next item of a user's window
 is a target of one example, :class:`~plum.train.corpus.SequenceSFTDataset`;
@@ -41,6 +43,7 @@ import torch
 from plum.model.config import ModelConfig, preset
 from plum.model.model import PlumLM
 from plum.model.vocab import SIDVocab, TextTokenizer, extend_vocabulary, train_word_tokenizer
+from plum.sid.tokenizer import SIDConfig
 from plum.train.corpus import CPTCorpus, SequenceSFTDataset, SFTDataset, grounding_text
 from plum.train.loop import CodebookLoss, TrainConfig, default_device, dist_env, full_model_state, lm_loss, train
 
@@ -76,6 +79,8 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
     allowed = set(base)
     if where in _TRAIN_SECTIONS:
         allowed |= {f.name for f in dataclasses.fields(TrainConfig)}
+    elif where == "sid.":
+        allowed |= {f.name for f in dataclasses.fields(SIDConfig)} - {"seed"}
     for k, v in over.items():
         if k not in allowed:
             raise ValueError(f"unknown config key {where + k!r}; known: {sorted(allowed)}")
