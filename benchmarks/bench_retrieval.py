@@ -197,18 +197,31 @@ def _sid_overrides(p: argparse.ArgumentParser, text: str) -> dict:
     return over
 
 
-def check_sid_config(out: Path, requested: dict, input_dims: list[int]) -> None:
-    """Refuse to resume on SIDs fitted with another tokenizer config: every field of the run
-    config's ``sid`` section, and the widths of the embeddings, must equal the saved
-    tokenizer's (``OUT/sid/config.json``)."""
+def embeddings_digest(embeddings) -> list[str]:
+    """SHA-256 of each embedding array (dtype, shape and bytes): what the SIDs were fitted on."""
+    import hashlib
+
+    return [hashlib.sha256(f"{e.dtype}{e.shape}".encode() + np.ascontiguousarray(e).tobytes()).hexdigest()
+            for e in embeddings]
+
+
+def check_sid_config(out: Path, requested: dict, ws, sid_info: dict) -> None:
+    """Refuse to resume on SIDs fitted with another tokenizer config or other embeddings: every
+    field of the run config's ``sid`` section must equal the saved tokenizer's
+    (``OUT/sid/config.json``), and the embeddings (text + ``--extra-embeddings``) must be the
+    ones fitted on (their widths, and their digests where ``sid_info.json`` records them)."""
     meta = json.loads((out / "sid" / "config.json").read_text())
     saved = meta["config"]
     for k, v in requested.items():
         if k in saved and json.loads(json.dumps(v)) != saved[k]:
             raise ValueError(f"{out}/sid was fitted with {k}={saved[k]!r}, not {v!r}; use a new --out")
-    if list(meta["input_dims"]) != list(input_dims):
-        raise ValueError(f"{out}/sid was fitted on embeddings of widths {meta['input_dims']}, not {input_dims} "
+    dims = [e.shape[1] for e in ws.embeddings]
+    if list(meta["input_dims"]) != dims:
+        raise ValueError(f"{out}/sid was fitted on embeddings of widths {meta['input_dims']}, not {dims} "
                          "(--extra-embeddings); use a new --out")
+    if "embeddings_sha256" in sid_info and sid_info["embeddings_sha256"] != embeddings_digest(ws.embeddings):
+        raise ValueError(f"{out}/sid was fitted on other embeddings than these (--extra-embeddings or the text "
+                         "embeddings changed); use a new --out")
 
 
 def check_extra_embeddings(ws, paths: list[str]) -> None:
@@ -360,11 +373,12 @@ def main(argv=None) -> dict:
             sid_info = stages.run_sid(ws, progress=progress)
         finally:
             torch.set_num_threads(threads)
+        sid_info["embeddings_sha256"] = embeddings_digest(ws.embeddings)
         sid_info_path.write_text(json.dumps(sid_info))
         done("sid", time.perf_counter() - t0)
     else:
-        check_sid_config(out, cfg["sid"], [e.shape[1] for e in ws.embeddings])
         sid_info = json.loads(sid_info_path.read_text())
+        check_sid_config(out, cfg["sid"], ws, sid_info)
         done("sid", 0.0)
     _log(f"SIDs {sid_info['codebook_sizes']}: {sid_info['unique_sid_fraction']:.2%} unique")
 

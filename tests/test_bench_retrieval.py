@@ -155,5 +155,9 @@ def test_bench_retrieval_extra_embeddings(tmp_path):
     assert res["metadata"]["extra_embeddings"] == [str(tmp_path / "collab.npy")]
     with pytest.raises(ValueError, match=r"widths \[%d, 5\], not \[%d\]" % (text_dim, text_dim)):
         bench.main(argv)
+    np.save(tmp_path / "other.npy", rng.normal(size=(48, 5)).astype(np.float32))  # same width, other values
+    with pytest.raises(ValueError, match="fitted on other embeddings"):
+        bench.main([*argv, "--extra-embeddings", str(tmp_path / "other.npy")])
+    assert bench.main([*argv, "--extra-embeddings", str(tmp_path / "collab.npy")])["plum"] == res["plum"]
     with pytest.raises(ValueError, match="--extra-embeddings: .*short.npy must be a finite"):
         bench.main([*argv[:3], str(tmp_path / "o2"), *argv[4:], "--extra-embeddings", str(tmp_path / "short.npy")])
