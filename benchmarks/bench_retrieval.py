@@ -80,6 +80,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+
 RESULT_KEYS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate")
 BUDGET_SHARES = {"cpt": 0.35, "sft": 0.35, "sasrec": 0.3}
 CALIBRATION_STEPS = 3
@@ -148,13 +150,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--budget-minutes must be > 0, got {a.budget_minutes}")
     if a.max_users is not None and a.max_users < 1:
         p.error(f"--max-users must be >= 1, got {a.max_users}")
-    try:
-        a.model_overrides = json.loads(a.model_overrides)
-        if not isinstance(a.model_overrides, dict):
-            raise ValueError
-    except ValueError:
-        p.error(f"--model-overrides must be a JSON object, got {a.model_overrides!r}")
-    a.sid_overrides = _sid_overrides(p, a.sid_overrides)
+    from common import json_fields_arg
+
+    from plum.sid import SIDConfig
+
+    a.model_overrides = json_fields_arg(p, "--model-overrides", a.model_overrides)
+    a.sid_overrides = json_fields_arg(p, "--sid-overrides", a.sid_overrides, SIDConfig,
+                                      {"codebook_sizes": "--codebook-sizes", "epochs": "--sid-epochs", "seed": "--seed"})
     a.extra_embeddings = [str(Path(f).resolve()) for f in a.extra_embeddings.split(",") if f]
     for f in a.extra_embeddings:
         if not Path(f).is_file():
@@ -172,29 +174,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--steps must be three positive integers CPT,SFT,SASREC, got {a.steps!r}")
         a.steps = dict(zip(BUDGET_SHARES, steps))
     return a
-
-
-def _sid_overrides(p: argparse.ArgumentParser, text: str) -> dict:
-    """``--sid-overrides``: a JSON object of :class:`plum.sid.SIDConfig` fields other than
-    ``codebook_sizes`` / ``epochs`` / ``seed`` (``--codebook-sizes``, ``--sid-epochs``, ``--seed``)."""
-    import dataclasses
-
-    from plum.sid import SIDConfig
-
-    try:
-        over = json.loads(text)
-        if not isinstance(over, dict):
-            raise ValueError
-    except ValueError:
-        p.error(f"--sid-overrides must be a JSON object, got {text!r}")
-    fields = {f.name for f in dataclasses.fields(SIDConfig)}
-    own = {"codebook_sizes": "--codebook-sizes", "epochs": "--sid-epochs", "seed": "--seed"}
-    for k in over:
-        if k in own:
-            p.error(f"--sid-overrides: {k!r} must be set with {own[k]}")
-        if k not in fields:
-            p.error(f"--sid-overrides: {k!r} is not a SIDConfig field; it must be one of {sorted(fields - set(own))}")
-    return over
 
 
 def embeddings_digest(embeddings) -> list[str]:

@@ -37,6 +37,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import json_fields_arg  # noqa: E402
 
 from plum.data import cooccurrence_pairs, leave_one_out, load_dataset, make_synthetic_catalogue  # noqa: E402
 from plum.sid import SIDConfig, SemanticIdTokenizer, multi_resolution_codebooks  # noqa: E402
@@ -95,16 +98,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = p.parse_args(argv)
-    try:
-        overrides = json.loads(args.overrides)
-        if not isinstance(overrides, dict):
-            raise ValueError
-    except ValueError:
-        p.error(f"--overrides must be a JSON object of SIDConfig fields, got {args.overrides!r}")
-    fields = {f.name for f in dataclasses.fields(SIDConfig)} - {"codebook_sizes", "seed"}
-    if set(overrides) - fields:
-        p.error(f"--overrides: {sorted(set(overrides) - fields)} must be SIDConfig fields, one of {sorted(fields)} "
-                "(codebook sizes and seed: --sizes, --seed)")
+    overrides = json_fields_arg(p, "--overrides", args.overrides, SIDConfig,
+                                {"codebook_sizes": "--sizes", "seed": "--seed"})
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -50,3 +50,27 @@ def environment() -> dict:
     else:
         out["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return out
+
+
+def json_fields_arg(parser, flag: str, text: str, cls=None, reserved: dict | None = None) -> dict:
+    """Parse the command-line option ``flag`` as a JSON object (``parser.error`` otherwise); with a
+    dataclass ``cls`` its keys must be ``cls``'s fields, and keys of ``reserved`` (field -> the flag
+    that sets it) must be set with that flag instead."""
+    import dataclasses
+    import json
+
+    try:
+        obj = json.loads(text)
+        if not isinstance(obj, dict):
+            raise ValueError
+    except ValueError:
+        parser.error(f"{flag} must be a JSON object, got {text!r}")
+    if cls is not None:
+        reserved = reserved or {}
+        fields = {f.name for f in dataclasses.fields(cls)} - set(reserved)
+        for k in obj:
+            if k in reserved:
+                parser.error(f"{flag}: {k!r} must be set with {reserved[k]}")
+            if k not in fields:
+                parser.error(f"{flag}: {k!r} is not a {cls.__name__} field; it must be one of {sorted(fields)}")
+    return obj
