@@ -90,6 +90,9 @@ def main(argv=None):
     p.add_argument("--hidden", default=None, help="override SIDConfig.hidden_dims, comma-separated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overrides", default="{}", help="JSON of further SIDConfig fields, e.g. '{\"cooccurrence_weight\": 3}'")
+    p.add_argument("--extra-embeddings", default="",
+                   help="comma-separated [num_items, d] .npy item embeddings fused with the text ones (SIDv2's "
+                        "multi-encoder), e.g. bench_retrieval's OUT/sasrec_item_embeddings.npy")
     p.add_argument("--proxy-split", choices=("test", "valid"), default="test",
                    help="held-out transitions of the proxy: test (last history item -> test target) or valid")
     p.add_argument("--ablation", action="store_true", help="run every ablation variant, not only SIDv2")
@@ -104,12 +107,24 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     data, emb, source = load(args)
+    files = [f for f in args.extra_embeddings.split(",") if f]
+    for f in files:
+        if not Path(f).is_file():
+            p.error(f"--extra-embeddings: {f} must be an existing .npy file")
+    extra_emb = [np.load(f) for f in files]
+    for f, e in zip(files, extra_emb):
+        if e.ndim != 2 or len(e) != data.num_items or not np.isfinite(e).all():
+            p.error(f"--extra-embeddings: {f} must be a finite [num_items={data.num_items}, d] array, "
+                    f"got shape {e.shape}")
+    if extra_emb:
+        emb = [emb, *extra_emb]
+        source += " + " + ", ".join(f"{Path(f).name} ({e.shape[1]}-d)" for f, e in zip(files, extra_emb))
     split = leave_one_out(data)
     train_pairs = cooccurrence_pairs(split.train, data.num_items)
     held = getattr(split, args.proxy_split)
     held_out = np.stack([[h[-1] for h in held.histories], held.targets], 1)
     sizes = tuple(int(s) for s in args.sizes.split(","))
-    extra = {}
+    extra = {}  # SIDConfig fields
     if args.smoke:
         sizes = (16, 8, 8)
         extra = dict(latent_dim=16, hidden_dims=(64,), epochs=6, warmup_epochs=2, batch_size=128)

@@ -65,6 +65,14 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
     assert set(steps) == {"cpt", "sft", "sasrec"} and min(steps.values()) >= 10
     for stage in ("cpt", "sft", "sasrec"):
         assert (out / stage / "checkpoint.pt").exists()
+    # collaborative SIDs (the default): the trained SASRec's item table is the tokenizer's second input
+    import torch
+
+    table = torch.load(out / "sasrec" / "checkpoint.pt", weights_only=False)["model"]["item_embedding.weight"]
+    np.testing.assert_array_equal(np.load(out / bench.COLLAB_FILE), table.numpy())
+    text_dim = np.load(out / "item_embeddings.npy").shape[1]
+    assert json.loads((out / "sid" / "config.json").read_text())["input_dims"] == [text_dim, table.shape[1]]
+    assert meta["collaborative_sids"] is True
     assert json.loads((out / "cpt" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == steps["cpt"]
     # a resumed run skips every finished stage and reproduces the numbers
     times = json.loads((out / "timings.json").read_text())
@@ -134,13 +142,14 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
     assert runs[0]["metadata"]["sid_overrides"] == {"cooccurrence_weight": 0.5}
     assert json.loads((tmp_path / "a" / "sid" / "config.json").read_text())["config"]["cooccurrence_weight"] == 0.5
     # resuming on SIDs fitted with another tokenizer config is refused, naming the field
-    with pytest.raises(ValueError, match="cooccurrence_weight=0.5, not 1.0"):
+    with pytest.raises(ValueError, match="sid.cooccurrence_weight=0.5, the run config says 1.0"):
         bench.main([*argv[:-3], "--sid-overrides", '{"cooccurrence_weight": 1.0}', "--sft-only"])
 
 
 def test_bench_retrieval_extra_embeddings(tmp_path):
-    """--extra-embeddings are fused into the SIDs (the tokenizer's input widths), a resume without them
-    is refused, and a file with the wrong number of rows is an error naming the option."""
+    """--extra-embeddings are fused into the SIDs (the tokenizer's input widths: text, extra, SASRec's
+    table), a resume without them or without the collaborative SIDs is refused, and a file with the wrong
+    number of rows is an error naming the option."""
     bench = _bench()
     data = _write_dataset(tmp_path / "data", seed=2)
     rng = np.random.default_rng(0)
@@ -151,10 +160,13 @@ def test_bench_retrieval_extra_embeddings(tmp_path):
             "--no-progress", "--model-dir", str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))]
     res = bench.main([*argv, "--extra-embeddings", str(tmp_path / "collab.npy")])
     text_dim = np.load(tmp_path / "o" / "item_embeddings.npy").shape[1]
-    assert json.loads((tmp_path / "o" / "sid" / "config.json").read_text())["input_dims"] == [text_dim, 5]
+    assert json.loads((tmp_path / "o" / "sid" / "config.json").read_text())["input_dims"] == [text_dim, 5, 64]
     assert res["metadata"]["extra_embeddings"] == [str(tmp_path / "collab.npy")]
-    with pytest.raises(ValueError, match=r"widths \[%d, 5\], not \[%d\]" % (text_dim, text_dim)):
+    fitted = r"widths \[%d, 5, 64\], data.embeddings have " % text_dim
+    with pytest.raises(ValueError, match=fitted + r"\[%d, 64\]" % text_dim):
         bench.main(argv)
+    with pytest.raises(ValueError, match=fitted + r"\[%d, 5\]" % text_dim):
+        bench.main([*argv, "--extra-embeddings", str(tmp_path / "collab.npy"), "--no-collaborative-sids"])
     np.save(tmp_path / "other.npy", rng.normal(size=(48, 5)).astype(np.float32))  # same width, other values
     with pytest.raises(ValueError, match="fitted on other embeddings"):
         bench.main([*argv, "--extra-embeddings", str(tmp_path / "other.npy")])

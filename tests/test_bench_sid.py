@@ -53,3 +53,30 @@ def test_bench_sid_rejects_bad_arguments(bad, capsys):
         _bench().main(["--smoke", *bad])
     err = capsys.readouterr().err
     assert "--overrides" in err or "--proxy-split" in err
+
+
+def test_bench_sid_extra_embeddings(tmp_path, capsys):
+    """--extra-embeddings are a second input of the tokenizer (same codes as a direct fit on
+    [text, extra]); a file with the wrong number of rows is an error naming the option."""
+    from plum.data import cooccurrence_pairs, leave_one_out, make_synthetic_catalogue
+    from plum.sid import SemanticIdTokenizer
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "collab.npy", rng.normal(size=(600, 6)).astype(np.float32))
+    res = _bench().main(["--smoke", "--extra-embeddings", str(tmp_path / "collab.npy")])
+    assert "collab.npy (6-d)" in capsys.readouterr().out
+    cat = make_synthetic_catalogue(num_items=600, num_users=600, seed=0)
+    split = leave_one_out(cat.data)
+    emb = [cat.embeddings["text"], np.load(tmp_path / "collab.npy")]
+    tok = SemanticIdTokenizer((16, 8, 8), seed=0, latent_dim=16, hidden_dims=(64,), epochs=6, warmup_epochs=2,
+                              batch_size=128)
+    tok.fit(emb, cooccurrence=cooccurrence_pairs(split.train, cat.data.num_items), progress=False)
+    assert tok.model.input_dims == (emb[0].shape[1], 6)
+    test = np.stack([[h[-1] for h in split.test.histories], split.test.targets], 1)
+    q = tok.quality_report(emb, cooccurrence=test)
+    assert res[0]["prefix_share"] == pytest.approx(list(q.prefix_share), abs=0) and res[0]["uniqueness"] == q.uniqueness
+    np.save(tmp_path / "short.npy", rng.normal(size=(599, 6)).astype(np.float32))
+    for bad in ("short.npy", "missing.npy"):
+        with pytest.raises(SystemExit):
+            _bench().main(["--smoke", "--extra-embeddings", str(tmp_path / bad)])
+        assert "--extra-embeddings" in capsys.readouterr().err

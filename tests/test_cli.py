@@ -74,6 +74,28 @@ def test_stage_subcommands_over_a_toml_config(tmp_path, capsys):
         main(["sft", "--config", str(other), "--no-progress"])
 
 
+def test_stages_refuse_sids_fitted_with_another_config(tmp_path):
+    """A stage reading the SIDs (cpt, sft, eval) under a config whose ``sid`` section or seed changed
+    since ``plum sid`` is refused, naming the field, instead of silently using the old SIDs."""
+    work = tmp_path / "work"
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({**SMALL, "workdir": str(work)}))
+    assert main(["sid", "--config", str(cfg), "--no-progress"]) == 0
+    fitted = json.loads((work / "sid" / "inputs.json").read_text())
+    assert fitted["seed"] == 0 and fitted["sid"]["codebook_sizes"] == [8, 4, 4]
+    assert len(fitted["embeddings_sha256"]) == 2  # the synthetic catalogue's text and meta embeddings
+    for change, match in (({"sid": {**SMALL["sid"], "cooccurrence_weight": 2.0}}, r"sid.cooccurrence_weight=0.1, "
+                           r"the run config says 2.0: re-run `plum sid`"),
+                          ({"sid": {**SMALL["sid"], "epochs": 7}}, r"sid.epochs=6, the run config says 7"),
+                          ({"seed": 1}, r"fitted with seed=0, the run config says 1")):
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps({**SMALL, "workdir": str(work), **change}))
+        for cmd in ("cpt", "eval"):
+            with pytest.raises(ValueError, match=match):
+                main([cmd, "--config", str(other), "--no-progress"] if cmd == "cpt" else [cmd, "--config", str(other)])
+    assert main(["cpt", "--config", str(cfg), "--no-progress"]) == 0  # the fitted config still runs
+
+
 def test_stages_from_a_hugging_face_checkpoint(tmp_path, capsys):
     """model.hf_checkpoint: load Qwen3 + its tokenizer.json, add the SID tokens, CPT, SFT, eval."""
     transformers = pytest.importorskip("transformers")

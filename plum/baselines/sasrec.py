@@ -87,6 +87,12 @@ class SASRec(nn.Module):
         h = self.norm(x if index is None else x[index])
         return h @ self.item_embedding.weight.T
 
+    def item_embeddings(self) -> np.ndarray:
+        """The trained item table ``[num_items, hidden_size]`` float32, a copy on the CPU: a
+        collaborative item embedding (items bought in the same contexts lie close), e.g. a
+        second input of the SID tokenizer (:meth:`plum.sid.SemanticIdTokenizer.fit`)."""
+        return self.item_embedding.weight.detach().float().cpu().numpy().copy()
+
     @torch.no_grad()
     def recommend(self, histories: Sequence[np.ndarray], k: int, batch_size: int = 256, *,
                   exclude_history: bool = False) -> list[np.ndarray]:

@@ -3,7 +3,8 @@
 ========  ==================================================  =============================================
 stage     reads                                               writes (under ``workdir``)
 ========  ==================================================  =============================================
-sid       data + content embeddings                           ``sid/`` tokenizer, ``codes.npy``, ``trie.safetensors``
+sid       data + content embeddings                           ``sid/`` tokenizer, ``codes.npy``, ``trie.safetensors``,
+                                                              ``inputs.json`` (seed, ``sid`` section, embedding SHA-256)
 cpt       sid artefacts, base model (preset or HF checkpoint)  ``cpt/`` checkpoint, metrics, ``cpt/model/``
 sft       sid artefacts, ``cpt/model/`` (or a fresh model)    ``sft/`` checkpoint, metrics, ``sft/model/``
 eval      sid artefacts, ``sft/model/``                       ``eval.json``
@@ -48,7 +49,8 @@ from plum.train.corpus import CPTCorpus, SequenceSFTDataset, SFTDataset, groundi
 from plum.train.loop import CodebookLoss, TrainConfig, default_device, dist_env, full_model_state, lm_loss, train
 
 __all__ = ["load_run_config", "DEFAULTS", "Workspace", "save_model", "load_model", "run_sid", "run_cpt",
-           "run_sft", "cpt_corpus", "sft_dataset", "sft_loss", "run_eval", "run_recommend", "exclude_history"]
+           "run_sft", "cpt_corpus", "embeddings_digest", "sft_dataset", "sft_loss", "run_eval", "run_recommend",
+           "exclude_history"]
 
 # The defaults are `plum demo`'s budget: 3.5 min wall on this project's idle 2-core CPU, 5-7 min
 # when the machine is shared (measured 2026-11-23, torch 2.13 CPU, 1 thread). CPT 40 -> 80 steps raised
@@ -121,6 +123,14 @@ def _train_config(section: dict, seed: int, progress: bool) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- artefacts
 
+def embeddings_digest(embeddings) -> list[str]:
+    """SHA-256 of each embedding array (dtype, shape and bytes): what SIDs were fitted on."""
+    import hashlib
+
+    return [hashlib.sha256(f"{e.dtype}{e.shape}".encode() + np.ascontiguousarray(e).tobytes()).hexdigest()
+            for e in embeddings]
+
+
 def save_model(model: PlumLM, vocab: SIDVocab, text: TextTokenizer, path: str | os.PathLike) -> Path:
     """Write a model directory (every rank must call it when distributed; rank 0 writes)."""
     from safetensors.torch import save_file
@@ -182,16 +192,46 @@ class Workspace:
         return self.data.num_items
 
     def sid(self):
+        """The SID artefacts of ``workdir/sid``: ``(codes [num_items, L] int, trie, codebook_sizes)``.
+
+        Refuses (``ValueError`` naming the field) SIDs fitted with another ``sid`` config
+        section or seed, or on other embeddings than ``data.embeddings`` (widths, and the
+        SHA-256 recorded by :func:`run_sid` in ``sid/inputs.json``): re-run ``plum sid``.
+        """
         from plum.sid import SemanticIdTokenizer, SIDTrie
 
         path = self.dir / "sid"
         if not (path / "codes.npy").exists():
             raise FileNotFoundError(f"{path}/codes.npy not found: run `plum sid` first")
+        self._check_sid(path)
         codes = np.load(path / "codes.npy")
         trie = SIDTrie.load(str(path / "trie.safetensors"), mmap=False)
         if len(codes) != self.num_items:
             raise ValueError(f"{path} has SIDs for {len(codes)} items but the data has {self.num_items}")
         return codes, trie, SemanticIdTokenizer.load(path).codebook_sizes
+
+    def sid_inputs(self) -> dict:
+        """What the SIDs are fitted from: the seed, the ``sid`` section and the embeddings' digests."""
+        return {"seed": self.cfg["seed"], "sid": json.loads(json.dumps(self.cfg["sid"])),
+                "embeddings_sha256": embeddings_digest(self.embeddings)}
+
+    def _check_sid(self, path: Path) -> None:
+        saved = json.loads((path / "config.json").read_text())
+        fitted = {**saved["config"], "seed": saved["config"].get("seed")}
+        wanted = {**json.loads(json.dumps(self.cfg["sid"])), "seed": self.cfg["seed"]}
+        hint = "re-run `plum sid` (or use another workdir)"
+        for k, v in wanted.items():
+            if k in fitted and fitted[k] != v:
+                name = "seed" if k == "seed" else f"sid.{k}"
+                raise ValueError(f"{path} was fitted with {name}={fitted[k]!r}, the run config says {v!r}: {hint}")
+        dims = [int(e.shape[1]) for e in self.embeddings]
+        if list(saved["input_dims"]) != dims:
+            raise ValueError(f"{path} was fitted on embeddings of widths {saved['input_dims']}, data.embeddings "
+                             f"have {dims}: {hint}")
+        rec = path / "inputs.json"
+        if rec.exists() and json.loads(rec.read_text())["embeddings_sha256"] != self.sid_inputs()["embeddings_sha256"]:
+            raise ValueError(f"{path} was fitted on other embeddings than data.embeddings "
+                             f"(their SHA-256 differ from {rec}): {hint}")
 
     def grounding_texts(self) -> list[str]:
         items = self.data.items or [{} for _ in range(self.num_items)]
@@ -215,6 +255,7 @@ def run_sid(ws: Workspace, *, progress: bool = True) -> dict:
     np.save(path / "codes.npy", codes)
     trie = build_trie(codes, sizes)
     trie.save(str(path / "trie.safetensors"))
+    (path / "inputs.json").write_text(json.dumps(ws.sid_inputs(), indent=1))
     unique = len(np.unique(codes, axis=0)) / len(codes)
     return {"items": len(codes), "codebook_sizes": list(sizes), "unique_sid_fraction": unique}
 
