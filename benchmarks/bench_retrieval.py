@@ -384,7 +384,11 @@ def main(argv=None) -> dict:
         done("sid", time.perf_counter() - t0)
     else:
         sid_info = json.loads(sid_info_path.read_text())
-        ws.sid()  # refuses SIDs fitted with other settings or on other embeddings (names the field)
+        try:  # refuses SIDs fitted with other settings or on other embeddings (names the field)
+            ws.sid()
+        except ValueError as e:
+            raise ValueError(f"{e}. Here: use a new --out, or this OUT's own options (--sid-overrides, "
+                             "--extra-embeddings; --no-collaborative-sids for an OUT made without them)") from None
         done("sid", 0.0)
     _log(f"SIDs {sid_info['codebook_sizes']} from embeddings of widths {[e.shape[1] for e in ws.embeddings]}: "
          f"{sid_info['unique_sid_fraction']:.2%} unique")

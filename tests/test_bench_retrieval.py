@@ -106,6 +106,14 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
     expect = stages.retriever(ws, out / "sft" / "model").evaluate(list(test.histories), np.asarray(test.targets),
                                                                    [5, 10], exclude_history=True)
     assert {k: res_x["plum"][k] for k in bench.RESULT_KEYS} == {k: expect.get(k, 0.0) for k in bench.RESULT_KEYS}
+    # another beam width is another evaluation (its own files), not beam 20's cached one
+    res_b = bench.main([*argv, "--beam-width", "24"])
+    assert (out / "eval_plum_beam24.json").exists() and (out / "results_beam24.json").exists()
+    assert (out / "results.json").read_text() == test_json and res_b["metadata"]["beam_width"] == 24
+    ws.cfg["eval"]["beam_width"] = 24
+    expect = stages.retriever(ws, out / "sft" / "model").evaluate(list(test.histories), np.asarray(test.targets),
+                                                                   [5, 10])
+    assert {k: res_b["plum"][k] for k in bench.RESULT_KEYS} == {k: expect.get(k, 0.0) for k in bench.RESULT_KEYS}
 
 
 @pytest.mark.parametrize("bad", [["--beam-width", "10"], ["--budget-minutes", "0"], ["--steps", "1,2"],
@@ -163,7 +171,8 @@ def test_bench_retrieval_extra_embeddings(tmp_path):
     assert json.loads((tmp_path / "o" / "sid" / "config.json").read_text())["input_dims"] == [text_dim, 5, 64]
     assert res["metadata"]["extra_embeddings"] == [str(tmp_path / "collab.npy")]
     fitted = r"widths \[%d, 5, 64\], data.embeddings have " % text_dim
-    with pytest.raises(ValueError, match=fitted + r"\[%d, 64\]" % text_dim):
+    with pytest.raises(ValueError, match=fitted + r"\[%d, 64\].*--no-collaborative-sids for an OUT"
+                       % text_dim):
         bench.main(argv)
     with pytest.raises(ValueError, match=fitted + r"\[%d, 5\]" % text_dim):
         bench.main([*argv, "--extra-embeddings", str(tmp_path / "collab.npy"), "--no-collaborative-sids"])
