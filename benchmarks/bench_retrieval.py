@@ -53,7 +53,9 @@ Resume. Re-running the same command with the same OUT continues: finished
 stages (SID artefacts, ``cpt/model``, ``sft/model``, per-model evaluation
 JSONs) are skipped, an interrupted training stage continues from its last
 atomic checkpoint (``checkpoint_every`` steps; exact resume, see
-:mod:`plum.train.loop`).
+:mod:`plum.train.loop`). A re-run whose SID settings, seed or SID input
+embeddings differ from those OUT's SIDs were fitted with is refused, naming
+the field (:meth:`plum.train.stages.Workspace.sid`).
 
 Output: a table beside TIGER's published numbers (Rajput et al. 2023, Table
 2, Beauty) and ``OUT/results.json`` in ``plum demo``'s format (model ->
