@@ -161,17 +161,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--budget-minutes must be > 0, got {a.budget_minutes}")
     if a.max_users is not None and a.max_users < 1:
         p.error(f"--max-users must be >= 1, got {a.max_users}")
-    from common import json_fields_arg
+    from common import embedding_files_arg, json_fields_arg
 
     from plum.sid import SIDConfig
 
     a.model_overrides = json_fields_arg(p, "--model-overrides", a.model_overrides)
     a.sid_overrides = json_fields_arg(p, "--sid-overrides", a.sid_overrides, SIDConfig,
                                       {"codebook_sizes": "--codebook-sizes", "epochs": "--sid-epochs", "seed": "--seed"})
-    a.extra_embeddings = [str(Path(f).resolve()) for f in a.extra_embeddings.split(",") if f]
-    for f in a.extra_embeddings:
-        if not Path(f).is_file():
-            p.error(f"--extra-embeddings: {f} must be an existing .npy file")
+    a.extra_embeddings = embedding_files_arg(p, "--extra-embeddings", a.extra_embeddings)
     try:
         a.codebook_sizes = [int(v) for v in a.codebook_sizes.split(",")]
     except ValueError:
@@ -189,10 +186,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_extra_embeddings(ws, paths: list[str]) -> None:
     """Every ``--extra-embeddings`` file must hold one finite row per item."""
+    from common import check_item_embeddings
+
     for path, e in zip(paths, ws.embeddings[1:]):
-        if e.ndim != 2 or len(e) != ws.num_items or not np.isfinite(e).all():
-            raise ValueError(f"--extra-embeddings: {path} must be a finite [num_items={ws.num_items}, d] array, "
-                             f"got shape {e.shape}")
+        check_item_embeddings("--extra-embeddings", path, e, ws.num_items)
 
 
 COLLAB_FILE = "sasrec_item_embeddings.npy"  # SASRec's item table under OUT, with --collaborative-sids

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import json_fields_arg  # noqa: E402
+from common import check_item_embeddings, embedding_files_arg, json_fields_arg  # noqa: E402
 
 from plum.data import cooccurrence_pairs, leave_one_out, load_dataset, make_synthetic_catalogue  # noqa: E402
 from plum.sid import SIDConfig, SemanticIdTokenizer, multi_resolution_codebooks  # noqa: E402
@@ -107,15 +107,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     data, emb, source = load(args)
-    files = [f for f in args.extra_embeddings.split(",") if f]
-    for f in files:
-        if not Path(f).is_file():
-            p.error(f"--extra-embeddings: {f} must be an existing .npy file")
+    files = embedding_files_arg(p, "--extra-embeddings", args.extra_embeddings)
     extra_emb = [np.load(f) for f in files]
     for f, e in zip(files, extra_emb):
-        if e.ndim != 2 or len(e) != data.num_items or not np.isfinite(e).all():
-            p.error(f"--extra-embeddings: {f} must be a finite [num_items={data.num_items}, d] array, "
-                    f"got shape {e.shape}")
+        try:
+            check_item_embeddings("--extra-embeddings", f, e, data.num_items)
+        except ValueError as err:
+            p.error(str(err))
     if extra_emb:
         emb = [emb, *extra_emb]
         source += " + " + ", ".join(f"{Path(f).name} ({e.shape[1]}-d)" for f, e in zip(files, extra_emb))

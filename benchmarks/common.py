@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: timing and the environment record."""
+"""Shared pieces of the benchmarks: timing, the environment record and option parsing."""
 from __future__ import annotations
 
 import datetime
@@ -74,3 +74,23 @@ def json_fields_arg(parser, flag: str, text: str, cls=None, reserved: dict | Non
             if k not in fields:
                 parser.error(f"{flag}: {k!r} is not a {cls.__name__} field; it must be one of {sorted(fields)}")
     return obj
+
+
+def embedding_files_arg(parser, flag: str, text: str) -> list[str]:
+    """The comma-separated ``.npy`` paths of the option ``flag``, resolved; each must exist
+    (``parser.error`` otherwise)."""
+    from pathlib import Path
+
+    files = [str(Path(f).resolve()) for f in text.split(",") if f]
+    for f in files:
+        if not Path(f).is_file():
+            parser.error(f"{flag}: {f} must be an existing .npy file")
+    return files
+
+
+def check_item_embeddings(flag: str, path: str, e, num_items: int) -> None:
+    """``ValueError`` naming ``flag`` unless ``e`` (loaded from ``path``) is a finite ``[num_items, d]`` array."""
+    import numpy as np
+
+    if e.ndim != 2 or len(e) != num_items or not np.isfinite(e).all():
+        raise ValueError(f"{flag}: {path} must be a finite [num_items={num_items}, d] array, got shape {e.shape}")

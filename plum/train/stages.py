@@ -217,8 +217,9 @@ class Workspace:
 
     def _check_sid(self, path: Path) -> None:
         saved = json.loads((path / "config.json").read_text())
-        fitted = {**saved["config"], "seed": saved["config"].get("seed")}
-        wanted = {**json.loads(json.dumps(self.cfg["sid"])), "seed": self.cfg["seed"]}
+        fitted = saved["config"]  # SIDConfig fields, seed included
+        inputs = self.sid_inputs()
+        wanted = {**inputs["sid"], "seed": inputs["seed"]}
         hint = "re-run `plum sid` (or use another workdir)"
         for k, v in wanted.items():
             if k in fitted and fitted[k] != v:
@@ -229,7 +230,7 @@ class Workspace:
             raise ValueError(f"{path} was fitted on embeddings of widths {saved['input_dims']}, data.embeddings "
                              f"have {dims}: {hint}")
         rec = path / "inputs.json"
-        if rec.exists() and json.loads(rec.read_text())["embeddings_sha256"] != self.sid_inputs()["embeddings_sha256"]:
+        if rec.exists() and json.loads(rec.read_text())["embeddings_sha256"] != inputs["embeddings_sha256"]:
             raise ValueError(f"{path} was fitted on other embeddings than data.embeddings "
                              f"(their SHA-256 differ from {rec}): {hint}")
 
