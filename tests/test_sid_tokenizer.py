@@ -151,6 +151,37 @@ def test_multi_embedding_input(cat, fitted):
         tok.encode([text, meta[:10]])
 
 
+def test_input_weights_steer_the_latent(cat, tmp_path):
+    """``input_weights`` weigh each input's reconstruction error: equal weights
+    are the default exactly, and the heavier input is reconstructed better."""
+    text, meta = cat.embeddings["text"], cat.embeddings["meta"]
+    kw = {**TINY, "epochs": 10}
+    base = SemanticIdTokenizer(SIZES, seed=0, **kw).fit([text, meta], progress=False)
+    for w in ((1, 1), (2.5, 2.5)):  # only the ratios matter
+        np.testing.assert_array_equal(
+            SemanticIdTokenizer(SIZES, seed=0, **kw, input_weights=w).fit([text, meta], progress=False), base)
+
+    def rel_err(tok):
+        out = []
+        for x, xh in zip((text, meta), tok.reconstruct([text, meta])):
+            x = x.astype(np.float64)
+            out.append(((x - xh) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+        return out
+
+    toks = {}
+    for w in ((10, 1), (1, 10)):
+        toks[w] = SemanticIdTokenizer(SIZES, seed=0, **kw, input_weights=w)
+        toks[w].fit([text, meta], progress=False)
+    (t_text, m_text), (t_meta, m_meta) = rel_err(toks[10, 1]), rel_err(toks[1, 10])
+    assert t_text < t_meta and m_meta < m_text, (t_text, m_text, t_meta, m_meta)
+    toks[1, 10].save(tmp_path / "sid")
+    loaded = SemanticIdTokenizer.load(tmp_path / "sid")
+    assert loaded.config.input_weights == (1.0, 10.0)
+    np.testing.assert_array_equal(loaded.encode([text, meta]), toks[1, 10].codes)
+    with pytest.raises(ValueError, match="input_weights has 2 weights but fit\\(\\) got 1"):
+        SemanticIdTokenizer(SIZES, seed=0, **kw, input_weights=(1, 2)).fit(text, progress=False)
+
+
 def test_cooccurrence_loss_pulls_co_engaged_items_together(cat):
     split = leave_one_out(cat.data)
     pairs = cooccurrence_pairs(split.train, cat.data.num_items)
@@ -286,6 +317,10 @@ def test_bad_config_and_state(fitted, cat):
         (dict(learning_rate=0), "learning_rate"),
         (dict(restart_every=-1), "restart_every"),
         (dict(latent_dim=0), "latent_dim"),
+        (dict(input_weights=()), "input_weights"),
+        (dict(input_weights=(1, -1)), "input_weights"),
+        (dict(input_weights=(0, 0)), "input_weights"),
+        (dict(input_weights=(1, float("nan"))), "input_weights"),
     ]:
         with pytest.raises(ValueError, match=match):
             SIDConfig(**kwargs)

@@ -14,7 +14,7 @@ the RQ-VAE of TIGER:
 - **k-means initialisation** of every level's codebook on the residuals of
   the trained autoencoder (after ``warmup_epochs`` without quantisation);
 - **reconstruction + codebook + commitment losses** with the
-  straight-through estimator: ``L = sum_m |x_m - x_hat_m|^2 / d_m
+  straight-through estimator: ``L = sum_m w_m |x_m - x_hat_m|^2 / d_m
   + sum_l (|sg(r_l) - q_l|^2 + beta |r_l - sg(q_l)|^2) + lambda * L_cooc``;
 - **progressive masking**: with probability ``mask_prob`` an item's
   reconstruction uses only its first ``k`` levels, ``k`` uniform in
@@ -89,6 +89,10 @@ class SIDConfig:
     cooccurrence_batch_size: int = 512
     restart_every: int = 5  # epochs between dead-code restarts; 0 disables
     kmeans_iters: int = 25
+    # weight of each content embedding's reconstruction error, one per fit() input (None: equal);
+    # normalised to mean 1, so only the ratios matter. Raising one input's weight makes the
+    # latent, and hence the coarse SID levels, follow that input more.
+    input_weights: tuple[float, ...] | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -112,6 +116,11 @@ class SIDConfig:
         for name in ("weight_decay", "commitment_weight", "cooccurrence_weight", "restart_every", "kmeans_iters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.input_weights is not None:
+            w = tuple(float(v) for v in self.input_weights)
+            if not w or min(w) < 0 or not sum(w) > 0 or not all(np.isfinite(w)):
+                raise ValueError(f"input_weights must be finite, >= 0 and not all 0, got {self.input_weights}")
+            object.__setattr__(self, "input_weights", w)
 
     @property
     def num_levels(self) -> int:
@@ -252,6 +261,11 @@ class SemanticIdTokenizer:
         n = xs[0].shape[0]
         pairs = _validate_pairs(cooccurrence, n) if cooccurrence is not None else None
         use_cooc = pairs is not None and cfg.cooccurrence_weight > 0
+        if cfg.input_weights is not None and len(cfg.input_weights) != len(xs):
+            raise ValueError(f"input_weights has {len(cfg.input_weights)} weights but fit() got {len(xs)} "
+                             "embeddings: give one weight per input")
+        weights = [1.0] * len(xs) if cfg.input_weights is None else \
+            [w * len(xs) / sum(cfg.input_weights) for w in cfg.input_weights]
 
         gen = torch.Generator().manual_seed(cfg.seed)
         with torch.random.fork_rng(devices=[]):
@@ -292,7 +306,7 @@ class SemanticIdTokenizer:
                 else:
                     vq = z.new_zeros(())
                     z_in = z
-                recon = sum(F.mse_loss(xh, x) for xh, x in zip(model.decode(z_in), xb)) / len(xb)
+                recon = sum(w * F.mse_loss(xh, x) for w, xh, x in zip(weights, model.decode(z_in), xb)) / len(xb)
                 loss = recon + vq
                 if use_cooc:
                     cooc = self._cooc_loss(model, xs, pairs, gen)
