@@ -94,6 +94,12 @@ def test_stages_refuse_sids_fitted_with_another_config(tmp_path):
             with pytest.raises(ValueError, match=match):
                 main([cmd, "--config", str(other), "--no-progress"] if cmd == "cpt" else [cmd, "--config", str(other)])
     assert main(["cpt", "--config", str(cfg), "--no-progress"]) == 0  # the fitted config still runs
+    # a field the fit set but the run config leaves out (so at SIDConfig's default) is compared too
+    cfg.write_text(json.dumps({**SMALL, "workdir": str(work), "sid": {**SMALL["sid"], "mask_prob": 0.3}}))
+    assert main(["sid", "--config", str(cfg), "--no-progress"]) == 0
+    other.write_text(json.dumps({**SMALL, "workdir": str(work)}))
+    with pytest.raises(ValueError, match=r"sid.mask_prob=0.3, the run config says 0.5"):
+        main(["eval", "--config", str(other)])
 
 
 def test_stages_from_a_hugging_face_checkpoint(tmp_path, capsys):

@@ -217,12 +217,14 @@ class Workspace:
 
     def _check_sid(self, path: Path) -> None:
         saved = json.loads((path / "config.json").read_text())
-        fitted = saved["config"]  # SIDConfig fields, seed included
         inputs = self.sid_inputs()
-        wanted = {**inputs["sid"], "seed": inputs["seed"]}
+        # Both sides as complete, normalised SIDConfigs, so that a field the run config leaves at its
+        # default is compared too (a field added since the fit takes its default on both sides).
+        fitted = dataclasses.asdict(SIDConfig(**saved["config"]))
+        wanted = dataclasses.asdict(SIDConfig(**{**inputs["sid"], "seed": inputs["seed"]}))
         hint = "re-run `plum sid` (or use another workdir)"
         for k, v in wanted.items():
-            if k in fitted and fitted[k] != v:
+            if fitted[k] != v:
                 name = "seed" if k == "seed" else f"sid.{k}"
                 raise ValueError(f"{path} was fitted with {name}={fitted[k]!r}, the run config says {v!r}: {hint}")
         dims = [int(e.shape[1]) for e in self.embeddings]
