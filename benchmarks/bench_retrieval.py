@@ -55,7 +55,10 @@ JSONs) are skipped, an interrupted training stage continues from its last
 atomic checkpoint (``checkpoint_every`` steps; exact resume, see
 :mod:`plum.train.loop`). A re-run whose SID settings, seed or SID input
 embeddings differ from those OUT's SIDs were fitted with is refused, naming
-the field (:meth:`plum.train.stages.Workspace.sid`).
+the field (:meth:`plum.train.stages.Workspace.sid`); so is one whose model
+settings (``--preset``, ``--model-overrides``) or training settings
+(``--train-overrides``, e.g. ``'{"sft": {"lr": 1e-3}}'``; SASRec's window
+is SFT's ``max_items``) differ from those in ``OUT/plan.json``.
 
 Output: a table beside TIGER's published numbers (Rajput et al. 2023, Table
 2, Beauty) and ``OUT/results.json`` in ``plum demo``'s format (model ->
@@ -136,6 +139,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sid-overrides", default="{}",
                    help="JSON of SIDConfig fields replacing the Beauty tokenizer's, e.g. "
                         "'{\"cooccurrence_weight\": 1.0}' (codebook sizes and epochs have their own flags)")
+    p.add_argument("--train-overrides", default="{}",
+                   help="JSON of training settings replacing the Beauty ones, per stage, e.g. "
+                        "'{\"sft\": {\"lr\": 1e-3}}' (stages cpt, sft, sasrec; TrainConfig fields and the "
+                        "stage's data settings; steps and seed have their own flags)")
     p.add_argument("--extra-embeddings", default="",
                    help="comma-separated .npy files of further [num_items, d] item embeddings (image, metadata, "
                         "collaborative, ...) fused with the text embedding by the SID tokenizer")
@@ -168,6 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.model_overrides = json_fields_arg(p, "--model-overrides", a.model_overrides)
     a.sid_overrides = json_fields_arg(p, "--sid-overrides", a.sid_overrides, SIDConfig,
                                       {"codebook_sizes": "--codebook-sizes", "epochs": "--sid-epochs", "seed": "--seed"})
+    a.train_overrides = train_overrides_arg(p, json_fields_arg(p, "--train-overrides", a.train_overrides))
     a.extra_embeddings = embedding_files_arg(p, "--extra-embeddings", a.extra_embeddings)
     try:
         a.codebook_sizes = [int(v) for v in a.codebook_sizes.split(",")]
@@ -182,6 +190,58 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--steps must be three positive integers CPT,SFT,SASREC, got {a.steps!r}")
         a.steps = dict(zip(BUDGET_SHARES, steps))
     return a
+
+
+TRAIN_RESERVED = {"steps": "--steps or --budget-minutes", "seed": "--seed", "progress": "--no-progress"}
+
+
+def train_overrides_arg(parser, obj: dict) -> dict:
+    """Check ``--train-overrides``: ``{stage: {key: value}}`` with stages of ``TRAIN_CONFIG``, keys
+    that are ``TrainConfig`` fields or the stage's own data settings (``max_items``, ...), and values
+    that make a valid ``TrainConfig`` (``parser.error`` naming the stage and key otherwise)."""
+    import dataclasses
+
+    from plum.train.loop import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for stage, over in obj.items():
+        if stage not in TRAIN_CONFIG:
+            parser.error(f"--train-overrides: the stage {stage!r} must be one of {sorted(TRAIN_CONFIG)}")
+        if not isinstance(over, dict):
+            parser.error(f"--train-overrides: {stage} must map to a JSON object, got {over!r}")
+        allowed = (fields | set(TRAIN_CONFIG[stage])) - set(TRAIN_RESERVED)
+        for k in over:
+            if k in TRAIN_RESERVED:
+                parser.error(f"--train-overrides: {stage}.{k} must be set with {TRAIN_RESERVED[k]}")
+            if k not in allowed:
+                parser.error(f"--train-overrides: {stage}.{k} must be one of {sorted(allowed)}")
+        merged = {k: v for k, v in {**TRAIN_CONFIG[stage], **over}.items() if k in fields}
+        try:
+            TrainConfig.from_dict(merged)
+        except (TypeError, ValueError) as e:
+            parser.error(f"--train-overrides: {stage} must give a valid TrainConfig: {e}")
+    return {stage: over for stage, over in obj.items() if over}  # {"sft": {}} is no override
+
+
+def run_settings(args) -> dict:
+    """The options that shape the trained models (beyond the SIDs, which ``Workspace.sid`` checks):
+    kept in OUT/plan.json, so a resumed run with other ones is refused instead of mixing them."""
+    return {"preset": args.preset, "model_overrides": args.model_overrides,
+            "train_overrides": args.train_overrides}
+
+
+def check_run_settings(out: Path, plan: dict, args) -> None:
+    """Refuse to resume OUT with model or training settings other than its own (an OUT from before
+    this check has none on record: it takes this run's)."""
+    now = run_settings(args)
+    saved = plan.get("settings")
+    if saved is None:
+        return
+    for k, v in now.items():
+        if saved.get(k) != v:
+            flag = "--" + k.replace("_", "-")
+            raise ValueError(f"{out} was trained with {flag} {json.dumps(saved.get(k))}, not {json.dumps(v)}; "
+                             "use a new --out, or this OUT's own setting")
 
 
 def check_extra_embeddings(ws, paths: list[str]) -> None:
@@ -207,6 +267,7 @@ def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
         sections[k]["steps"] = int(steps[k]) if steps else CALIBRATION_STEPS + 1
         sections[k]["progress"] = not args.no_progress
         sections[k]["warmup_steps"] = min(sections[k]["warmup_steps"], max(sections[k]["steps"] // 10, 1))
+        sections[k].update(args.train_overrides.get(k, {}))  # an explicit warmup_steps is kept as given
     return load_run_config(
         None, workdir=str(out), seed=args.seed,
         data={"path": args.dataset, "embeddings": [str(emb_path), *args.extra_embeddings, *collab]},
@@ -322,6 +383,10 @@ def main(argv=None) -> dict:
         plan = json.loads(plan_path.read_text())
         if args.steps and args.steps != plan["steps"]:
             raise ValueError(f"{out} was planned with steps {plan['steps']}, not {args.steps}; use a new --out")
+        check_run_settings(out, plan, args)
+        if "settings" not in plan:
+            plan["settings"] = run_settings(args)
+            plan_path.write_text(json.dumps(plan, indent=1))
     else:
         plan = None
     cfg = run_config(args, out, emb_path, plan["steps"] if plan else args.steps)
@@ -342,7 +407,7 @@ def main(argv=None) -> dict:
             steps = {k: max(int(budget_s * BUDGET_SHARES[k] / per_step[k]), 10) for k in BUDGET_SHARES}
         plan = {"budget_minutes": None if args.steps else args.budget_minutes, "shares": BUDGET_SHARES,
                 "seconds_per_step": per_step,
-                "steps": steps}
+                "steps": steps, "settings": run_settings(args)}
         plan_path.write_text(json.dumps(plan, indent=1))
         cfg = run_config(args, out, emb_path, steps)
         ws.cfg = cfg
@@ -450,10 +515,11 @@ def main(argv=None) -> dict:
         "test_users": int(n_users),
         "all_test_users": int(len(es.targets)), "subsampled_users": args.max_users is not None,
         "budget_minutes": plan["budget_minutes"], "training_seconds": training_s, "plan": plan,
-        "train_config": {k: {kk: cfg[k][kk] for kk in v} for k, v in TRAIN_CONFIG.items()},
+        "train_config": {k: {kk: v for kk, v in cfg[k].items() if kk != "progress"} for k in TRAIN_CONFIG},
         "wall_seconds_this_run": wall, "stage_seconds": prev, "seed": args.seed, "beam_width": args.beam_width,
         "sft_only": args.sft_only, "model_preset": args.preset, "model_overrides": args.model_overrides,
-        "sid_overrides": args.sid_overrides, "extra_embeddings": args.extra_embeddings,
+        "sid_overrides": args.sid_overrides, "train_overrides": args.train_overrides,
+        "extra_embeddings": args.extra_embeddings,
         "collaborative_sids": args.collaborative_sids,
         "device": str(default_device()),
         "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "

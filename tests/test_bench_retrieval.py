@@ -119,7 +119,13 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
 @pytest.mark.parametrize("bad", [["--beam-width", "10"], ["--budget-minutes", "0"], ["--steps", "1,2"],
                                  ["--codebook-sizes", "8,x"], ["--model-overrides", "[1]"],
                                  ["--model-overrides", "{x"], ["--sid-overrides", "[1]"],
-                                 ["--sid-overrides", '{"epochs": 3}'], ["--sid-overrides", '{"cooc_weight": 1}']])
+                                 ["--sid-overrides", '{"epochs": 3}'], ["--sid-overrides", '{"cooc_weight": 1}'],
+                                 ["--train-overrides", '{"dpo": {}}'], ["--train-overrides", '{"sft": 3}'],
+                                 ["--train-overrides", '{"sft": {"steps": 5}}'],
+                                 ["--train-overrides", '{"sft": {"seed": 5}}'],
+                                 ["--train-overrides", '{"sasrec": {"max_items": 5}}'],
+                                 ["--train-overrides", '{"sft": {"lr": -1}}'],
+                                 ["--train-overrides", '{"cpt": {"lr": "fast"}}']])
 def test_bench_retrieval_rejects_bad_arguments(tmp_path, bad, capsys):
     bench = _bench()
     with pytest.raises(SystemExit):
@@ -137,8 +143,8 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
         argv = ["--dataset", str(data), "--out", str(tmp_path / name), "--steps", "12,12,12", "--seed", "3",
                 "--codebook-sizes", "8,4,4", "--sid-epochs", "3", "--eval-batch-size", "16",
                 "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress", "--model-dir", str(bert),
-                "--model-overrides", '{"num_hidden_layers": 3}', "--sid-overrides", '{"cooccurrence_weight": 0.5}',
-                "--sft-only"]
+                "--model-overrides", '{"num_hidden_layers": 3}', "--train-overrides", '{"sft": {"lr": 0.02}}',
+                "--sid-overrides", '{"cooccurrence_weight": 0.5}', "--sft-only"]
         runs.append(bench.main(argv))
     assert (np.load(tmp_path / "a" / "sid" / "codes.npy") == np.load(tmp_path / "b" / "sid" / "codes.npy")).all()
     for model in ("plum", "sft_only", "popularity", "sasrec"):
@@ -149,6 +155,20 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
     assert json.loads((tmp_path / "a" / "sft" / "model" / "config.json").read_text())["num_hidden_layers"] == 3
     assert runs[0]["metadata"]["sid_overrides"] == {"cooccurrence_weight": 0.5}
     assert json.loads((tmp_path / "a" / "sid" / "config.json").read_text())["config"]["cooccurrence_weight"] == 0.5
+    # --train-overrides reach training: SFT's logged lr follows the 0.02 schedule (the default is 3e-3)
+    assert runs[0]["metadata"]["train_overrides"] == {"sft": {"lr": 0.02}}
+    assert runs[0]["metadata"]["train_config"]["sft"]["lr"] == 0.02
+    from plum.train.loop import TrainConfig, lr_lambda
+
+    for stage, peak in (("sft", 0.02), ("cpt", 3e-3)):
+        rows = [json.loads(r) for r in (tmp_path / "a" / stage / "metrics.jsonl").read_text().splitlines()]
+        schedule = lr_lambda(TrainConfig(steps=12, warmup_steps=1))
+        assert [r["lr"] for r in rows] == pytest.approx([peak * schedule(r["step"]) for r in rows])
+    # resuming with other model or training settings is refused, naming the option
+    with pytest.raises(ValueError, match=r'trained with --train-overrides \{"sft": \{"lr": 0.02\}\}, not \{\}'):
+        bench.main([a for a in argv if a not in ("--train-overrides", '{"sft": {"lr": 0.02}}')])
+    with pytest.raises(ValueError, match="trained with --model-overrides"):
+        bench.main([*argv, "--model-overrides", '{"num_hidden_layers": 2}'])
     # resuming on SIDs fitted with another tokenizer config is refused, naming the field
     with pytest.raises(ValueError, match="sid.cooccurrence_weight=0.5, the run config says 1.0"):
         bench.main([*argv[:-3], "--sid-overrides", '{"cooccurrence_weight": 1.0}', "--sft-only"])
