@@ -202,6 +202,7 @@ def train_overrides_arg(parser, obj: dict) -> dict:
     import dataclasses
 
     from plum.train.loop import TrainConfig
+    from plum.train.stages import DEFAULTS
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for stage, over in obj.items():
@@ -209,12 +210,15 @@ def train_overrides_arg(parser, obj: dict) -> dict:
             parser.error(f"--train-overrides: the stage {stage!r} must be one of {sorted(TRAIN_CONFIG)}")
         if not isinstance(over, dict):
             parser.error(f"--train-overrides: {stage} must map to a JSON object, got {over!r}")
-        allowed = (fields | set(TRAIN_CONFIG[stage])) - set(TRAIN_RESERVED)
+        allowed = (fields | set(DEFAULTS[stage]) | set(TRAIN_CONFIG[stage])) - set(TRAIN_RESERVED)
         for k in over:
             if k in TRAIN_RESERVED:
                 parser.error(f"--train-overrides: {stage}.{k} must be set with {TRAIN_RESERVED[k]}")
             if k not in allowed:
                 parser.error(f"--train-overrides: {stage}.{k} must be one of {sorted(allowed)}")
+        smoothing = over.get("label_smoothing", 0.0)
+        if not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+            parser.error(f"--train-overrides: {stage}.label_smoothing must be in [0, 1), got {smoothing!r}")
         merged = {k: v for k, v in {**TRAIN_CONFIG[stage], **over}.items() if k in fields}
         try:
             TrainConfig.from_dict(merged)

@@ -160,6 +160,15 @@ def test_bad_config_raises(tmp_path):
         sft_dataset(SimpleNamespace(cfg=load_run_config(None, sft={"objective": "all"})), None, None)
     with pytest.raises(ValueError, match="sft.loss must be one of"):
         sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"loss": "sid"})), None)
+    # sft.label_smoothing reaches the codebook loss; it is refused with the vocab loss and out of [0, 1)
+    vocab = SimpleNamespace(num_levels=2, level_slice=lambda l: slice(10 + 4 * l, 14 + 4 * l))
+    assert sft_loss(SimpleNamespace(cfg=load_run_config(None)), vocab).label_smoothing == 0.0
+    assert sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"label_smoothing": 0.1})), vocab).label_smoothing \
+        == 0.1
+    with pytest.raises(ValueError, match="sft.label_smoothing=0.1 needs sft.loss 'codebook'"):
+        sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"loss": "vocab", "label_smoothing": 0.1})), vocab)
+    with pytest.raises(ValueError, match="sft.label_smoothing: label_smoothing must be in"):
+        sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"label_smoothing": 1.5})), vocab)
 
 
 def test_trie_demo_writes_results(tmp_path, capsys):

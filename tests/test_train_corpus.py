@@ -225,6 +225,21 @@ def test_codebook_loss_is_ce_over_the_target_level_codebook(world):
                         np.array([0, 1, 1], np.float32))])
     with pytest.raises(ValueError, match="needs every target to be a SID token"):
         loss_fn(model, bad)
+    # label smoothing spreads eps over the target level's codebook only: -(1-eps) log p_t - eps/V_l sum log p
+    eps = 0.15
+    smooth, _ = CodebookLoss(vocab, label_smoothing=eps)(model, b)
+    num = 0.0
+    for row in range(len(b.targets)):
+        t = int(b.targets[row])
+        sl = next(vocab.level_slice(l) for l in range(vocab.num_levels) if vocab.level_slice(l).start <= t
+                  < vocab.level_slice(l).stop)
+        logp = torch.log_softmax(out.logits[row, sl].detach(), -1)
+        num = num + b.weights[row].double() * (-(1 - eps) * logp[t - sl.start] - eps * logp.mean())
+    ref = num / b.weights.double().sum() + out.aux_loss.detach()
+    assert torch.allclose(smooth.detach(), ref, rtol=1e-12, atol=0) and not torch.allclose(smooth, loss)
+    for v in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing must be in"):
+            CodebookLoss(vocab, label_smoothing=v)
 
 
 @pytest.mark.parametrize("cls", ["SFTDataset", "SequenceSFTDataset"])

@@ -111,12 +111,19 @@ class CodebookLoss:
     it also computes ``[M, V_l]`` logits instead of ``[M, V]`` (V_l <= 256
     against a ~5k-token vocabulary). Weighted as :func:`lm_loss`.
 
+    ``label_smoothing`` (in [0, 1)) mixes each target's one-hot with the
+    uniform distribution over *its level's codebook* (``F.cross_entropy``'s
+    ``label_smoothing`` on the ``[M, V_l]`` logits); 0 is the plain loss.
+
     In one process the level slices are multiplied directly; under DDP/FSDP
     (world size > 1) the full logits come out of the wrapped forward and are
     sliced, so that every parameter is used inside ``forward`` (same loss).
     """
 
-    def __init__(self, vocab):
+    def __init__(self, vocab, label_smoothing: float = 0.0):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
         self.slices = [vocab.level_slice(l) for l in range(vocab.num_levels)]
         self.bounds = torch.tensor([sl.start for sl in self.slices] + [self.slices[-1].stop])
         if any(a.stop != b.start for a, b in zip(self.slices, self.slices[1:])):
@@ -141,7 +148,7 @@ class CodebookLoss:
                 continue
             logits = out.logits[rows, sl] if full else base.lm_logits(out.hidden[rows], sl)
             logits = logits if logits.dtype == torch.float64 else logits.float()
-            ce = F.cross_entropy(logits, tgt[rows] - sl.start, reduction="none")
+            ce = F.cross_entropy(logits, tgt[rows] - sl.start, reduction="none", label_smoothing=self.label_smoothing)
             num = num + (ce * w[rows].to(ce.dtype)).sum()
             used += rows.numel()
         if used == 0:  # no target: a zero loss that still depends on the parameters
