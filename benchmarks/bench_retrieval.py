@@ -201,7 +201,7 @@ def train_overrides_arg(parser, obj: dict) -> dict:
     that make a valid ``TrainConfig`` (``parser.error`` naming the stage and key otherwise)."""
     import dataclasses
 
-    from plum.train.loop import TrainConfig
+    from plum.train.loop import TrainConfig, check_label_smoothing
     from plum.train.stages import DEFAULTS
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -216,9 +216,10 @@ def train_overrides_arg(parser, obj: dict) -> dict:
                 parser.error(f"--train-overrides: {stage}.{k} must be set with {TRAIN_RESERVED[k]}")
             if k not in allowed:
                 parser.error(f"--train-overrides: {stage}.{k} must be one of {sorted(allowed)}")
-        smoothing = over.get("label_smoothing", 0.0)
-        if not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
-            parser.error(f"--train-overrides: {stage}.label_smoothing must be in [0, 1), got {smoothing!r}")
+        try:
+            check_label_smoothing(over.get("label_smoothing", 0.0))  # the loss's own check, before any training
+        except ValueError as e:
+            parser.error(f"--train-overrides: {stage}.{e}")
         merged = {k: v for k, v in {**TRAIN_CONFIG[stage], **over}.items() if k in fields}
         try:
             TrainConfig.from_dict(merged)

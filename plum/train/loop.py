@@ -99,6 +99,13 @@ def _weighted_loss(weighted_ce_sum: torch.Tensor, batch: PackedBatch, out) -> tu
     return loss + out.aux_loss, {"ce": loss.detach(), "aux": out.aux_loss.detach(), "tokens": batch.num_tokens}
 
 
+def check_label_smoothing(value) -> float:
+    """``value`` as a float in [0, 1): a label smoothing (ValueError naming ``label_smoothing`` otherwise)."""
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {value!r}")
+    return float(value)
+
+
 class CodebookLoss:
     """SFT loss normalised over each target's SID codebook: the distribution that
     constrained beam search decodes from.
@@ -121,9 +128,7 @@ class CodebookLoss:
     """
 
     def __init__(self, vocab, label_smoothing: float = 0.0):
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.slices = [vocab.level_slice(l) for l in range(vocab.num_levels)]
         self.bounds = torch.tensor([sl.start for sl in self.slices] + [self.slices[-1].stop])
         if any(a.stop != b.start for a, b in zip(self.slices, self.slices[1:])):
