@@ -169,6 +169,10 @@ def test_bad_config_raises(tmp_path):
         sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"loss": "vocab", "label_smoothing": 0.1})), vocab)
     with pytest.raises(ValueError, match="sft.label_smoothing: label_smoothing must be in"):
         sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"label_smoothing": 1.5})), vocab)
+    # a training section's TrainConfig fields (here weight averaging) reach the stage's TrainConfig
+    from plum.train.stages import _train_config
+    assert _train_config(load_run_config(None)["sft"], 0, False).ema_decay == 0.0
+    assert _train_config(load_run_config(None, sft={"ema_decay": 0.999})["sft"], 0, False).ema_decay == 0.999
 
 
 def test_trie_demo_writes_results(tmp_path, capsys):

@@ -76,6 +76,52 @@ def test_exact_resume(tmp_path, dropout):
     assert not [p for p in os.listdir(tmp_path / "b") if p.endswith(".tmp")]  # atomic writes leave nothing
 
 
+def test_ema_is_the_moving_average_of_the_weights_after_each_step(tmp_path):
+    """``ema_decay=d``: the model ends as ``ema_t = d_t ema_{t-1} + (1 - d_t) p_t`` with
+    ``d_t = min(d, (1 + t) / (10 + t))``, ``ema_0`` the initial weights and ``p_t`` the raw
+    weights after step t. The reference is float64 over a raw run (same seed, no EMA) stopped and
+    resumed after every step; the EMA run's checkpoint keeps the raw weights (what training resumes)."""
+    d, steps = 0.3, 6  # d_t = 2/11, 3/12, then the cap 0.3 from t = 3 on: both branches
+    raw, data = _setup(dropout=0.3)
+    ref = {n: p.detach().double().clone() for n, p in raw.named_parameters()}
+    for t in range(1, steps + 1):
+        train(raw, data, _cfg(steps=steps, lr=3e-2), tmp_path / "raw", stop_after=1)
+        dt = min(d, (1 + t) / (10 + t))
+        ref = {n: dt * ref[n] + (1 - dt) * p.detach().double() for n, p in raw.named_parameters()}
+    avg, _ = _setup(dropout=0.3)
+    train(avg, data, _cfg(steps=steps, lr=3e-2, ema_decay=d), tmp_path / "ema")
+    gap = max(float((ref[n] - p.detach().double()).abs().max()) for n, p in raw.named_parameters())
+    assert gap > 1e-3, "the average must differ from the raw weights for this test to mean anything"
+    for n, p in avg.named_parameters():
+        torch.testing.assert_close(p.detach().double(), ref[n], rtol=1e-6, atol=1e-7, msg=n)
+    ckpt = torch.load(tmp_path / "ema" / "checkpoint.pt", weights_only=False)
+    assert ckpt["ema_decay"] == d
+    for n, p in raw.named_parameters():
+        assert torch.equal(ckpt["model"][n], p.detach()), n
+        torch.testing.assert_close(ckpt["ema"][n].double(), ref[n], rtol=1e-6, atol=1e-7)
+
+
+def test_ema_resumes_exactly_and_refuses_another_decay(tmp_path):
+    full, data = _setup()
+    train(full, data, _cfg(ema_decay=0.5), tmp_path / "a")
+    part, _ = _setup()
+    train(part, data, _cfg(ema_decay=0.5), tmp_path / "b", stop_after=4)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 4
+    resumed, _ = _setup(seed=1)
+    train(resumed, data, _cfg(ema_decay=0.5), tmp_path / "b")
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed averaged weights differ"
+    again, _ = _setup(seed=2)  # a finished run re-entered: nothing to train, the model still gets the average
+    assert train(again, data, _cfg(ema_decay=0.5), tmp_path / "b") == {}
+    assert all(torch.equal(a[k], v) for k, v in again.state_dict().items())
+    for other in (0.0, 0.9):
+        with pytest.raises(ValueError, match=f"written with ema_decay=0.5, this run has ema_decay={other}"):
+            train(_setup()[0], data, _cfg(ema_decay=other), tmp_path / "b")
+    train(_setup()[0], data, _cfg(), tmp_path / "c", stop_after=2)  # no EMA, stopped at step 2
+    with pytest.raises(ValueError, match="written with ema_decay=0.0, this run has ema_decay=0.5"):
+        train(_setup()[0], data, _cfg(ema_decay=0.5), tmp_path / "c")
+
+
 def test_bf16_autocast_step_tracks_float32(tmp_path):
     """bf16 autocast (on by default on CUDA) through the kernels' bf16 paths: the first
     step's loss stays within bf16 error of the float32 one."""
@@ -94,6 +140,11 @@ def test_bad_train_config():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({"stepz": 3})
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="ema_decay must be in"):
+            TrainConfig(ema_decay=bad)
+    with pytest.raises(ValueError, match="ema_decay is not supported with fsdp=True"):
+        TrainConfig(ema_decay=0.9, fsdp=True)
 
 
 _DDP_SCRIPT = textwrap.dedent("""
@@ -105,7 +156,7 @@ _DDP_SCRIPT = textwrap.dedent("""
     from test_train_loop import _loss
     dist.init_process_group("gloo")
     model, data = _setup()
-    train(model, data, _cfg(fsdp={fsdp}), {out!r}, loss_fn=_loss({loss!r}, data))
+    train(model, data, _cfg(fsdp={fsdp}, ema_decay={ema}), {out!r}, loss_fn=_loss({loss!r}, data))
     from plum.train.loop import _full_state
     sd, _ = _full_state(model, torch.optim.SGD(model.parameters(), lr=0.1))
     if dist.get_rank() == 0:
@@ -138,20 +189,21 @@ def _loss(name, data):
     return lm_loss if name == "lm" else CodebookLoss(data.vocab)
 
 
-@pytest.mark.parametrize("fsdp,loss", [(False, "lm"), (True, "lm"), (False, "codebook"), (True, "codebook")])
-def test_two_process_gloo_matches_gradient_accumulation(tmp_path, fsdp, loss):
+@pytest.mark.parametrize("fsdp,loss,ema", [(False, "lm", 0.0), (True, "lm", 0.0), (False, "codebook", 0.0),
+                                           (True, "codebook", 0.0), (False, "lm", 0.5)])
+def test_two_process_gloo_matches_gradient_accumulation(tmp_path, fsdp, loss, ema):
     """torchrun with 2 CPU processes (gloo): rank r takes micro-batch r, DDP averages the
     gradients, which is what one process does with grad_accum=2 over the same stream. With the
     codebook loss the distributed run slices full logits, the single one multiplies the slices."""
     script = tmp_path / "ddp.py"
     out = tmp_path / "ddp"
-    script.write_text(_DDP_SCRIPT.format(tests=str(REPO / "tests"), out=str(out), fsdp=fsdp, loss=loss))
+    script.write_text(_DDP_SCRIPT.format(tests=str(REPO / "tests"), out=str(out), fsdp=fsdp, loss=loss, ema=ema))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ref, data = _setup()
-    train(ref, data, _cfg(grad_accum=2), tmp_path / "single", loss_fn=_loss(loss, data))
+    train(ref, data, _cfg(grad_accum=2, ema_decay=ema), tmp_path / "single", loss_fn=_loss(loss, data))
     ddp = torch.load(out / "final.pt", weights_only=False)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)
@@ -161,3 +213,4 @@ def test_two_process_gloo_matches_gradient_accumulation(tmp_path, fsdp, loss):
     np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in single], rtol=1e-4)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["world_size"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
+    assert (ckpt["ema"] is None) == (not ema) and not any(k.startswith("module.") for k in ckpt["ema"] or {})

@@ -13,6 +13,9 @@
   ``os.replace``) with model, optimizer, scheduler, RNG states and the data
   position, and exact resume from them: training ``n`` steps in one go or
   in two runs with a checkpoint between gives the same weights;
+- optional weight averaging (``ema_decay > 0``): an exponential moving
+  average of the parameters, updated after every optimizer step, kept in
+  the checkpoint, and loaded into the model when training ends;
 - metrics as JSON lines (``metrics.jsonl``; rows after the checkpoint that
   a resumed run redoes are dropped), a tqdm progress bar on rank 0.
 """
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from plum.train.corpus import ExampleStream, PackedBatch
 
 __all__ = ["TrainConfig", "train", "lm_loss", "CodebookLoss", "dist_env", "init_distributed", "shutdown_distributed",
-           "default_device", "full_model_state", "save_checkpoint", "load_checkpoint"]
+           "default_device", "full_model_state", "save_checkpoint", "load_checkpoint", "ParameterEMA"]
 
 CKPT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -60,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool | None = None        # None: autocast to bf16 exactly on CUDA
     fsdp: bool = False              # FSDP2 instead of DDP when distributed
+    ema_decay: float = 0.0          # 0: off; else the model ends with an EMA of its weights (see train)
     progress: bool = True
 
     def __post_init__(self):
@@ -74,6 +78,11 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if self.max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2, got {self.max_tokens}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 turns it off), got {self.ema_decay}")
+        if self.ema_decay and self.fsdp:
+            raise ValueError("ema_decay is not supported with fsdp=True (the average would need the sharded "
+                             "parameters gathered); use DDP (fsdp=False) or ema_decay=0")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -181,6 +190,49 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
+class ParameterEMA:
+    """Exponential moving average of a model's parameters (weight averaging).
+
+    After optimizer step ``t`` (1-based), every parameter's average moves as
+    ``ema = d_t * ema + (1 - d_t) * p`` with ``d_t = min(decay, (1 + t) / (10 + t))``:
+    the warm-up term keeps the first steps from tying the average to the
+    initial weights. The average starts as a copy of the parameters and has
+    their dtype and device. Buffers are not averaged.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        named = [(n, p) for n, p in model.named_parameters()]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay_at(step))
+
+    def state_dict(self) -> dict:
+        return {n: s.detach().cpu().clone() for n, s in zip(self.names, self.shadow)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.names):
+            raise ValueError(f"EMA state has parameters {sorted(set(state) ^ set(self.names))[:5]} that the model "
+                             "does not (or the other way round)")
+        for n, s in zip(self.names, self.shadow):
+            s.copy_(state[n])
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
 def dist_env() -> tuple[int, int]:
     """``(rank, world_size)``; 0, 1 when not distributed."""
     if dist.is_available() and dist.is_initialized():
@@ -267,13 +319,16 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def save_checkpoint(out_dir: Path, model, opt, sched, *, step: int, position: int, extra: dict | None = None) -> None:
+def save_checkpoint(out_dir: Path, model, opt, sched, *, step: int, position: int, extra: dict | None = None,
+                    ema: ParameterEMA | None = None) -> None:
     """Write ``out_dir/checkpoint.pt`` atomically (every rank must call it; rank 0 writes)."""
     msd, osd = _full_state(model, opt)
     rank, world = dist_env()
     if rank == 0:
         _atomic_torch_save({"model": msd, "optimizer": osd, "scheduler": sched.state_dict(), "step": step,
                             "position": position, "rng": _rng_state(), "world_size": world,
+                            "ema_decay": ema.decay if ema is not None else 0.0,
+                            "ema": ema.state_dict() if ema is not None else None,
                             "extra": extra or {}}, out_dir / CKPT_NAME)
     if world > 1:
         dist.barrier()
@@ -331,6 +386,12 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
     ``stop_after`` ends the run early after that many steps (with a
     checkpoint), as a pre-empted job would; the schedule still spans
     ``cfg.steps``. Returns the last logged metrics.
+
+    With ``cfg.ema_decay > 0`` a :class:`ParameterEMA` of the weights is kept
+    (and checkpointed), and once step ``cfg.steps`` is reached the model's
+    parameters are replaced by it, so the caller saves the averaged model. A
+    run stopped earlier (``stop_after``) keeps the raw weights. Resuming a
+    checkpoint written with another ``ema_decay`` is refused.
     """
     out = Path(out_dir)
     rank, world = dist_env()
@@ -343,6 +404,7 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
     wrapped = _wrap(model, cfg)
     opt = make_optimizer(wrapped, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    ema = ParameterEMA(model, cfg.ema_decay) if cfg.ema_decay else None
     step, position = 0, 0
     ckpt_path = out / CKPT_NAME
     if resume and ckpt_path.exists():
@@ -350,7 +412,12 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
         if ckpt.get("world_size", 1) != world:
             raise ValueError(f"{ckpt_path} was written by {ckpt.get('world_size')} processes, this run has {world}; "
                              "the data order would differ")
+        if float(ckpt.get("ema_decay", 0.0)) != cfg.ema_decay:
+            raise ValueError(f"{ckpt_path} was written with ema_decay={ckpt.get('ema_decay', 0.0)}, this run has "
+                             f"ema_decay={cfg.ema_decay}; resume with the same value or use a new directory")
         _restore(wrapped, opt, ckpt)
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         sched.load_state_dict(ckpt["scheduler"])
         step, position = int(ckpt["step"]), int(ckpt["position"])
         _set_rng_state(ckpt["rng"])
@@ -385,6 +452,8 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
         opt.step()
         sched.step()
         step += 1
+        if ema is not None:
+            ema.update(step)
         bar.update(1)
         if step % cfg.log_every == 0 or step == end:
             if world > 1:
@@ -399,7 +468,9 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
                 with open(out / METRICS_NAME, "a") as f:
                     f.write(json.dumps(last) + "\n")
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
-            save_checkpoint(out, wrapped, opt, sched, step=step, position=stream.position)
+            save_checkpoint(out, wrapped, opt, sched, step=step, position=stream.position, ema=ema)
     bar.close()
+    if ema is not None and step >= cfg.steps:
+        ema.copy_to_model()
     return last
 
