@@ -78,6 +78,11 @@ the same OUT scores the saved models that way, into ``eval_*_xh.json`` and
 The default ranks every item, history included.
 ``--max-users N`` evaluates only the first N users (smoke runs); the table
 then says so. Reported numbers use every test user.
+
+Beside each cached evaluation ``eval_M*.json`` the bench keeps
+``eval_M*.ranks.npz`` (each user's target rank and the targets), so that
+``benchmarks/compare_retrieval.py OUT_A OUT_B`` can compare two runs on the
+same users with a paired standard error.
 """
 from __future__ import annotations
 
@@ -336,14 +341,24 @@ def calibrate(ws, args, out: Path) -> dict:
     return per_step
 
 
+def ranks_path(eval_json: Path) -> Path:
+    """Where the per-user target ranks of an evaluation cached at ``eval_json`` are kept."""
+    return eval_json.with_name(eval_json.stem + ".ranks.npz")
+
+
 def _cached(path: Path, fn):
+    """``fn() -> (metrics, ranks)`` run once: metrics cached at ``path`` (JSON), and the per-user
+    target ranks (within the top ``k``) with the targets at :func:`ranks_path` (for ``compare_retrieval.py``)."""
     if path.exists():
         return json.loads(path.read_text()), 0.0
     t0 = time.perf_counter()
-    res = fn()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, path)
+    res, (ranks, targets, k) = fn()
+    for dst, write in ((ranks_path(path), lambda f: np.savez(f, ranks=ranks, targets=targets, k=k)),
+                       (path, lambda f: f.write(json.dumps(res, indent=1).encode()))):
+        tmp = dst.with_name(dst.name + ".tmp")
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, dst)
     return res, time.perf_counter() - t0
 
 
@@ -479,9 +494,12 @@ def main(argv=None) -> dict:
     beam_tag = "" if args.beam_width == 20 else f"_beam{args.beam_width}"
 
     # 5. constrained beam search
+    def with_targets(res_ranks):
+        return res_ranks[0], (res_ranks[1], tgt, max(ks))
+
     def eval_plum():
         r = stages.retriever(ws, out / "sft" / "model")
-        return r.evaluate(hist, tgt, ks, exclude_history=xh)
+        return with_targets(r.evaluate(hist, tgt, ks, exclude_history=xh, return_ranks=True))
 
     results: dict[str, dict] = {}
     results["plum"], t = _cached(out / f"eval_plum{suffix}{beam_tag}.json", eval_plum)
@@ -493,8 +511,9 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             stages.run_sft(ws, init="scratch", out="sft_only", progress=progress)
             done("sft_only", time.perf_counter() - t0)
-        results["sft_only"], t = _cached(out / f"eval_sft_only{suffix}{beam_tag}.json", lambda: stages.retriever(
-            ws, out / "sft_only" / "model").evaluate(hist, tgt, ks, exclude_history=xh))
+        results["sft_only"], t = _cached(out / f"eval_sft_only{suffix}{beam_tag}.json", lambda: with_targets(
+            stages.retriever(ws, out / "sft_only" / "model").evaluate(hist, tgt, ks, exclude_history=xh,
+                                                                      return_ranks=True)))
         done(f"eval_sft_only{suffix}{beam_tag}", t)
         _log(f"sft_only: {results['sft_only']}")
 
@@ -503,9 +522,7 @@ def main(argv=None) -> dict:
     results["popularity"].setdefault("invalid_rate", 0.0)
 
     def fit_sasrec():
-        res = sasrec().evaluate(hist, tgt, ks, exclude_history=xh)
-        res.setdefault("invalid_rate", 0.0)
-        return res
+        return with_targets(sasrec().evaluate(hist, tgt, ks, exclude_history=xh, return_ranks=True))
 
     results["sasrec"], t = _cached(out / f"eval_sasrec{suffix}.json", fit_sasrec)
     done(f"sasrec{suffix}", t)

@@ -15,11 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_WORDS = "lipstick shampoo nail polish face cream number beauty".split()
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_retrieval", ROOT / "benchmarks" / "bench_retrieval.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _bench():
+    return _script("bench_retrieval")
 
 
 def _write_dataset(d: Path, num_items: int = 48, num_users: int = 40, seed: int = 0) -> Path:
@@ -151,6 +155,24 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
     assert (np.load(tmp_path / "a" / "sid" / "codes.npy") == np.load(tmp_path / "b" / "sid" / "codes.npy")).all()
     for model in ("plum", "sft_only", "popularity", "sasrec"):
         assert runs[0][model] == runs[1][model]
+    # per-user ranks kept beside each evaluation: compare_retrieval pairs two runs (identical here: 0 +- 0)
+    # and two models of one run (PLUM vs SASRec: the difference of their table rows)
+    cmp_mod = _script("compare_retrieval")
+    for model in ("plum", "sft_only", "sasrec"):
+        with np.load(tmp_path / "a" / f"eval_{model}.ranks.npz") as z:
+            assert int(z["k"]) == 10 and len(z["ranks"]) == runs[0]["metadata"]["test_users"]
+            assert float(((z["ranks"] >= 0) & (z["ranks"] < 10)).mean()) == runs[0][model]["recall@10"]
+    same = cmp_mod.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert all(r["b_minus_a"] == 0.0 and r["paired_se"] == 0.0 for r in same.values())
+    vs = cmp_mod.main([str(tmp_path / "a"), f"{tmp_path / 'a'}:sasrec", "--json", str(tmp_path / "cmp.json")])
+    for m in ("recall@5", "ndcg@5", "recall@10", "ndcg@10"):
+        assert vs[m]["a"] == pytest.approx(runs[0]["plum"][m], abs=1e-12)
+        assert vs[m]["b_minus_a"] == pytest.approx(runs[0]["sasrec"][m] - runs[0]["plum"][m], abs=1e-12)
+    assert json.loads((tmp_path / "cmp.json").read_text())["metrics"]["recall@10"] == vs["recall@10"]
+    with pytest.raises(SystemExit, match="eval_plum_valid.ranks.npz does not exist"):
+        cmp_mod.main([str(tmp_path / "a"), str(tmp_path / "b"), "--split", "valid"])
+    with pytest.raises(SystemExit, match="kept within the top 10 only"):
+        cmp_mod.main([str(tmp_path / "a"), str(tmp_path / "b"), "--ks", "20"])
     assert runs[0]["metadata"]["plan"]["steps"] == {"cpt": 12, "sft": 12, "sasrec": 12}
     assert runs[0]["metadata"]["budget_minutes"] is None  # pinned steps: no budget
     assert runs[0]["metadata"]["model_overrides"] == {"num_hidden_layers": 3}
@@ -204,3 +226,11 @@ def test_bench_retrieval_extra_embeddings(tmp_path):
     assert bench.main([*argv, "--extra-embeddings", str(tmp_path / "collab.npy")])["plum"] == res["plum"]
     with pytest.raises(ValueError, match="--extra-embeddings: .*short.npy must be a finite"):
         bench.main([*argv[:3], str(tmp_path / "o2"), *argv[4:], "--extra-embeddings", str(tmp_path / "short.npy")])
+
+
+@pytest.mark.parametrize("bad", [["o:foo", "o"], ["o", "o", "--ks", "5,x"], ["o", "o", "--ks", "0"],
+                                 ["o", "o", "--beam-width", "0"]])
+def test_compare_retrieval_rejects_bad_arguments(bad, capsys):
+    with pytest.raises(SystemExit):
+        _script("compare_retrieval").parse_args(bad)
+    assert "must" in capsys.readouterr().err

@@ -7,7 +7,8 @@ import torch
 
 from plum.baselines import Popularity, SASRec, SASRecConfig
 from plum.model import ModelConfig, PlumLM, SIDVocab, cu_seqlens_from_lengths
-from plum.retrieval import GenerativeRetriever, drop_history, topk_from_scores, topk_metrics
+from plum.retrieval import (GenerativeRetriever, drop_history, paired_difference, per_user_metric, target_ranks,
+                            topk_from_scores, topk_metrics)
 from plum.sid import build_trie
 from plum.train.corpus import history_tokens
 
@@ -173,3 +174,48 @@ def test_sasrec_exclude_history_matches_masked_scores(dtype):
     targets = np.array([g[3] for g in got])
     m = sas.evaluate(hists, targets, ks=(5, 10), exclude_history=True)
     assert m["recall@5"] == 1.0 and m["ndcg@5"] == pytest.approx(1 / math.log2(5))
+
+
+def test_target_ranks_and_paired_difference_against_a_float64_reference():
+    """Per-user ranks give back topk_metrics' means; the paired difference of two models is the mean
+    of per-user differences with its sample standard error (float64 reference by loops)."""
+    rng = np.random.default_rng(7)
+    n_items, n_users = 30, 57
+    targets = rng.integers(0, n_items, n_users)
+    lists = [[rng.permutation(n_items)[:rng.integers(0, 15)] for _ in range(n_users)] for _ in range(2)]
+    ranks = [target_ranks(l, targets, 12) for l in lists]
+    for l, r in zip(lists, ranks):
+        for u in range(n_users):
+            hit = [i for i, x in enumerate(l[u][:12]) if x == targets[u]]
+            assert r[u] == (hit[0] if hit else -1)
+        m = topk_metrics(l, targets, n_items, ks=(3, 12))
+        for k in (3, 12):
+            assert per_user_metric(r, k, "recall").mean() == m[f"recall@{k}"]
+            assert per_user_metric(r, k, "ndcg").mean() == m[f"ndcg@{k}"]
+    for k, metric in ((3, "recall"), (12, "ndcg"), (5, "ndcg")):
+        def value(rank):
+            if rank < 0 or rank >= k:
+                return 0.0
+            return 1.0 if metric == "recall" else 1.0 / math.log2(rank + 2)
+        d = [value(int(b)) - value(int(a)) for a, b in zip(*ranks)]
+        mean = math.fsum(d) / n_users
+        se = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (n_users - 1) / n_users)
+        got = paired_difference(ranks[0], ranks[1], k, metric)
+        assert got[0] == pytest.approx(mean, rel=1e-12, abs=1e-15) and got[1] == pytest.approx(se, rel=1e-12)
+        assert got[1] > 0
+    assert paired_difference(ranks[0], ranks[0], 12) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same users"):
+        paired_difference(ranks[0], ranks[1][:-1], 10)
+    with pytest.raises(ValueError, match="metric must be"):
+        paired_difference(ranks[0], ranks[1], 10, "mrr")
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        target_ranks(lists[0], targets, 0)
+    with pytest.raises(ValueError, match="at least 2 users"):
+        paired_difference(ranks[0][:1], ranks[1][:1], 10)
+
+
+def test_evaluate_returns_ranks_on_request():
+    pop = Popularity([np.array([2, 2, 1, 0])], 4)
+    hists, targets = [np.array([0]), np.array([3])], [0, 1]  # ranking 2, 0, 1, 3
+    m, r = pop.evaluate(hists, targets, ks=(1, 2), return_ranks=True)
+    assert m == pop.evaluate(hists, targets, ks=(1, 2)) and r.tolist() == [1, -1]  # 1 is third: not in the top 2

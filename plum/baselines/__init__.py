@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 
 from plum.baselines.sasrec import SASRec, SASRecConfig, SequenceDataset, sasrec_loss
-from plum.retrieval.metrics import drop_history, topk_metrics
+from plum.retrieval.metrics import drop_history, evaluate_lists
 from plum.train.corpus import check_histories
 
 __all__ = ["Popularity", "SASRec", "SASRecConfig", "SequenceDataset", "sasrec_loss"]
@@ -29,8 +29,7 @@ class Popularity:
             return [self.ranking[:k].copy() for _ in histories]
         return [drop_history(self.ranking[:k + len(np.unique(h))], h)[:k] for h in histories]
 
-    def evaluate(self, histories, targets, ks=(5, 10), *, exclude_history: bool = False) -> dict:
-        res = topk_metrics(self.recommend(histories, max(ks), exclude_history=exclude_history), targets,
-                           self.num_items, ks)
-        res["invalid_rate"] = 0.0
-        return res
+    def evaluate(self, histories, targets, ks=(5, 10), *, exclude_history: bool = False, return_ranks: bool = False):
+        """Recall/NDCG/coverage@K; ``return_ranks``: ``(metrics, per-user target ranks)``."""
+        return evaluate_lists(self.recommend(histories, max(ks), exclude_history=exclude_history), targets,
+                              self.num_items, ks, return_ranks=return_ranks)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import kernels.torch as K
 from plum.model.model import cu_seqlens_from_lengths, positions_from_cu_seqlens
-from plum.retrieval.metrics import drop_history, topk_from_scores, topk_metrics
+from plum.retrieval.metrics import drop_history, evaluate_lists, topk_from_scores
 from plum.train.corpus import Example, PackedBatch, check_histories
 
 __all__ = ["SASRecConfig", "SASRec", "SequenceDataset", "sasrec_loss"]
@@ -127,12 +127,11 @@ class SASRec(nn.Module):
             self.train(was)
         return out
 
-    def evaluate(self, histories, targets, ks=(5, 10), *, exclude_history: bool = False) -> dict:
-        """Recall/NDCG/coverage@K over all items (``exclude_history``: see :meth:`recommend`)."""
-        res = topk_metrics(self.recommend(histories, max(ks), exclude_history=exclude_history), targets,
-                           self.config.num_items, ks)
-        res["invalid_rate"] = 0.0
-        return res
+    def evaluate(self, histories, targets, ks=(5, 10), *, exclude_history: bool = False, return_ranks: bool = False):
+        """Recall/NDCG/coverage@K over all items (``exclude_history``: see :meth:`recommend`);
+        ``return_ranks``: ``(metrics, per-user target ranks)`` as in ``GenerativeRetriever.evaluate``."""
+        return evaluate_lists(self.recommend(histories, max(ks), exclude_history=exclude_history), targets,
+                              self.config.num_items, ks, return_ranks=return_ranks)
 
 
 class SequenceDataset:

@@ -28,7 +28,7 @@ import torch
 import kernels.torch as K
 from plum.model.model import PlumLM, cu_seqlens_from_lengths
 from plum.model.vocab import SIDVocab
-from plum.retrieval.metrics import drop_history, topk_metrics
+from plum.retrieval.metrics import drop_history, evaluate_lists
 from plum.sid.trie import SIDTrie
 from plum.train.corpus import check_histories, history_tokens
 
@@ -141,12 +141,12 @@ class GenerativeRetriever:
         return Recommendations(items, np.concatenate(all_codes), np.concatenate(all_scores), invalid, beams)
 
     def evaluate(self, histories: Sequence[np.ndarray], targets, ks: Sequence[int] = (5, 10), *,
-                 exclude_history: bool = False) -> dict:
+                 exclude_history: bool = False, return_ranks: bool = False):
         """Recall/NDCG/coverage@K over all items plus the invalid-SID rate (``exclude_history``: see
-        :meth:`recommend`)."""
+        :meth:`recommend`). ``return_ranks``: also each user's target rank in its top ``max(ks)``
+        (``(metrics, ranks)``, see :func:`~plum.retrieval.metrics.target_ranks`)."""
         if max(ks) > self.beam_width:
             raise ValueError(f"beam_width ({self.beam_width}) must be >= the largest K ({max(ks)})")
         rec = self.recommend(histories, max(ks), exclude_history=exclude_history)
-        out = topk_metrics(rec.items, targets, self.num_items, ks)
-        out["invalid_rate"] = rec.invalid / max(rec.beams, 1)
-        return out
+        return evaluate_lists(rec.items, targets, self.num_items, ks, invalid_rate=rec.invalid / max(rec.beams, 1),
+                              return_ranks=return_ranks)
