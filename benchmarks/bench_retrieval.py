@@ -346,18 +346,29 @@ def calibrate(ws, args, out: Path) -> dict:
     return per_step
 
 
+def split_tag(split: str, exclude_history: bool) -> str:
+    """The protocol in the names of cached evaluations and results: ``""``, ``"_valid"``, ``"_xh"``, ..."""
+    return ("" if split == "test" else f"_{split}") + ("_xh" if exclude_history else "")
+
+
+def beam_tag(beam_width: int) -> str:
+    """Beam search's results depend on the width (the baselines' do not): another width, another file."""
+    return "" if beam_width == 20 else f"_beam{beam_width}"
+
+
 def ranks_path(eval_json: Path) -> Path:
     """Where the per-user target ranks of an evaluation cached at ``eval_json`` are kept."""
     return eval_json.with_name(eval_json.stem + ".ranks.npz")
 
 
-def _cached(path: Path, fn):
+def _cached(path: Path, fn, targets: np.ndarray, k: int):
     """``fn() -> (metrics, ranks)`` run once: metrics cached at ``path`` (JSON), and the per-user
-    target ranks (within the top ``k``) with the targets at :func:`ranks_path` (for ``compare_retrieval.py``)."""
+    target ranks (within the top ``k``) with the ``targets`` at :func:`ranks_path` (for
+    ``compare_retrieval.py``)."""
     if path.exists():
         return json.loads(path.read_text()), 0.0
     t0 = time.perf_counter()
-    res, (ranks, targets, k) = fn()
+    res, ranks = fn()
     for dst, write in ((ranks_path(path), lambda f: np.savez(f, ranks=ranks, targets=targets, k=k)),
                        (path, lambda f: f.write(json.dumps(res, indent=1).encode()))):
         tmp = dst.with_name(dst.name + ".tmp")
@@ -419,8 +430,7 @@ def main(argv=None) -> dict:
     check_extra_embeddings(ws, args.extra_embeddings)
     es = getattr(ws.split, args.split)  # the users scored: test, or valid for model selection
     xh = args.exclude_history
-    # the protocol in the names of cached evaluations and results
-    split_tag = ("" if args.split == "test" else f"_{args.split}") + ("_xh" if xh else "")
+    protocol = split_tag(args.split, xh)  # in the names of cached evaluations and results
     _log(f"data: {ws.num_items} items, {len(es.targets)} {args.split} users")
 
     if plan is None:
@@ -494,21 +504,17 @@ def main(argv=None) -> dict:
 
     n_users = len(es.targets) if args.max_users is None else min(args.max_users, len(es.targets))
     hist, tgt, ks = list(es.histories)[:n_users], np.asarray(es.targets)[:n_users], cfg["eval"]["ks"]
-    suffix = split_tag + ("" if args.max_users is None else f"_first{n_users}")
-    # beam search's results depend on the width (the baselines' do not): another width, another file
-    beam_tag = "" if args.beam_width == 20 else f"_beam{args.beam_width}"
+    suffix = protocol + ("" if args.max_users is None else f"_first{n_users}")
+    beam = beam_tag(args.beam_width)
 
     # 5. constrained beam search
-    def with_targets(res_ranks):
-        return res_ranks[0], (res_ranks[1], tgt, max(ks))
-
     def eval_plum():
         r = stages.retriever(ws, out / "sft" / "model")
-        return with_targets(r.evaluate(hist, tgt, ks, exclude_history=xh, return_ranks=True))
+        return r.evaluate(hist, tgt, ks, exclude_history=xh, return_ranks=True)
 
     results: dict[str, dict] = {}
-    results["plum"], t = _cached(out / f"eval_plum{suffix}{beam_tag}.json", eval_plum)
-    done(f"eval_plum{suffix}{beam_tag}", t)
+    results["plum"], t = _cached(out / f"eval_plum{suffix}{beam}.json", eval_plum, tgt, max(ks))
+    done(f"eval_plum{suffix}{beam}", t)
     _log(f"plum: {results['plum']}")
 
     if args.sft_only:  # PLUM's ablation: SFT (same steps) from a fresh model instead of the CPT one
@@ -516,10 +522,12 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             stages.run_sft(ws, init="scratch", out="sft_only", progress=progress)
             done("sft_only", time.perf_counter() - t0)
-        results["sft_only"], t = _cached(out / f"eval_sft_only{suffix}{beam_tag}.json", lambda: with_targets(
-            stages.retriever(ws, out / "sft_only" / "model").evaluate(hist, tgt, ks, exclude_history=xh,
-                                                                      return_ranks=True)))
-        done(f"eval_sft_only{suffix}{beam_tag}", t)
+        def eval_sft_only():
+            r = stages.retriever(ws, out / "sft_only" / "model")
+            return r.evaluate(hist, tgt, ks, exclude_history=xh, return_ranks=True)
+
+        results["sft_only"], t = _cached(out / f"eval_sft_only{suffix}{beam}.json", eval_sft_only, tgt, max(ks))
+        done(f"eval_sft_only{suffix}{beam}", t)
         _log(f"sft_only: {results['sft_only']}")
 
     # 6. baselines
@@ -527,9 +535,9 @@ def main(argv=None) -> dict:
     results["popularity"].setdefault("invalid_rate", 0.0)
 
     def fit_sasrec():
-        return with_targets(sasrec().evaluate(hist, tgt, ks, exclude_history=xh, return_ranks=True))
+        return sasrec().evaluate(hist, tgt, ks, exclude_history=xh, return_ranks=True)
 
-    results["sasrec"], t = _cached(out / f"eval_sasrec{suffix}.json", fit_sasrec)
+    results["sasrec"], t = _cached(out / f"eval_sasrec{suffix}.json", fit_sasrec, tgt, max(ks))
     done(f"sasrec{suffix}", t)
     _log(f"sasrec: {results['sasrec']}")
 
@@ -556,7 +564,7 @@ def main(argv=None) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     res = {**table, "details": {"sid": sid_info, "metrics": extra, "published": PUBLISHED}, "metadata": meta}
-    res_path = out / f"results{split_tag}{beam_tag}.json"
+    res_path = out / f"results{protocol}{beam}.json"
     with open(res_path, "w") as f:
         json.dump(res, f, indent=1)
     print_table(table, meta, sid_info)

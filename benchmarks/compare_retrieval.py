@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench's file naming
 
+from bench_retrieval import beam_tag, ranks_path, split_tag  # noqa: E402
 from plum.retrieval.metrics import paired_difference, per_user_metric  # noqa: E402
 
 MODELS = ("plum", "sft_only", "sasrec")
@@ -61,9 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def ranks_file(out: Path, model: str, split: str, exclude_history: bool, beam_width: int) -> Path:
     """The bench's ranks file of ``model`` in ``out`` (its naming: split, protocol, beam width)."""
-    tag = ("" if split == "test" else f"_{split}") + ("_xh" if exclude_history else "")
-    beam = "" if model == "sasrec" or beam_width == 20 else f"_beam{beam_width}"
-    return out / f"eval_{model}{tag}{beam}.ranks.npz"
+    beam = "" if model == "sasrec" else beam_tag(beam_width)
+    return ranks_path(out / f"eval_{model}{split_tag(split, exclude_history)}{beam}.json")
 
 
 def load_ranks(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
