@@ -146,6 +146,21 @@ def test_hidden_dropout_acts_in_training_only():
     torch.testing.assert_close(plain(ids, cu).logits, plain.eval()(ids, cu).logits, rtol=0, atol=0)
 
 
+def test_router_logits_stay_float32_under_autocast(monkeypatch):
+    """Under bf16 autocast (the CUDA training default) the experts run in bf16 but the router's
+    logits are computed in float32, as in eval: a bf16 router would route differently."""
+    import plum.model.model as M
+
+    seen, moe = [], M.K.moe_mlp
+    monkeypatch.setattr(M.K, "moe_mlp", lambda x, logits, *a, **kw: seen.append((x.dtype, logits.dtype))
+                        or moe(x, logits, *a, **kw))
+    m = PlumLM(small())
+    ids, cu = torch.randint(0, 97, (11,)), cu_seqlens_from_lengths([6, 5])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(ids, cu)
+    assert seen == [(torch.bfloat16, torch.float32)] * 2  # two MoE layers
+
+
 def test_backward_reaches_every_parameter():
     m = PlumLM(small())
     out = m(torch.randint(0, 97, (11,)), cu_seqlens_from_lengths([6, 5]))

@@ -15,7 +15,7 @@ from plum.train.corpus import history_tokens
 SIZES = (4, 3, 3)
 
 
-def _world(n_items=12, seed=0):
+def _world(n_items=12, seed=0, kernel_impl=None):
     rng = np.random.default_rng(seed)
     all_codes = np.array([(a, b, c) for a in range(4) for b in range(3) for c in range(3)])
     codes = all_codes[rng.choice(len(all_codes), n_items, replace=False)]
@@ -24,7 +24,8 @@ def _world(n_items=12, seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab.size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, intermediate_size=32, moe_intermediate_size=16,
-                      num_experts=4, num_experts_per_tok=2, mlp_only_layers=(0,), initializer_range=0.3)
+                      num_experts=4, num_experts_per_tok=2, mlp_only_layers=(0,), initializer_range=0.3,
+                      kernel_impl=kernel_impl)
     model = PlumLM(cfg).double().eval()
     return model, vocab, codes, build_trie(codes, SIZES)
 
@@ -61,6 +62,23 @@ def test_exhaustive_beam_search_ranks_every_sid_by_its_exact_probability():
         expect = np.concatenate([trie.items(sids[order][i:i + 1])[0] for i in range(len(sids))])
         assert rec.items[u].tolist() == expect.tolist()
         assert sorted(rec.items[u].tolist()) == list(range(len(codes)))
+
+
+@pytest.mark.parametrize("model_impl, impl, expect", [(None, None, None), ("reference", None, "reference"),
+                                                      ("reference", "triton", "triton")])
+def test_beam_search_impl_follows_the_model_unless_given(monkeypatch, model_impl, impl, expect):
+    """A model set to the reference ops (``kernel_impl``) also decodes with the reference beam search;
+    an explicit ``impl`` wins. Both impls return the same beams."""
+    import plum.retrieval.generative as G
+
+    model, vocab, codes, trie = _world(kernel_impl=model_impl)
+    seen, search = [], G.K.constrained_beam_search
+    monkeypatch.setattr(G.K, "constrained_beam_search", lambda *a, **kw: seen.append(kw["impl"]) or search(*a, **kw))
+    hists = [np.array([3, 1, 4]), np.array([5])]
+    rec = GenerativeRetriever(model, vocab, trie, codes, beam_width=6, batch_size=2, impl=impl).recommend(hists, k=5)
+    assert seen == [expect]
+    ref = GenerativeRetriever(_world()[0], vocab, trie, codes, beam_width=6, batch_size=2).recommend(hists, k=5)
+    assert (rec.codes == ref.codes).all() and [x.tolist() for x in rec.items] == [x.tolist() for x in ref.items]
 
 
 def test_narrow_beams_return_valid_distinct_sids_and_metrics():

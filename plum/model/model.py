@@ -203,9 +203,11 @@ class MoEMLP(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         dt = _compute_dtype(x2)
-        # The router runs in float32 (as Hugging Face's softmax(dtype=float)), float64 for float64 models.
+        # The router runs in float32 (as Hugging Face's softmax(dtype=float)), float64 for float64 models,
+        # also under autocast (which would run the linear in bf16 on CUDA).
         rdt = torch.float64 if x2.dtype == torch.float64 else torch.float32
-        logits = F.linear(x2.to(rdt), self.gate.weight.to(rdt))
+        with torch.autocast(x2.device.type, enabled=False):
+            logits = F.linear(x2.to(rdt), self.gate.weight.to(rdt))
         out, lb, z = K.moe_mlp(x2.to(dt), logits, self.w_gate_up.to(dt), self.w_down.to(dt), self.top_k,
                                renormalize=self.renormalize, impl=self.impl)
         return out.reshape(*lead, -1), lb, z

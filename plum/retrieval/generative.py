@@ -55,6 +55,10 @@ class GenerativeRetriever:
         beam_width: W beams per user (>= the largest K asked for).
         batch_size: users per beam search.
         max_items: prompt history window (the last ``max_items`` items).
+        impl: ``kernels.torch`` implementation of the constrained beam search
+            (None, ``"reference"`` or ``"triton"``); default the model's
+            ``config.kernel_impl``, so a model set to the reference ops decodes
+            with them too.
     """
 
     def __init__(self, model: PlumLM, vocab: SIDVocab, trie: SIDTrie, codes: np.ndarray, *, beam_width: int = 10,
@@ -66,7 +70,8 @@ class GenerativeRetriever:
         self.model, self.vocab, self.trie = model, vocab, trie
         self.sid_tokens = vocab.sid_to_tokens(codes)
         self.num_items = len(self.sid_tokens)
-        self.beam_width, self.batch_size, self.max_items, self.impl = beam_width, batch_size, max_items, impl
+        self.beam_width, self.batch_size, self.max_items = beam_width, batch_size, max_items
+        self.impl = impl if impl is not None else model.config.kernel_impl
         self._trie_arrays = None
 
     def _device(self):
