@@ -169,6 +169,14 @@ def test_bad_config_raises(tmp_path):
         sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"loss": "vocab", "label_smoothing": 0.1})), vocab)
     with pytest.raises(ValueError, match="sft.label_smoothing: label_smoothing must be in"):
         sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"label_smoothing": 1.5})), vocab)
+    # sft.level_weights likewise: reaches the codebook loss, refused with the vocab loss and when malformed
+    assert sft_loss(SimpleNamespace(cfg=load_run_config(None)), vocab).level_weights is None
+    lw = [2.0] + [1.0] * (vocab.num_levels - 1)
+    assert sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"level_weights": lw})), vocab).level_weights == lw
+    with pytest.raises(ValueError, match="sft.level_weights=.* needs sft.loss 'codebook'"):
+        sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"loss": "vocab", "level_weights": lw})), vocab)
+    with pytest.raises(ValueError, match="sft.level_weights: level_weights must be a list of"):
+        sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"level_weights": [1.0]})), vocab)
     # a training section's TrainConfig fields (here weight averaging) reach the stage's TrainConfig
     from plum.train.stages import _train_config
     assert _train_config(load_run_config(None)["sft"], 0, False).ema_decay == 0.0

@@ -240,6 +240,24 @@ def test_codebook_loss_is_ce_over_the_target_level_codebook(world):
     for v in (-0.1, 1.0, float("nan")):
         with pytest.raises(ValueError, match="label_smoothing must be in"):
             CodebookLoss(vocab, label_smoothing=v)
+    # level weights multiply each level's CE: sum_l w_l * sum(token weight * ce) / sum(token weights)
+    lw = [2.5, 1.0, 0.0, 0.5][:vocab.num_levels]
+    weighted, _ = CodebookLoss(vocab, level_weights=lw)(model, b)
+    num = 0.0
+    for row in range(len(b.targets)):
+        t = int(b.targets[row])
+        lvl = next(l for l in range(vocab.num_levels) if vocab.level_slice(l).start <= t < vocab.level_slice(l).stop)
+        sl = vocab.level_slice(lvl)
+        num = num + lw[lvl] * b.weights[row].double() * torch.nn.functional.cross_entropy(
+            out.logits[row, sl].detach()[None], torch.tensor([t - sl.start]))
+    ref = num / b.weights.double().sum() + out.aux_loss.detach()
+    assert torch.allclose(weighted.detach(), ref, rtol=1e-12, atol=0) and not torch.allclose(weighted, loss)
+    ones, _ = CodebookLoss(vocab, level_weights=[1] * vocab.num_levels)(model, b)
+    assert torch.equal(ones.detach(), loss.detach())
+    for v in ([1.0] * (vocab.num_levels + 1), [0.0] * vocab.num_levels, [-1.0] + [1.0] * (vocab.num_levels - 1),
+              [float("inf")] + [1.0] * (vocab.num_levels - 1), "1111", 2.0):
+        with pytest.raises(ValueError, match="level_weights must"):
+            CodebookLoss(vocab, level_weights=v)
 
 
 @pytest.mark.parametrize("cls", ["SFTDataset", "SequenceSFTDataset"])

@@ -115,6 +115,23 @@ def check_label_smoothing(value) -> float:
     return float(value)
 
 
+def check_level_weights(value, num_levels: int) -> list[float] | None:
+    """``value`` as ``num_levels`` finite weights >= 0, not all 0, or None (ValueError naming
+    ``level_weights`` otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != num_levels:
+        raise ValueError(f"level_weights must be a list of {num_levels} weights (one per SID level), got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"level_weights must be finite numbers >= 0, got {value!r}")
+        out.append(float(v))
+    if not any(out):
+        raise ValueError(f"level_weights must not all be 0, got {value!r}")
+    return out
+
+
 class CodebookLoss:
     """SFT loss normalised over each target's SID codebook: the distribution that
     constrained beam search decodes from.
@@ -131,13 +148,19 @@ class CodebookLoss:
     uniform distribution over *its level's codebook* (``F.cross_entropy``'s
     ``label_smoothing`` on the ``[M, V_l]`` logits); 0 is the plain loss.
 
+    ``level_weights`` (one weight >= 0 per SID level, default all 1) multiplies
+    the cross-entropy of every level-``l`` target by ``level_weights[l]``, e.g.
+    ``[2, 1, 1, 1]`` to stress the first, coarsest code. The sum is still divided
+    by the batch's token weights, so weights above 1 raise the loss's scale.
+
     In one process the level slices are multiplied directly; under DDP/FSDP
     (world size > 1) the full logits come out of the wrapped forward and are
     sliced, so that every parameter is used inside ``forward`` (same loss).
     """
 
-    def __init__(self, vocab, label_smoothing: float = 0.0):
+    def __init__(self, vocab, label_smoothing: float = 0.0, level_weights=None):
         self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.level_weights = check_level_weights(level_weights, vocab.num_levels)
         self.slices = [vocab.level_slice(l) for l in range(vocab.num_levels)]
         self.bounds = torch.tensor([sl.start for sl in self.slices] + [self.slices[-1].stop])
         if any(a.stop != b.start for a, b in zip(self.slices, self.slices[1:])):
@@ -163,6 +186,8 @@ class CodebookLoss:
             logits = out.logits[rows, sl] if full else base.lm_logits(out.hidden[rows], sl)
             logits = logits if logits.dtype == torch.float64 else logits.float()
             ce = F.cross_entropy(logits, tgt[rows] - sl.start, reduction="none", label_smoothing=self.label_smoothing)
+            if self.level_weights is not None:
+                ce = ce * self.level_weights[l]
             num = num + (ce * w[rows].to(ce.dtype)).sum()
             used += rows.numel()
         if used == 0:  # no target: a zero loss that still depends on the parameters
