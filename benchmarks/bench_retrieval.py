@@ -238,25 +238,49 @@ def train_overrides_arg(parser, obj: dict) -> dict:
     return {stage: over for stage, over in obj.items() if over}  # {"sft": {}} is no override
 
 
-def run_settings(args) -> dict:
+def run_settings(args, cfg: dict | None = None) -> dict:
     """The options that shape the trained models (beyond the SIDs, which ``Workspace.sid`` checks):
-    kept in OUT/plan.json, so a resumed run with other ones is refused instead of mixing them."""
-    return {"preset": args.preset, "model_overrides": args.model_overrides,
-            "train_overrides": args.train_overrides}
+    kept in OUT/plan.json, so a resumed run with other ones is refused instead of mixing them. With the
+    run config ``cfg`` it also keeps the effective training settings (``train_config``: the bench's
+    defaults with ``--train-overrides`` applied), so that a bench default changed since OUT was
+    trained is caught too."""
+    settings = {"preset": args.preset, "model_overrides": args.model_overrides,
+                "train_overrides": args.train_overrides}
+    if cfg is not None:
+        settings["train_config"] = effective_train_config(cfg)
+    return settings
 
 
-def check_run_settings(out: Path, plan: dict, args) -> None:
-    """Refuse to resume OUT with model or training settings other than its own (an OUT from before
-    this check has none on record: it takes this run's)."""
-    now = run_settings(args)
+def effective_train_config(cfg: dict) -> dict:
+    """``{stage: {key: value}}`` of the run config's training sections, as JSON (steps and progress
+    aside: the plan's steps are checked on their own)."""
+    return json.loads(json.dumps({k: {kk: v for kk, v in cfg[k].items() if kk not in ("steps", "progress")}
+                                  for k in TRAIN_CONFIG}))
+
+
+def check_run_settings(out: Path, plan: dict, args, cfg: dict) -> None:
+    """Refuse to resume OUT with model or training settings other than its own. OUTs planned since the
+    effective settings are kept compare those, key by key (a key OUT has no record of is a setting added
+    since, at its default); older ones compare the ``--train-overrides`` given; an OUT from before any
+    check has none on record: it takes this run's."""
     saved = plan.get("settings")
     if saved is None:
         return
-    for k, v in now.items():
-        if saved.get(k) != v:
+    now = run_settings(args, cfg if "train_config" in saved else None)
+    for k in ("preset", "model_overrides") if "train_config" in saved else ("preset", "model_overrides",
+                                                                             "train_overrides"):
+        if saved.get(k) != now[k]:
             flag = "--" + k.replace("_", "-")
-            raise ValueError(f"{out} was trained with {flag} {json.dumps(saved.get(k))}, not {json.dumps(v)}; "
+            raise ValueError(f"{out} was trained with {flag} {json.dumps(saved.get(k))}, not {json.dumps(now[k])}; "
                              "use a new --out, or this OUT's own setting")
+    for stage, section in saved.get("train_config", {}).items():
+        for key, was in section.items():
+            is_ = now["train_config"].get(stage, {}).get(key, was)
+            if is_ != was:
+                raise ValueError(
+                    f"{out} was trained with {stage}.{key}={json.dumps(was)}, but this run's settings give "
+                    f"{json.dumps(is_)} (from --train-overrides, or a bench default changed since): use a new "
+                    f"--out, or --train-overrides '{{\"{stage}\": {{\"{key}\": {json.dumps(was)}}}}}'")
 
 
 def check_extra_embeddings(ws, paths: list[str]) -> None:
@@ -419,13 +443,14 @@ def main(argv=None) -> dict:
         plan = json.loads(plan_path.read_text())
         if args.steps and args.steps != plan["steps"]:
             raise ValueError(f"{out} was planned with steps {plan['steps']}, not {args.steps}; use a new --out")
-        check_run_settings(out, plan, args)
-        if "settings" not in plan:
-            plan["settings"] = run_settings(args)
-            plan_path.write_text(json.dumps(plan, indent=1))
     else:
         plan = None
     cfg = run_config(args, out, emb_path, plan["steps"] if plan else args.steps)
+    if plan is not None:
+        check_run_settings(out, plan, args, cfg)
+        if "settings" not in plan:
+            plan["settings"] = run_settings(args)
+            plan_path.write_text(json.dumps(plan, indent=1))
     ws = stages.Workspace(cfg)
     check_extra_embeddings(ws, args.extra_embeddings)
     es = getattr(ws.split, args.split)  # the users scored: test, or valid for model selection
@@ -442,10 +467,11 @@ def main(argv=None) -> dict:
             steps = {k: max(int(budget_s * BUDGET_SHARES[k] / per_step[k]), 10) for k in BUDGET_SHARES}
         plan = {"budget_minutes": None if args.steps else args.budget_minutes, "shares": BUDGET_SHARES,
                 "seconds_per_step": per_step,
-                "steps": steps, "settings": run_settings(args)}
-        plan_path.write_text(json.dumps(plan, indent=1))
+                "steps": steps}
         cfg = run_config(args, out, emb_path, steps)
         ws.cfg = cfg
+        plan["settings"] = run_settings(args, cfg)
+        plan_path.write_text(json.dumps(plan, indent=1))
     _log(f"plan: steps {plan['steps']} (s/step {plan['seconds_per_step']})")
 
     sasrec_model = None

@@ -188,9 +188,28 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
         rows = [json.loads(r) for r in (tmp_path / "a" / stage / "metrics.jsonl").read_text().splitlines()]
         schedule = lr_lambda(TrainConfig(steps=12, warmup_steps=1))
         assert [r["lr"] for r in rows] == pytest.approx([peak * schedule(r["step"]) for r in rows])
-    # resuming with other model or training settings is refused, naming the option
+    # resuming with other model or training settings is refused, naming the effective setting
+    with pytest.raises(ValueError, match=r"trained with sft.lr=0.02, but this run's settings give 0.003"):
+        bench.main([a for a in argv if a not in ("--train-overrides", '{"sft": {"lr": 0.02}}')])
+    # the effective settings are compared, not the overrides' spelling: the bench default given explicitly
+    # resumes (everything cached: the same numbers) ...
+    spelled = [a if a != '{"sft": {"lr": 0.02}}' else '{"sft": {"lr": 0.02, "ema_decay": 0.999}}' for a in argv]
+    assert bench.main(spelled)["plum"] == runs[0]["plum"]
+    # ... and a bench default changed since OUT was trained is caught (OUT's record edited to an older default)
+    plan_path = tmp_path / "b" / "plan.json"  # argv is the second run's
+    plan = json.loads(plan_path.read_text())
+    assert plan["settings"]["train_config"]["sft"]["ema_decay"] == 0.999
+    plan["settings"]["train_config"]["sft"]["ema_decay"] = 0.0
+    plan_path.write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match=r"""trained with sft.ema_decay=0.0, but this run's settings give 0.999 .*"""
+                                         r"""--train-overrides '\{"sft": \{"ema_decay": 0.0\}\}'"""):
+        bench.main(argv)
+    # an OUT planned before the effective settings were kept compares the overrides given, as it did
+    del plan["settings"]["train_config"]
+    plan_path.write_text(json.dumps(plan))
     with pytest.raises(ValueError, match=r'trained with --train-overrides \{"sft": \{"lr": 0.02\}\}, not \{\}'):
         bench.main([a for a in argv if a not in ("--train-overrides", '{"sft": {"lr": 0.02}}')])
+    assert bench.main(argv)["plum"] == runs[0]["plum"]
     with pytest.raises(ValueError, match="trained with --model-overrides"):
         bench.main([*argv, "--model-overrides", '{"num_hidden_layers": 2}'])
     # resuming on SIDs fitted with another tokenizer config is refused, naming the field
