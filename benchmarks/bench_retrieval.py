@@ -15,7 +15,9 @@ composed, not re-implemented) on a dataset directory read by
    embeddings are two inputs of SIDv2's multi-encoder, saved as
    ``OUT/sasrec_item_embeddings.npy``; +5-9% validation Recall@10 / NDCG@10
    on both protocols, benchmarks/RESULTS.md, sixth run);
-3. SIDs with the Beauty-validated tokenizer (codebooks 256/128/64/32, the
+3. SIDs with the Beauty-validated tokenizer (codebooks 1024/64/32/16 since
+   the eleventh run: with the SFT EMA, +2.7% validation Recall@10 on two
+   seeds over 256/128/64/32; otherwise the
    :class:`plum.sid.SIDConfig` defaults of issue 6 but a co-occurrence weight
    of 3.0 instead of 0.1: items bought one after the other get closer latents
    and so share SID prefixes, which raised PLUM's validation Recall@10 /
@@ -115,9 +117,9 @@ PUBLISHED = {
 }
 
 # Beauty run configuration: the issue-6 SID tokenizer (SIDConfig defaults, but co-occurrence weight
-# 3.0: +8% validation R@10 / N@10 over 0.1 at 16 SFT epochs, see the docstring) and the LM/SASRec
-# training hyper-parameters; steps are filled in from the budget.
-SID_CONFIG = {"codebook_sizes": [256, 128, 64, 32], "epochs": 50, "warmup_epochs": 5, "hidden_dims": [256, 128],
+# 3.0: +8% validation R@10 / N@10 over 0.1 at 16 SFT epochs, and 1024/64/32/16 codes, see the
+# docstring) and the LM/SASRec training hyper-parameters; steps are filled in from the budget.
+SID_CONFIG = {"codebook_sizes": [1024, 64, 32, 16], "epochs": 50, "warmup_epochs": 5, "hidden_dims": [256, 128],
               "latent_dim": 32, "batch_size": 1024, "cooccurrence_weight": 3.0}
 TRAIN_CONFIG = {
     "cpt": {"lr": 3e-3, "warmup_steps": 30, "max_tokens": 4096, "behaviour_fraction": 0.7, "max_items": 20,
@@ -144,7 +146,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-overrides", default="{}",
                    help="JSON of ModelConfig fields replacing the preset's, e.g. '{\"num_hidden_layers\": 4}' "
                         "or '{\"hidden_dropout\": 0.2}'")
-    p.add_argument("--codebook-sizes", default="256,128,64,32", help="SID codebook sizes, coarse to fine")
+    p.add_argument("--codebook-sizes", default=",".join(map(str, SID_CONFIG["codebook_sizes"])),
+                   help="SID codebook sizes, coarse to fine (default %(default)s; 256,128,64,32 until the "
+                        "eleventh run)")
     p.add_argument("--sid-epochs", type=int, default=SID_CONFIG["epochs"], help="SID tokenizer epochs")
     p.add_argument("--sid-overrides", default="{}",
                    help="JSON of SIDConfig fields replacing the Beauty tokenizer's, e.g. "
