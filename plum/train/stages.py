@@ -49,7 +49,8 @@ from plum.model.model import PlumLM
 from plum.model.vocab import SIDVocab, TextTokenizer, extend_vocabulary, train_word_tokenizer
 from plum.sid.tokenizer import SIDConfig
 from plum.train.corpus import CPTCorpus, SequenceSFTDataset, SFTDataset, grounding_text
-from plum.train.loop import CodebookLoss, TrainConfig, default_device, dist_env, full_model_state, lm_loss, train
+from plum.train.loop import (CodebookLoss, TrainConfig, check_label_smoothing, check_level_weights, default_device,
+                             dist_env, full_model_state, lm_loss, train)
 
 __all__ = ["load_run_config", "DEFAULTS", "Workspace", "save_model", "load_model", "run_sid", "run_cpt",
            "run_sft", "cpt_corpus", "embeddings_digest", "sft_dataset", "sft_loss", "run_eval", "run_recommend",
@@ -328,10 +329,13 @@ def sft_loss(ws: Workspace, vocab: SIDVocab):
         if level_weights is not None:
             raise ValueError(f"sft.level_weights={level_weights!r} needs sft.loss 'codebook', got 'vocab'")
         return lm_loss
-    try:
-        return CodebookLoss(vocab, label_smoothing=smoothing, level_weights=level_weights)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"sft.{'level_weights' if 'level_weights' in str(e) else 'label_smoothing'}: {e}") from None
+    for key, check in (("label_smoothing", lambda: check_label_smoothing(smoothing)),
+                       ("level_weights", lambda: check_level_weights(level_weights, vocab.num_levels))):
+        try:
+            check()
+        except ValueError as e:
+            raise ValueError(f"sft.{key}: {e}") from None
+    return CodebookLoss(vocab, label_smoothing=smoothing, level_weights=level_weights)
 
 
 def run_sft(ws: Workspace, *, init: str | None = None, out: str = "sft", progress: bool = True) -> dict:
