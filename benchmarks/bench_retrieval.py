@@ -270,9 +270,9 @@ def check_run_settings(out: Path, plan: dict, args, cfg: dict) -> None:
     saved = plan.get("settings")
     if saved is None:
         return
-    now = run_settings(args, cfg if "train_config" in saved else None)
-    for k in ("preset", "model_overrides") if "train_config" in saved else ("preset", "model_overrides",
-                                                                             "train_overrides"):
+    effective = "train_config" in saved  # else: the overrides given are what OUT has on record
+    now = run_settings(args, cfg if effective else None)
+    for k in ("preset", "model_overrides") + (() if effective else ("train_overrides",)):
         if saved.get(k) != now[k]:
             flag = "--" + k.replace("_", "-")
             raise ValueError(f"{out} was trained with {flag} {json.dumps(saved.get(k))}, not {json.dumps(now[k])}; "
