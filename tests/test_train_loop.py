@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,25 +102,42 @@ def test_ema_is_the_moving_average_of_the_weights_after_each_step(tmp_path):
         torch.testing.assert_close(ckpt["ema"][n].double(), ref[n], rtol=1e-6, atol=1e-7)
 
 
+def test_ema_warns_when_the_decay_is_never_reached(tmp_path):
+    """In 6 steps the warm-up (1 + t) / (10 + t) ends at 7/16: ``ema_decay=0.5`` (or 0.9) never takes
+    effect and gives the same average as any decay >= 7/16, which the run says; 0.3 binds, no warning."""
+    data = _setup()[1]
+    with pytest.warns(UserWarning, match=r"ema_decay=0.5 is never reached in 6 steps.*any ema_decay >= 0.43750"):
+        train(_setup()[0], data, _cfg(ema_decay=0.5), tmp_path / "a")
+    with pytest.warns(UserWarning, match="ema_decay=0.9 is never reached"):
+        train(_setup()[0], data, _cfg(ema_decay=0.9), tmp_path / "b")
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["ema"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["ema"]
+    assert all(torch.equal(a[n], b[n]) for n in a), "decays above the warm-up must give the same average"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train(_setup()[0], data, _cfg(ema_decay=0.3), tmp_path / "c")
+
+
 def test_ema_resumes_exactly_and_refuses_another_decay(tmp_path):
+    # 0.4: reached at step 5 of 6, so the resumed part runs on the cap (0.5 would never be reached)
     full, data = _setup()
-    train(full, data, _cfg(ema_decay=0.5), tmp_path / "a")
+    train(full, data, _cfg(ema_decay=0.4), tmp_path / "a")
     part, _ = _setup()
-    train(part, data, _cfg(ema_decay=0.5), tmp_path / "b", stop_after=4)
+    train(part, data, _cfg(ema_decay=0.4), tmp_path / "b", stop_after=4)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 4
     resumed, _ = _setup(seed=1)
-    train(resumed, data, _cfg(ema_decay=0.5), tmp_path / "b")
+    train(resumed, data, _cfg(ema_decay=0.4), tmp_path / "b")
     a, b = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed averaged weights differ"
     again, _ = _setup(seed=2)  # a finished run re-entered: nothing to train, the model still gets the average
-    assert train(again, data, _cfg(ema_decay=0.5), tmp_path / "b") == {}
+    assert train(again, data, _cfg(ema_decay=0.4), tmp_path / "b") == {}
     assert all(torch.equal(a[k], v) for k, v in again.state_dict().items())
-    for other in (0.0, 0.9):
-        with pytest.raises(ValueError, match=f"written with ema_decay=0.5, this run has ema_decay={other}"):
+    for other in (0.0, 0.35):
+        with pytest.raises(ValueError, match=f"written with ema_decay=0.4, this run has ema_decay={other}"):
             train(_setup()[0], data, _cfg(ema_decay=other), tmp_path / "b")
     train(_setup()[0], data, _cfg(), tmp_path / "c", stop_after=2)  # no EMA, stopped at step 2
-    with pytest.raises(ValueError, match="written with ema_decay=0.0, this run has ema_decay=0.5"):
-        train(_setup()[0], data, _cfg(ema_decay=0.5), tmp_path / "c")
+    with pytest.raises(ValueError, match="written with ema_decay=0.0, this run has ema_decay=0.4"):
+        train(_setup()[0], data, _cfg(ema_decay=0.4), tmp_path / "c")
 
 
 def test_bf16_autocast_step_tracks_float32(tmp_path):

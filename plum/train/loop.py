@@ -29,6 +29,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -221,7 +222,10 @@ class ParameterEMA:
     After optimizer step ``t`` (1-based), every parameter's average moves as
     ``ema = d_t * ema + (1 - d_t) * p`` with ``d_t = min(decay, (1 + t) / (10 + t))``:
     the warm-up term keeps the first steps from tying the average to the
-    initial weights. The average starts as a copy of the parameters and has
+    initial weights. It binds until ``t = (10 d - 1) / (1 - d)`` (e.g. 8,990
+    steps for ``d = 0.999``); :func:`train` warns when ``decay`` is never
+    reached in its ``steps``, since every higher decay then gives the same
+    average. The average starts as a copy of the parameters and has
     their dtype and device. Buffers are not averaged.
     """
 
@@ -430,6 +434,11 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
     opt = make_optimizer(wrapped, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ema = ParameterEMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    if ema is not None and ema.decay_at(cfg.steps) < ema.decay:
+        warnings.warn(f"ema_decay={ema.decay} is never reached in {cfg.steps} steps: the warm-up "
+                      f"(1 + t) / (10 + t) sets the decay of every step (at most {ema.decay_at(cfg.steps):.5f} "
+                      f"at the last), so any ema_decay >= {ema.decay_at(cfg.steps):.5f} trains the same average",
+                      stacklevel=2)
     step, position = 0, 0
     ckpt_path = out / CKPT_NAME
     if resume and ckpt_path.exists():
