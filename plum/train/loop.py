@@ -434,11 +434,10 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
     opt = make_optimizer(wrapped, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ema = ParameterEMA(model, cfg.ema_decay) if cfg.ema_decay else None
-    if ema is not None and ema.decay_at(cfg.steps) < ema.decay:
+    if ema is not None and (last := ema.decay_at(cfg.steps)) < ema.decay:
         warnings.warn(f"ema_decay={ema.decay} is never reached in {cfg.steps} steps: the warm-up "
-                      f"(1 + t) / (10 + t) sets the decay of every step (at most {ema.decay_at(cfg.steps):.5f} "
-                      f"at the last), so any ema_decay >= {ema.decay_at(cfg.steps):.5f} trains the same average",
-                      stacklevel=2)
+                      f"(1 + t) / (10 + t) sets the decay of every step (at most {last:.5f} at the last), "
+                      f"so any ema_decay >= {last:.5f} trains the same average", stacklevel=2)
     step, position = 0, 0
     ckpt_path = out / CKPT_NAME
     if resume and ckpt_path.exists():
