@@ -77,26 +77,29 @@ def test_exact_resume(tmp_path, dropout):
     assert not [p for p in os.listdir(tmp_path / "b") if p.endswith(".tmp")]  # atomic writes leave nothing
 
 
-def test_ema_is_the_moving_average_of_the_weights_after_each_step(tmp_path):
-    """``ema_decay=d``: the model ends as ``ema_t = d_t ema_{t-1} + (1 - d_t) p_t`` with
-    ``d_t = min(d, (1 + t) / (10 + t))``, ``ema_0`` the initial weights and ``p_t`` the raw
+@pytest.mark.parametrize("d,w", [(0.3, 10.0), (0.6, 3.0), (0.45, 1.0)])
+def test_ema_is_the_moving_average_of_the_weights_after_each_step(tmp_path, d, w):
+    """``ema_decay=d, ema_warmup=W``: the model ends as ``ema_t = d_t ema_{t-1} + (1 - d_t) p_t``
+    with ``d_t = min(d, (1 + t) / (W + t))``, ``ema_0`` the initial weights and ``p_t`` the raw
     weights after step t. The reference is float64 over a raw run (same seed, no EMA) stopped and
-    resumed after every step; the EMA run's checkpoint keeps the raw weights (what training resumes)."""
-    d, steps = 0.3, 6  # d_t = 2/11, 3/12, then the cap 0.3 from t = 3 on: both branches
+    resumed after every step; the EMA run's checkpoint keeps the raw weights (what training resumes).
+    W 10: d_t = 2/11, 3/12, then the cap 0.3 from t = 3; W 3: 2/4, then 0.6 from t = 2 (both branches
+    each); W 1: no warm-up, 0.45 from the first step."""
+    steps = 6
     raw, data = _setup(dropout=0.3)
     ref = {n: p.detach().double().clone() for n, p in raw.named_parameters()}
     for t in range(1, steps + 1):
         train(raw, data, _cfg(steps=steps, lr=3e-2), tmp_path / "raw", stop_after=1)
-        dt = min(d, (1 + t) / (10 + t))
+        dt = min(d, (1 + t) / (w + t))
         ref = {n: dt * ref[n] + (1 - dt) * p.detach().double() for n, p in raw.named_parameters()}
     avg, _ = _setup(dropout=0.3)
-    train(avg, data, _cfg(steps=steps, lr=3e-2, ema_decay=d), tmp_path / "ema")
+    train(avg, data, _cfg(steps=steps, lr=3e-2, ema_decay=d, ema_warmup=w), tmp_path / "ema")
     gap = max(float((ref[n] - p.detach().double()).abs().max()) for n, p in raw.named_parameters())
     assert gap > 1e-3, "the average must differ from the raw weights for this test to mean anything"
     for n, p in avg.named_parameters():
         torch.testing.assert_close(p.detach().double(), ref[n], rtol=1e-6, atol=1e-7, msg=n)
     ckpt = torch.load(tmp_path / "ema" / "checkpoint.pt", weights_only=False)
-    assert ckpt["ema_decay"] == d
+    assert ckpt["ema_decay"] == d and ckpt["ema_warmup"] == w
     for n, p in raw.named_parameters():
         assert torch.equal(ckpt["model"][n], p.detach()), n
         torch.testing.assert_close(ckpt["ema"][n].double(), ref[n], rtol=1e-6, atol=1e-7)
@@ -106,7 +109,8 @@ def test_ema_warns_when_the_decay_is_never_reached(tmp_path):
     """In 6 steps the warm-up (1 + t) / (10 + t) ends at 7/16: ``ema_decay=0.5`` (or 0.9) never takes
     effect and gives the same average as any decay >= 7/16, which the run says; 0.3 binds, no warning."""
     data = _setup()[1]
-    with pytest.warns(UserWarning, match=r"ema_decay=0.5 is never reached in 6 steps.*any ema_decay >= 0.43750"):
+    with pytest.warns(UserWarning, match=r"ema_decay=0.5 is never reached in 6 steps: the warm-up \(1 \+ t\) / "
+                                         r"\(10 \+ t\).*any ema_decay >= 0.43750"):
         train(_setup()[0], data, _cfg(ema_decay=0.5), tmp_path / "a")
     with pytest.warns(UserWarning, match="ema_decay=0.9 is never reached"):
         train(_setup()[0], data, _cfg(ema_decay=0.9), tmp_path / "b")
@@ -116,6 +120,7 @@ def test_ema_warns_when_the_decay_is_never_reached(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         train(_setup()[0], data, _cfg(ema_decay=0.3), tmp_path / "c")
+        train(_setup()[0], data, _cfg(ema_decay=0.5, ema_warmup=3), tmp_path / "d")  # 3: 0.5 binds from t = 1
 
 
 def test_ema_resumes_exactly_and_refuses_another_decay(tmp_path):
@@ -135,6 +140,14 @@ def test_ema_resumes_exactly_and_refuses_another_decay(tmp_path):
     for other in (0.0, 0.35):
         with pytest.raises(ValueError, match=f"written with ema_decay=0.4, this run has ema_decay={other}"):
             train(_setup()[0], data, _cfg(ema_decay=other), tmp_path / "b")
+    with pytest.raises(ValueError, match="written with ema_warmup=10, this run has ema_warmup=3"):
+        train(_setup()[0], data, _cfg(ema_decay=0.4, ema_warmup=3), tmp_path / "b")
+    old = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)  # a checkpoint from before ema_warmup:
+    del old["ema_warmup"]                                                    # its warm-up was the fixed W = 10
+    torch.save(old, tmp_path / "b" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="written with ema_warmup=10, this run has ema_warmup=2"):
+        train(_setup()[0], data, _cfg(ema_decay=0.4, ema_warmup=2), tmp_path / "b")
+    assert train(_setup()[0], data, _cfg(ema_decay=0.4), tmp_path / "b") == {}
     train(_setup()[0], data, _cfg(), tmp_path / "c", stop_after=2)  # no EMA, stopped at step 2
     with pytest.raises(ValueError, match="written with ema_decay=0.0, this run has ema_decay=0.4"):
         train(_setup()[0], data, _cfg(ema_decay=0.4), tmp_path / "c")
@@ -163,6 +176,9 @@ def test_bad_train_config():
             TrainConfig(ema_decay=bad)
     with pytest.raises(ValueError, match="ema_decay is not supported with fsdp=True"):
         TrainConfig(ema_decay=0.9, fsdp=True)
+    for bad in (0.5, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="ema_warmup must be >= 1"):
+            TrainConfig(ema_decay=0.9, ema_warmup=bad)
 
 
 _DDP_SCRIPT = textwrap.dedent("""

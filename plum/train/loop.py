@@ -65,6 +65,7 @@ class TrainConfig:
     bf16: bool | None = None        # None: autocast to bf16 exactly on CUDA
     fsdp: bool = False              # FSDP2 instead of DDP when distributed
     ema_decay: float = 0.0          # 0: off; else the model ends with an EMA of its weights (see train)
+    ema_warmup: float = 10.0        # W of the EMA's warm-up (1 + t) / (W + t) (see ParameterEMA); 1: none
     progress: bool = True
 
     def __post_init__(self):
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"max_tokens must be >= 2, got {self.max_tokens}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 turns it off), got {self.ema_decay}")
+        if not self.ema_warmup >= 1:
+            raise ValueError(f"ema_warmup must be >= 1 (1: no warm-up), got {self.ema_warmup}")
         if self.ema_decay and self.fsdp:
             raise ValueError("ema_decay is not supported with fsdp=True (the average would need the sharded "
                              "parameters gathered); use DDP (fsdp=False) or ema_decay=0")
@@ -220,26 +223,36 @@ class ParameterEMA:
     """Exponential moving average of a model's parameters (weight averaging).
 
     After optimizer step ``t`` (1-based), every parameter's average moves as
-    ``ema = d_t * ema + (1 - d_t) * p`` with ``d_t = min(decay, (1 + t) / (10 + t))``:
-    the warm-up term keeps the first steps from tying the average to the
-    initial weights. It binds until ``t = (10 d - 1) / (1 - d)`` (e.g. 8,990
-    steps for ``d = 0.999``); :func:`train` warns when ``decay`` is never
-    reached in its ``steps``, since every higher decay then gives the same
-    average. The average starts as a copy of the parameters and has
-    their dtype and device. Buffers are not averaged.
+    ``ema = d_t * ema + (1 - d_t) * p`` with ``d_t = min(decay, (1 + t) / (W + t))``,
+    ``W = warmup`` (default 10, as in TensorFlow's ``ExponentialMovingAverage``):
+
+    - the warm-up term keeps the first steps from tying the average to the
+      initial weights: while it binds, the average after ``t`` steps spans
+      roughly the last ``(W + t) / (W - 1)`` steps (``W = 2``: nearly the
+      running mean of every step; ``W = 10``: the last ~t/9);
+    - it binds until ``t = (W d - 1) / (1 - d)`` (e.g. 8,990 steps for
+      ``d = 0.999``, ``W = 10``), and from then on the average spans roughly
+      the last ``1 / (1 - d)`` steps; ``W = 1`` turns the warm-up off.
+
+    :func:`train` warns when ``decay`` is never reached in its ``steps``,
+    since every higher decay then gives the same average. The average
+    starts as a copy of the parameters and has their dtype and device.
+    Buffers are not averaged.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: float = 10.0):
         if not 0 < decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
-        self.decay = float(decay)
+        if not warmup >= 1:
+            raise ValueError(f"ema_warmup must be >= 1 (1: no warm-up), got {warmup}")
+        self.decay, self.warmup = float(decay), float(warmup)
         named = [(n, p) for n, p in model.named_parameters()]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.shadow = [p.detach().clone() for p in self.params]
 
     def decay_at(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step))
+        return min(self.decay, (1 + step) / (self.warmup + step))
 
     @torch.no_grad()
     def update(self, step: int) -> None:
@@ -357,6 +370,7 @@ def save_checkpoint(out_dir: Path, model, opt, sched, *, step: int, position: in
         _atomic_torch_save({"model": msd, "optimizer": osd, "scheduler": sched.state_dict(), "step": step,
                             "position": position, "rng": _rng_state(), "world_size": world,
                             "ema_decay": ema.decay if ema is not None else 0.0,
+                            "ema_warmup": ema.warmup if ema is not None else None,
                             "ema": ema.state_dict() if ema is not None else None,
                             "extra": extra or {}}, out_dir / CKPT_NAME)
     if world > 1:
@@ -433,11 +447,12 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
     wrapped = _wrap(model, cfg)
     opt = make_optimizer(wrapped, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    ema = ParameterEMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    ema = ParameterEMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
     if ema is not None and (last := ema.decay_at(cfg.steps)) < ema.decay:
         warnings.warn(f"ema_decay={ema.decay} is never reached in {cfg.steps} steps: the warm-up "
-                      f"(1 + t) / (10 + t) sets the decay of every step (at most {last:.5f} at the last), "
-                      f"so any ema_decay >= {last:.5f} trains the same average", stacklevel=2)
+                      f"(1 + t) / ({ema.warmup:g} + t) sets the decay of every step (at most {last:.5f} at the "
+                      f"last), so any ema_decay >= {last:.5f} trains the same average (a smaller ema_warmup "
+                      "averages over more steps)", stacklevel=2)
     step, position = 0, 0
     ckpt_path = out / CKPT_NAME
     if resume and ckpt_path.exists():
@@ -448,6 +463,10 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
         if float(ckpt.get("ema_decay", 0.0)) != cfg.ema_decay:
             raise ValueError(f"{ckpt_path} was written with ema_decay={ckpt.get('ema_decay', 0.0)}, this run has "
                              f"ema_decay={cfg.ema_decay}; resume with the same value or use a new directory")
+        was = float(ckpt.get("ema_warmup") or 10.0)  # checkpoints from before the option: the fixed 10
+        if ema is not None and was != ema.warmup:
+            raise ValueError(f"{ckpt_path} was written with ema_warmup={was:g}, this run has "
+                             f"ema_warmup={ema.warmup:g}; resume with the same value or use a new directory")
         _restore(wrapped, opt, ckpt)
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
