@@ -193,15 +193,17 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
         bench.main([a for a in argv if a not in ("--train-overrides", '{"sft": {"lr": 0.02}}')])
     # the effective settings are compared, not the overrides' spelling: the bench default given explicitly
     # resumes (everything cached: the same numbers) ...
-    spelled = [a if a != '{"sft": {"lr": 0.02}}' else '{"sft": {"lr": 0.02, "ema_decay": 0.999}}' for a in argv]
+    ema = {k: bench.TRAIN_CONFIG["sft"][k] for k in ("ema_decay", "ema_warmup")}
+    spelled = [a if a != '{"sft": {"lr": 0.02}}' else json.dumps({"sft": {"lr": 0.02, **ema}}) for a in argv]
     assert bench.main(spelled)["plum"] == runs[0]["plum"]
     # ... and a bench default changed since OUT was trained is caught (OUT's record edited to an older default)
     plan_path = tmp_path / "b" / "plan.json"  # argv is the second run's
     plan = json.loads(plan_path.read_text())
-    assert plan["settings"]["train_config"]["sft"]["ema_decay"] == 0.999
+    assert {k: plan["settings"]["train_config"]["sft"][k] for k in ema} == ema
     plan["settings"]["train_config"]["sft"]["ema_decay"] = 0.0
     plan_path.write_text(json.dumps(plan))
-    with pytest.raises(ValueError, match=r"""trained with sft.ema_decay=0.0, but this run's settings give 0.999 .*"""
+    with pytest.raises(ValueError, match=rf"trained with sft.ema_decay=0.0, but this run's settings give "
+                                         rf"{ema['ema_decay']} .*"
                                          r"""--train-overrides '\{"sft": \{"ema_decay": 0.0\}\}'"""):
         bench.main(argv)
     # an OUT planned before the effective settings were kept compares the overrides given, as it did
