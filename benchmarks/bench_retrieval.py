@@ -45,7 +45,8 @@ composed, not re-implemented) on a dataset directory read by
    roughly its last t/3 steps. RESULTS.md: against no average, the tenth
    run's ``ema_warmup`` 10 (the last ~t/9 steps) gave +1.8% validation
    Recall@10 and +1.5% NDCG@10 on two seeds, with paired errors; the
-   thirteenth run's t/3 window adds to that (numbers there);
+   thirteenth run's t/3 window adds +1.4% validation and +2.2% test
+   Recall@10 on both seeds, paired, with NDCG@10 flat to +2%);
 5. trie-constrained beam search (width ``--beam-width`` >= 20), full ranking
    over every item, every test user of the leave-one-out split (``run_eval``);
 6. baselines on the same split: popularity and the SASRec-style model
