@@ -26,10 +26,12 @@ composed, not re-implemented) on a dataset directory read by
    trie (``run_sid``), fitted on one thread (multi-threaded fits were not
    bit-reproducible across processes);
 4. CPT then SFT of the PLUM model (``run_cpt``, ``run_sft``; the ``--preset``
-   model, ``medium`` by default: ``tiny`` three times as wide with dropout
-   0.2, which beat ``small`` (twice as wide, dropout 0.1) on the full
-   validation split at 16 and at 32 SFT epochs, as ``small`` had beaten
-   ``tiny``, a wider ``tiny`` without dropout and a deeper one;
+   model, ``medium-deep`` by default: ``medium`` (``tiny`` three times as
+   wide with dropout 0.2, which beat ``small``, twice as wide with dropout
+   0.1, on the full validation split at 16 and at 32 SFT epochs, as
+   ``small`` had beaten ``tiny``, a wider ``tiny`` without dropout and a
+   deeper one) with a third layer, a second MoE layer, which beat
+   ``medium`` on the validation split over three seeds;
    benchmarks/RESULTS.md). SFT uses the
    ``sequence`` objective (:class:`plum.train.SequenceSFTDataset`: every next
    item of a user's window is a target of one example, the same targets as
@@ -149,7 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beam-width", type=int, default=20, help="beam width of the constrained search (>= 20)")
     p.add_argument("--steps", default=None, help="CPT,SFT,SASREC steps: pin them instead of calibrating")
-    p.add_argument("--preset", default="medium", help="model preset (plum.model.config.PRESETS)")
+    p.add_argument("--preset", default="medium-deep", help="model preset (plum.model.config.PRESETS)")
     p.add_argument("--model-overrides", default="{}",
                    help="JSON of ModelConfig fields replacing the preset's, e.g. '{\"num_hidden_layers\": 4}' "
                         "or '{\"hidden_dropout\": 0.2}'")

@@ -149,7 +149,7 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
         argv = ["--dataset", str(data), "--out", str(tmp_path / name), "--steps", "12,12,12", "--seed", "3",
                 "--codebook-sizes", "8,4,4", "--sid-epochs", "3", "--eval-batch-size", "16",
                 "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress", "--model-dir", str(bert),
-                "--model-overrides", '{"num_hidden_layers": 3}', "--train-overrides", '{"sft": {"lr": 0.02}}',
+                "--model-overrides", '{"num_hidden_layers": 2}', "--train-overrides", '{"sft": {"lr": 0.02}}',
                 "--sid-overrides", '{"cooccurrence_weight": 0.5}', "--sft-only"]
         runs.append(bench.main(argv))
     assert (np.load(tmp_path / "a" / "sid" / "codes.npy") == np.load(tmp_path / "b" / "sid" / "codes.npy")).all()
@@ -175,8 +175,9 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
         cmp_mod.main([str(tmp_path / "a"), str(tmp_path / "b"), "--ks", "20"])
     assert runs[0]["metadata"]["plan"]["steps"] == {"cpt": 12, "sft": 12, "sasrec": 12}
     assert runs[0]["metadata"]["budget_minutes"] is None  # pinned steps: no budget
-    assert runs[0]["metadata"]["model_overrides"] == {"num_hidden_layers": 3}
-    assert json.loads((tmp_path / "a" / "sft" / "model" / "config.json").read_text())["num_hidden_layers"] == 3
+    assert runs[0]["metadata"]["model_preset"] == "medium-deep"  # the default, here with a layer fewer
+    assert runs[0]["metadata"]["model_overrides"] == {"num_hidden_layers": 2}
+    assert json.loads((tmp_path / "a" / "sft" / "model" / "config.json").read_text())["num_hidden_layers"] == 2
     assert runs[0]["metadata"]["sid_overrides"] == {"cooccurrence_weight": 0.5}
     assert json.loads((tmp_path / "a" / "sid" / "config.json").read_text())["config"]["cooccurrence_weight"] == 0.5
     # --train-overrides reach training: SFT's logged lr follows the 0.02 schedule (the default is 3e-3)
@@ -213,7 +214,9 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
         bench.main([a for a in argv if a not in ("--train-overrides", '{"sft": {"lr": 0.02}}')])
     assert bench.main(argv)["plum"] == runs[0]["plum"]
     with pytest.raises(ValueError, match="trained with --model-overrides"):
-        bench.main([*argv, "--model-overrides", '{"num_hidden_layers": 2}'])
+        bench.main([*argv, "--model-overrides", '{"num_hidden_layers": 1}'])
+    with pytest.raises(ValueError, match='trained with --preset "medium-deep", not "medium"'):
+        bench.main([*argv, "--preset", "medium"])
     # resuming on SIDs fitted with another tokenizer config is refused, naming the field
     with pytest.raises(ValueError, match="sid.cooccurrence_weight=0.5, the run config says 1.0"):
         bench.main([*argv[:-3], "--sid-overrides", '{"cooccurrence_weight": 1.0}', "--sft-only"])

@@ -33,11 +33,11 @@ def test_large_presets_build_with_the_counted_parameters(name):
     assert sum(p.numel() for p in m.parameters()) == PRESETS[name].num_params()
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "medium"])
+@pytest.mark.parametrize("name", ["tiny", "small", "medium", "medium-deep"])
 def test_cpu_presets_structure_and_param_count(name):
     cfg = preset(name, vocab_size=300)
     m = PlumLM(cfg)
-    assert [cfg.is_moe_layer(i) for i in range(2)] == [False, True]
+    assert [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)] == [False] + [True] * (cfg.num_hidden_layers - 1)
     assert sum(p.numel() for p in m.parameters()) == cfg.num_params()
     assert cfg.kernel_head_dim_ok
 
@@ -57,6 +57,14 @@ def test_medium_preset_is_tiny_three_times_wider_with_dropout():
                 moe_intermediate_size=384, hidden_dropout=0.2)
     assert preset("medium") == preset("tiny", **wide)
     assert preset("medium", vocab_size=4583).num_params() == 5_302_528  # the size RESULTS.md quotes
+
+
+def test_medium_deep_preset_is_medium_with_a_third_layer():
+    """bench_retrieval's default: medium with a second MoE layer (RESULTS.md, fifteenth run)."""
+    cfg = preset("medium-deep", vocab_size=5239)  # Beauty's vocabulary at the default SIDs
+    assert cfg == preset("medium", num_hidden_layers=3, vocab_size=5239)
+    assert [cfg.is_moe_layer(i) for i in range(3)] == [False, True, True]
+    assert (cfg.num_params(), cfg.activated_params()) == (7_768_704, 5_999_232)  # the sizes RESULTS.md quotes
 
 
 def test_flops_and_mfu():

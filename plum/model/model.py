@@ -12,8 +12,9 @@ Layer (pre-norm, Qwen3)::
     y = h + drop(ffn(n2(h)))
 
 ``drop`` is dropout with ``config.hidden_dropout`` (also applied to the token
-embeddings) in training mode only (0.1 in the ``small`` preset, 0.2 in ``medium``, 0 in the others
-and in checkpoints loaded from Hugging Face), so inference is Qwen3's exactly.
+embeddings) in training mode only (0.1 in the ``small`` preset, 0.2 in
+``medium`` and ``medium-deep``, 0 in the others and in checkpoints loaded
+from Hugging Face), so inference is Qwen3's exactly.
 
 Serving (generative retrieval) uses two more entry points:
 
