@@ -71,9 +71,12 @@ atomic checkpoint (``checkpoint_every`` steps; exact resume, see
 :mod:`plum.train.loop`). A re-run whose SID settings, seed or SID input
 embeddings differ from those OUT's SIDs were fitted with is refused, naming
 the field (:meth:`plum.train.stages.Workspace.sid`); so is one whose model
-settings (``--preset``, ``--model-overrides``) or training settings
-(``--train-overrides``, e.g. ``'{"sft": {"lr": 1e-3}}'``; SASRec's window
-is SFT's ``max_items``) differ from those in ``OUT/plan.json``.
+(the effective config of ``--preset`` with ``--model-overrides``, compared
+field by field, so ``--preset medium --model-overrides
+'{"num_hidden_layers": 3}'`` and ``--preset medium-deep`` resume each
+other's OUTs) or training settings (``--train-overrides``, e.g. ``'{"sft":
+{"lr": 1e-3}}'``; SASRec's window is SFT's ``max_items``) differ from those
+in ``OUT/plan.json``.
 
 Output: a table beside TIGER's published numbers (Rajput et al. 2023, Table
 2, Beauty) and ``OUT/results.json`` in ``plum demo``'s format (model ->
@@ -193,9 +196,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--max-users must be >= 1, got {a.max_users}")
     from common import embedding_files_arg, json_fields_arg
 
+    from plum.model.config import PRESETS, ModelConfig
     from plum.sid import SIDConfig
 
-    a.model_overrides = json_fields_arg(p, "--model-overrides", a.model_overrides)
+    if a.preset not in PRESETS:
+        p.error(f"--preset must be one of {sorted(PRESETS)}, got {a.preset!r}")
+    a.model_overrides = json_fields_arg(p, "--model-overrides", a.model_overrides, ModelConfig)
+    if "vocab_size" in a.model_overrides:
+        p.error("--model-overrides must not set 'vocab_size': the SIDs' vocabulary sets it")
+    try:
+        model_config(a.preset, a.model_overrides)
+    except (TypeError, ValueError) as e:
+        p.error(f"--model-overrides must give a valid ModelConfig with --preset {a.preset}: {e}")
     a.sid_overrides = json_fields_arg(p, "--sid-overrides", a.sid_overrides, SIDConfig,
                                       {"codebook_sizes": "--codebook-sizes", "epochs": "--sid-epochs", "seed": "--seed"})
     a.train_overrides = train_overrides_arg(p, json_fields_arg(p, "--train-overrides", a.train_overrides))
@@ -260,8 +272,20 @@ def run_settings(args, cfg: dict | None = None) -> dict:
     settings = {"preset": args.preset, "model_overrides": args.model_overrides,
                 "train_overrides": args.train_overrides}
     if cfg is not None:
+        settings["model_config"] = model_config(args.preset, args.model_overrides)
         settings["train_config"] = effective_train_config(cfg)
     return settings
+
+
+def model_config(preset: str, overrides: dict) -> dict:
+    """The effective model config of ``--preset`` with ``--model-overrides``, as JSON, without
+    ``vocab_size`` (set by the SIDs' vocabulary): ``medium`` with ``{"num_hidden_layers": 3}`` and
+    ``medium-deep`` give the same one."""
+    from plum.model.config import preset as make
+
+    d = json.loads(json.dumps(make(preset, **overrides).to_dict()))
+    del d["vocab_size"]
+    return d
 
 
 def effective_train_config(cfg: dict) -> dict:
@@ -272,16 +296,31 @@ def effective_train_config(cfg: dict) -> dict:
 
 
 def check_run_settings(out: Path, plan: dict, args, cfg: dict) -> None:
-    """Refuse to resume OUT with model or training settings other than its own. OUTs planned since the
-    effective settings are kept compare those, key by key (a key OUT has no record of is a setting added
-    since, at its default); older ones compare the ``--train-overrides`` given; an OUT from before any
-    check has none on record: it takes this run's."""
+    """Refuse to resume OUT with model or training settings other than its own. The model is compared by
+    its effective config, field by field, not by how the options spell it (``--preset medium-deep`` resumes
+    an OUT of ``--preset medium --model-overrides '{"num_hidden_layers": 3}'``); an OUT planned before the
+    effective config was kept has it rebuilt from its preset and overrides. OUTs planned since the
+    effective training settings are kept compare those, key by key (a key OUT has no record of is a
+    setting added since, at its default); older ones compare the ``--train-overrides`` given; an OUT from
+    before any check has none on record: it takes this run's."""
     saved = plan.get("settings")
     if saved is None:
         return
     effective = "train_config" in saved  # else: the overrides given are what OUT has on record
     now = run_settings(args, cfg if effective else None)
-    for k in ("preset", "model_overrides") + (() if effective else ("train_overrides",)):
+    was_model = saved.get("model_config") or _recorded_model_config(saved)
+    if was_model is None:  # a preset that no longer exists: compare the options as given
+        names = ("preset", "model_overrides")
+    else:
+        names = ()
+        is_model = model_config(args.preset, args.model_overrides)
+        for key, was in was_model.items():
+            if is_model.get(key, was) != was:
+                given = f"--preset {saved['preset']} --model-overrides '{json.dumps(saved['model_overrides'])}'"
+                raise ValueError(f"{out} was trained with the model's {key}={json.dumps(was)} ({given}), but this "
+                                 f"run's --preset and --model-overrides give {json.dumps(is_model[key])}: use a "
+                                 f"new --out, or {given}")
+    for k in names + (() if effective else ("train_overrides",)):
         if saved.get(k) != now[k]:
             flag = "--" + k.replace("_", "-")
             raise ValueError(f"{out} was trained with {flag} {json.dumps(saved.get(k))}, not {json.dumps(now[k])}; "
@@ -294,6 +333,15 @@ def check_run_settings(out: Path, plan: dict, args, cfg: dict) -> None:
                     f"{out} was trained with {stage}.{key}={json.dumps(was)}, but this run's settings give "
                     f"{json.dumps(is_)} (from --train-overrides, or a bench default changed since): use a new "
                     f"--out, or --train-overrides '{{\"{stage}\": {{\"{key}\": {json.dumps(was)}}}}}'")
+
+
+def _recorded_model_config(saved: dict) -> dict | None:
+    """The effective model config of the preset and overrides an older OUT has on record (``None`` when
+    that preset no longer exists or its overrides no longer make a valid config)."""
+    try:
+        return model_config(saved["preset"], saved.get("model_overrides") or {})
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def check_extra_embeddings(ws, paths: list[str]) -> None:
@@ -592,6 +640,7 @@ def main(argv=None) -> dict:
         "train_config": {k: {kk: v for kk, v in cfg[k].items() if kk != "progress"} for k in TRAIN_CONFIG},
         "wall_seconds_this_run": wall, "stage_seconds": prev, "seed": args.seed, "beam_width": args.beam_width,
         "sft_only": args.sft_only, "model_preset": args.preset, "model_overrides": args.model_overrides,
+        "model_config": model_config(args.preset, args.model_overrides),
         "sid_overrides": args.sid_overrides, "train_overrides": args.train_overrides,
         "extra_embeddings": args.extra_embeddings,
         "collaborative_sids": args.collaborative_sids,

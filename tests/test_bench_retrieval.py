@@ -122,7 +122,9 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", [["--beam-width", "10"], ["--budget-minutes", "0"], ["--steps", "1,2"],
                                  ["--codebook-sizes", "8,x"], ["--model-overrides", "[1]"],
-                                 ["--model-overrides", "{x"], ["--sid-overrides", "[1]"],
+                                 ["--model-overrides", "{x"], ["--preset", "huge"],
+                                 ["--model-overrides", '{"layers": 3}'], ["--model-overrides", '{"vocab_size": 9}'],
+                                 ["--model-overrides", '{"num_hidden_layers": 0}'], ["--sid-overrides", "[1]"],
                                  ["--sid-overrides", '{"epochs": 3}'], ["--sid-overrides", '{"cooc_weight": 1}'],
                                  ["--train-overrides", '{"dpo": {}}'], ["--train-overrides", '{"sft": 3}'],
                                  ["--train-overrides", '{"sft": {"steps": 5}}'],
@@ -136,7 +138,8 @@ def test_bench_retrieval_rejects_bad_arguments(tmp_path, bad, capsys):
     bench = _bench()
     with pytest.raises(SystemExit):
         bench.parse_args(["--dataset", str(tmp_path), "--out", str(tmp_path / "o"), *bad])
-    assert "must" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "must" in err and bad[0] in err  # the error names the option
 
 
 def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
@@ -177,6 +180,8 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
     assert runs[0]["metadata"]["budget_minutes"] is None  # pinned steps: no budget
     assert runs[0]["metadata"]["model_preset"] == "medium-deep"  # the default, here with a layer fewer
     assert runs[0]["metadata"]["model_overrides"] == {"num_hidden_layers": 2}
+    assert runs[0]["metadata"]["model_config"]["num_hidden_layers"] == 2
+    assert runs[0]["metadata"]["model_config"]["hidden_size"] == 384
     assert json.loads((tmp_path / "a" / "sft" / "model" / "config.json").read_text())["num_hidden_layers"] == 2
     assert runs[0]["metadata"]["sid_overrides"] == {"cooccurrence_weight": 0.5}
     assert json.loads((tmp_path / "a" / "sid" / "config.json").read_text())["config"]["cooccurrence_weight"] == 0.5
@@ -213,10 +218,30 @@ def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):
     with pytest.raises(ValueError, match=r'trained with --train-overrides \{"sft": \{"lr": 0.02\}\}, not \{\}'):
         bench.main([a for a in argv if a not in ("--train-overrides", '{"sft": {"lr": 0.02}}')])
     assert bench.main(argv)["plum"] == runs[0]["plum"]
-    with pytest.raises(ValueError, match="trained with --model-overrides"):
+    # the model is compared by its effective config, not by the options' spelling: medium with the same
+    # two layers is this OUT's model and resumes it (everything cached) ...
+    assert bench.main([*argv, "--preset", "medium"])["plum"] == runs[0]["plum"]
+    # ... another depth or width is refused, naming the field and OUT's own options
+    given = r"""\(--preset medium-deep --model-overrides '\{"num_hidden_layers": 2\}'\)"""
+    with pytest.raises(ValueError, match=r"trained with the model's num_hidden_layers=2 " + given + ", but .* give 1"):
         bench.main([*argv, "--model-overrides", '{"num_hidden_layers": 1}'])
-    with pytest.raises(ValueError, match='trained with --preset "medium-deep", not "medium"'):
-        bench.main([*argv, "--preset", "medium"])
+    with pytest.raises(ValueError, match=r"trained with the model's hidden_size=384 .* give 256"):
+        bench.main([*argv, "--preset", "small"])
+    # an OUT planned before the effective model config was kept has it rebuilt from its preset and overrides
+    plan = json.loads(plan_path.read_text())
+    assert plan["settings"]["model_config"] == bench.model_config("medium", {"num_hidden_layers": 2})
+    del plan["settings"]["model_config"]
+    plan_path.write_text(json.dumps(plan))
+    assert bench.main([*argv, "--preset", "medium"])["plum"] == runs[0]["plum"]
+    with pytest.raises(ValueError, match=r"trained with the model's num_hidden_layers=2 .* give 3"):
+        bench.main([*argv, "--model-overrides", "{}"])
+    # ... and one whose preset no longer exists compares the options as given
+    plan["settings"]["preset"] = "retired"
+    plan_path.write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match='trained with --preset "retired", not "medium-deep"'):
+        bench.main(argv)
+    plan["settings"]["preset"] = "medium-deep"
+    plan_path.write_text(json.dumps(plan))
     # resuming on SIDs fitted with another tokenizer config is refused, naming the field
     with pytest.raises(ValueError, match="sid.cooccurrence_weight=0.5, the run config says 1.0"):
         bench.main([*argv[:-3], "--sid-overrides", '{"cooccurrence_weight": 1.0}', "--sft-only"])
