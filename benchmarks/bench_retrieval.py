@@ -205,7 +205,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "vocab_size" in a.model_overrides:
         p.error("--model-overrides must not set 'vocab_size': the SIDs' vocabulary sets it")
     try:
-        model_config(a.preset, a.model_overrides)
+        a.model_config = model_config(a.preset, a.model_overrides)  # the effective one, without vocab_size
     except (TypeError, ValueError) as e:
         p.error(f"--model-overrides must give a valid ModelConfig with --preset {a.preset}: {e}")
     a.sid_overrides = json_fields_arg(p, "--sid-overrides", a.sid_overrides, SIDConfig,
@@ -272,7 +272,7 @@ def run_settings(args, cfg: dict | None = None) -> dict:
     settings = {"preset": args.preset, "model_overrides": args.model_overrides,
                 "train_overrides": args.train_overrides}
     if cfg is not None:
-        settings["model_config"] = model_config(args.preset, args.model_overrides)
+        settings["model_config"] = args.model_config
         settings["train_config"] = effective_train_config(cfg)
     return settings
 
@@ -313,7 +313,7 @@ def check_run_settings(out: Path, plan: dict, args, cfg: dict) -> None:
         names = ("preset", "model_overrides")
     else:
         names = ()
-        is_model = model_config(args.preset, args.model_overrides)
+        is_model = args.model_config
         for key, was in was_model.items():
             if is_model.get(key, was) != was:
                 given = f"--preset {saved['preset']} --model-overrides '{json.dumps(saved['model_overrides'])}'"
@@ -640,7 +640,7 @@ def main(argv=None) -> dict:
         "train_config": {k: {kk: v for kk, v in cfg[k].items() if kk != "progress"} for k in TRAIN_CONFIG},
         "wall_seconds_this_run": wall, "stage_seconds": prev, "seed": args.seed, "beam_width": args.beam_width,
         "sft_only": args.sft_only, "model_preset": args.preset, "model_overrides": args.model_overrides,
-        "model_config": model_config(args.preset, args.model_overrides),
+        "model_config": args.model_config,
         "sid_overrides": args.sid_overrides, "train_overrides": args.train_overrides,
         "extra_embeddings": args.extra_embeddings,
         "collaborative_sids": args.collaborative_sids,
