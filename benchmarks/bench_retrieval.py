@@ -24,7 +24,10 @@ composed, not re-implemented) on a dataset directory read by
    NDCG@10 by 8% at 16 SFT epochs; benchmarks/RESULTS.md; other
    :class:`~plum.sid.SIDConfig` fields through ``--sid-overrides``) and the
    trie (``run_sid``), fitted on one thread (multi-threaded fits were not
-   bit-reproducible across processes);
+   bit-reproducible across processes). ``--item-attributes auto`` fuses the
+   dataset's S3-Rec item attributes (Beauty: brand and sub-categories) as one
+   more input, multi-hot; off by default, as it moved no Beauty metric
+   (RESULTS.md, seventeenth run);
 4. CPT then SFT of the PLUM model (``run_cpt``, ``run_sft``; the ``--preset``
    model, ``medium-deep`` by default: ``medium`` (``tiny`` three times as
    wide with dropout 0.2, which beat ``small``, twice as wide with dropout
@@ -172,6 +175,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra-embeddings", default="",
                    help="comma-separated .npy files of further [num_items, d] item embeddings (image, metadata, "
                         "collaborative, ...) fused with the text embedding by the SID tokenizer")
+    p.add_argument("--item-attributes", default="none",
+                   help="item attributes (S3-Rec's *_item2attributes.json: brand, sub-categories) fused into the "
+                        "SIDs as one more input, multi-hot (plum.data.load_item_attributes): 'none' (default: "
+                        "no gain on Beauty, RESULTS.md seventeenth run), 'auto' takes the dataset folder's file, "
+                        "or give a path")
     p.add_argument("--collaborative-sids", action=argparse.BooleanOptionalAction, default=True,
                    help="fuse the SASRec baseline's item table (trained first, on the training sequences only) "
                         "into the SIDs as one more SIDv2 input (default: on)")
@@ -212,6 +220,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                       {"codebook_sizes": "--codebook-sizes", "epochs": "--sid-epochs", "seed": "--seed"})
     a.train_overrides = train_overrides_arg(p, json_fields_arg(p, "--train-overrides", a.train_overrides))
     a.extra_embeddings = embedding_files_arg(p, "--extra-embeddings", a.extra_embeddings)
+    a.item_attributes = item_attributes_arg(p, a.dataset, a.item_attributes)
     try:
         a.codebook_sizes = [int(v) for v in a.codebook_sizes.split(",")]
     except ValueError:
@@ -225,6 +234,27 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--steps must be three positive integers CPT,SFT,SASREC, got {a.steps!r}")
         a.steps = dict(zip(BUDGET_SHARES, steps))
     return a
+
+
+ATTRIBUTES_GLOB = "*_item2attributes.json"  # S3-Rec's item attributes beside the interactions
+
+
+def item_attributes_arg(parser, dataset: str, value: str) -> str | None:
+    """``--item-attributes``: the attribute JSON to use, resolved, or ``None`` (``none``). ``auto`` is
+    the one ``*_item2attributes.json`` of the dataset folder (of the dataset file's folder), ``None``
+    when it has none; two are ambiguous (``parser.error``), as is a path that does not exist."""
+    if value == "none":
+        return None
+    if value != "auto":
+        if not Path(value).is_file():
+            parser.error(f"--item-attributes must be auto, none or an existing JSON file, got {value!r}")
+        return str(Path(value).resolve())
+    folder = Path(dataset) if Path(dataset).is_dir() else Path(dataset).parent
+    found = sorted(folder.glob(ATTRIBUTES_GLOB))
+    if len(found) > 1:
+        parser.error(f"--item-attributes auto must find at most one {ATTRIBUTES_GLOB} in {folder}, found "
+                     f"{[f.name for f in found]}: pass one, or none")
+    return str(found[0].resolve()) if found else None
 
 
 TRAIN_RESERVED = {"steps": "--steps or --budget-minutes", "seed": "--seed", "progress": "--no-progress"}
@@ -353,14 +383,17 @@ def check_extra_embeddings(ws, paths: list[str]) -> None:
 
 
 COLLAB_FILE = "sasrec_item_embeddings.npy"  # SASRec's item table under OUT, with --collaborative-sids
+ATTR_FILE = "item_attributes.npy"  # the multi-hot --item-attributes under OUT
 
 
 def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
-    """The run config of OUT. Its ``data.embeddings`` are the text embeddings, ``--extra-embeddings``
-    and, with ``--collaborative-sids``, SASRec's item table once ``main`` has written it."""
+    """The run config of OUT. Its ``data.embeddings`` are the text embeddings, ``--extra-embeddings``,
+    the ``--item-attributes`` (``OUT/item_attributes.npy``) and, with ``--collaborative-sids``, SASRec's
+    item table once ``main`` has written it."""
     from plum.train.stages import load_run_config
 
     collab = [str(out / COLLAB_FILE)] if args.collaborative_sids and (out / COLLAB_FILE).exists() else []
+    attrs = [str(out / ATTR_FILE)] if args.item_attributes else []
 
     sections = {k: dict(v) for k, v in TRAIN_CONFIG.items()}
     for k in sections:
@@ -370,7 +403,7 @@ def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
         sections[k].update(args.train_overrides.get(k, {}))  # an explicit warmup_steps is kept as given
     return load_run_config(
         None, workdir=str(out), seed=args.seed,
-        data={"path": args.dataset, "embeddings": [str(emb_path), *args.extra_embeddings, *collab]},
+        data={"path": args.dataset, "embeddings": [str(emb_path), *args.extra_embeddings, *attrs, *collab]},
         sid={**SID_CONFIG, "codebook_sizes": args.codebook_sizes, "epochs": args.sid_epochs,
              "warmup_epochs": min(5, max(args.sid_epochs // 5, 1)), **args.sid_overrides},
         model={"preset": args.preset, "overrides": args.model_overrides},
@@ -468,7 +501,7 @@ def main(argv=None) -> dict:
     import torch
 
     from plum.baselines import Popularity
-    from plum.data import embed_texts, load_dataset
+    from plum.data import embed_texts, load_dataset, load_item_attributes
     from plum.train import stages
     from plum.train.loop import default_device, train
 
@@ -497,6 +530,12 @@ def main(argv=None) -> dict:
         np.save(emb_path.with_suffix(".tmp.npy"), emb)
         os.replace(emb_path.with_suffix(".tmp.npy"), emb_path)
     done("embeddings", time.perf_counter() - t0 if not prev.get("embeddings") else 0.0)
+    if args.item_attributes:  # multi-hot, one row per item (rewritten each run: cheap, and follows the file)
+        attrs = load_item_attributes(args.item_attributes, load_dataset(args.dataset).item_ids)
+        np.save(out / "item_attributes.tmp.npy", attrs)
+        os.replace(out / "item_attributes.tmp.npy", out / ATTR_FILE)
+        _log(f"item attributes: {attrs.shape[1]} from {args.item_attributes}, "
+             f"{int((attrs > 0).any(axis=1).sum())} of {len(attrs)} items have some")
 
     # 2. plan: steps per stage from the budget (or --steps, or an earlier run's plan)
     plan_path = out / "plan.json"
@@ -574,7 +613,8 @@ def main(argv=None) -> dict:
             ws.sid()
         except ValueError as e:
             raise ValueError(f"{e}. Here: use a new --out, or this OUT's own options (--sid-overrides, "
-                             "--extra-embeddings; --no-collaborative-sids for an OUT made without them)") from None
+                             "--extra-embeddings; --item-attributes none or --no-collaborative-sids for an OUT made "
+                             "without them)") from None
         done("sid", 0.0)
     _log(f"SIDs {sid_info['codebook_sizes']} from embeddings of widths {[e.shape[1] for e in ws.embeddings]}: "
          f"{sid_info['unique_sid_fraction']:.2%} unique")
@@ -643,6 +683,7 @@ def main(argv=None) -> dict:
         "model_config": args.model_config,
         "sid_overrides": args.sid_overrides, "train_overrides": args.train_overrides,
         "extra_embeddings": args.extra_embeddings,
+        "item_attributes": args.item_attributes,
         "collaborative_sids": args.collaborative_sids,
         "device": str(default_device()),
         "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "

@@ -277,6 +277,42 @@ def test_bench_retrieval_extra_embeddings(tmp_path):
         bench.main([*argv[:3], str(tmp_path / "o2"), *argv[4:], "--extra-embeddings", str(tmp_path / "short.npy")])
 
 
+def test_bench_retrieval_item_attributes(tmp_path, capsys):
+    """--item-attributes auto fuses the dataset folder's *_item2attributes.json into the SIDs (input widths:
+    text, attributes, SASRec's table), its multi-hot rows written to OUT; a resume without it (the default,
+    none) is refused naming --item-attributes none; a missing file or two candidates is an error naming the
+    option."""
+    bench = _bench()
+    from plum.data import load_dataset, load_item_attributes
+
+    data = _write_dataset(tmp_path / "data", seed=3)
+    attrs = {str(i + 1): [100 + i // 12, 200 + i % 3] for i in range(47)}  # group "brand" + a category; 48 unlisted
+    (data / "Tiny_item2attributes.json").write_text(json.dumps(attrs))
+    out = tmp_path / "o"
+    argv = ["--dataset", str(data), "--out", str(out), "--steps", "10,10,10", "--codebook-sizes", "8,4,4",
+            "--sid-epochs", "3", "--eval-batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
+            "--no-progress", "--model-dir", str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))]
+    assert bench.parse_args(argv).item_attributes is None  # off by default
+    res = bench.main([*argv, "--item-attributes", "auto"])
+    log = capsys.readouterr().out
+    assert "item attributes: 7 from" in log and "47 of 48 items have some" in log
+    want = load_item_attributes(data / "Tiny_item2attributes.json", load_dataset(data).item_ids)
+    np.testing.assert_array_equal(np.load(out / bench.ATTR_FILE), want)
+    assert want.shape == (48, 7) and not want[47].any()
+    text_dim = np.load(out / "item_embeddings.npy").shape[1]
+    assert json.loads((out / "sid" / "config.json").read_text())["input_dims"] == [text_dim, 7, 64]
+    assert res["metadata"]["item_attributes"] == str((data / "Tiny_item2attributes.json").resolve())
+    with pytest.raises(ValueError, match=r"\[%d, 64\].*--item-attributes none" % text_dim):
+        bench.main(argv)
+    assert bench.main([*argv, "--item-attributes", str(data / "Tiny_item2attributes.json")])["plum"] == res["plum"]
+    for bad in ([str(tmp_path / "missing.json")], ["auto", "second"]):
+        if bad[-1] == "second":
+            (data / "Other_item2attributes.json").write_text("{}")
+        with pytest.raises(SystemExit):
+            bench.parse_args([*argv, "--item-attributes", bad[0]])
+        assert "--item-attributes" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", [["o:foo", "o"], ["o", "o", "--ks", "5,x"], ["o", "o", "--ks", "0"],
                                  ["o", "o", "--beam-width", "0"]])
 def test_compare_retrieval_rejects_bad_arguments(bad, capsys):

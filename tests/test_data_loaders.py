@@ -15,6 +15,7 @@ from plum.data import (
     load_dataset,
     load_inter_json,
     load_interaction_table,
+    load_item_attributes,
     load_sequences_txt,
 )
 
@@ -105,6 +106,25 @@ def test_malformed_inputs(tmp_path):
         load_dataset(many)
     with pytest.raises(FileNotFoundError):
         load_dataset(tmp_path / "missing.txt")
+
+
+def test_item_attributes(tmp_path):
+    """S3-Rec's item2attributes: one unit-norm multi-hot row per catalogue item, columns in numeric attribute
+    order, a zero row for an item the file does not list; an unknown item or a malformed file is an error."""
+    ids = ("1", "2", "3", "10")
+    path = _write_json(tmp_path / "T_item2attributes.json", {"10": [7, 3], "1": [3], "2": [12, 7, 3, 40]})
+    got = load_item_attributes(path, ids)
+    assert got.dtype == np.float32 and got.shape == (4, 4)  # attributes 3, 7, 12, 40
+    expect = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], np.float64)
+    expect[[0, 1, 3]] /= np.sqrt([[1], [4], [2]])
+    np.testing.assert_allclose(got, expect, rtol=1e-7)
+    with pytest.raises(ValueError, match=r"not in the catalogue of 4 items, e.g. '5'"):
+        load_item_attributes(_write_json(tmp_path / "u.json", {"1": [3], "5": [3]}), ids)
+    for bad in ({"1": 3}, [[3]], {"1": [[3]]}, {"1": [True]}):
+        with pytest.raises(ValueError, match="item id -> list of attribute ids"):
+            load_item_attributes(_write_json(tmp_path / "b.json", bad), ids)
+    with pytest.raises(ValueError, match="lists no attribute"):
+        load_item_attributes(_write_json(tmp_path / "e.json", {"1": []}), ids)
 
 
 def test_csv_table_orders_by_timestamp(tmp_path):

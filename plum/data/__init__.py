@@ -2,8 +2,8 @@
 
 - :class:`InteractionData`: users' item sequences over a dense item index,
   with raw IDs and optional item metadata (``interactions.py``).
-- Loaders for the LC-Rec/LETTER JSON pair, the S3-Rec/SASRec text format and
-  CSV/TSV/Parquet tables, and :func:`load_dataset` to pick one (``formats.py``).
+- Loaders for the LC-Rec/LETTER JSON pair, the S3-Rec/SASRec text format (and
+  its item attributes) and CSV/TSV/Parquet tables, and :func:`load_dataset` to pick one (``formats.py``).
 - :func:`leave_one_out`: the S3-Rec/TIGER split (``splits.py``).
 - :func:`make_synthetic_catalogue`: the seeded synthetic catalogue used by the
   demo and the tests (``synthetic.py``).
@@ -15,6 +15,7 @@ from plum.data.formats import (
     load_dataset,
     load_inter_json,
     load_interaction_table,
+    load_item_attributes,
     load_items_json,
     load_sequences_txt,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "load_dataset",
     "load_inter_json",
     "load_interaction_table",
+    "load_item_attributes",
     "load_items_json",
     "load_sequences_txt",
     "EvalSet",

@@ -6,6 +6,9 @@
 - S3-Rec / SASRec text: one user per line, ``user item item ...`` in time
   order (:func:`load_sequences_txt`), optionally with an item JSON beside it
   (Amazon Beauty ships ``Beauty.txt`` + ``Beauty.item.json``).
+- S3-Rec item attributes: ``<name>_item2attributes.json`` maps item -> list of
+  attribute IDs (brand, sub-categories), read as a multi-hot SID input
+  (:func:`load_item_attributes`).
 - Interaction tables: CSV/TSV (standard library) or Parquet (needs pyarrow or
   pandas) with user, item and timestamp columns (:func:`load_interaction_table`).
 
@@ -30,6 +33,7 @@ from plum.data.interactions import InteractionData
 __all__ = [
     "load_dataset",
     "load_inter_json",
+    "load_item_attributes",
     "load_items_json",
     "load_sequences_txt",
     "load_interaction_table",
@@ -84,6 +88,43 @@ def load_items_json(path: str | Path) -> dict[str, dict]:
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
         raise ValueError(f"{path}: expected a JSON object mapping item id -> object of fields")
     return {str(k): v for k, v in raw.items()}
+
+
+def load_item_attributes(path: str | Path, item_ids: Sequence[str]) -> np.ndarray:
+    """Item attributes as SID input: S3-Rec's ``*_item2attributes.json`` -> ``[num_items, A]`` float32.
+
+    The file maps raw item ID -> list of attribute IDs (``{"12": [4, 17, 30]}``; on S3-Rec's
+    Beauty the first is the brand, the rest sub-categories, 637 in all). Row ``i`` is the
+    multi-hot vector of item ``item_ids[i]``'s attributes over the ``A`` distinct attribute IDs
+    of the file (sorted), scaled to unit L2 norm, so an item with many attributes does not
+    weigh more in the SID tokenizer's standardised input; an item the file does not list gets a
+    zero row. Pass :attr:`InteractionData.item_ids` as ``item_ids``.
+
+    Raises:
+        ValueError: the file is not such a mapping, names an item outside ``item_ids``, or
+            lists no attribute at all.
+    """
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, list) and all(isinstance(a, (int, str)) and not isinstance(a, bool) for a in v)
+        for v in raw.values()
+    ):
+        raise ValueError(f"{path}: expected a JSON object mapping item id -> list of attribute ids")
+    index = {str(i): n for n, i in enumerate(item_ids)}
+    unknown = [k for k in raw if str(k) not in index]
+    if unknown:
+        raise ValueError(f"{path}: names {len(unknown)} item(s) that are not in the catalogue of "
+                         f"{len(index)} items, e.g. {unknown[0]!r}")
+    names = _sort_ids({str(a) for v in raw.values() for a in v})
+    if not names:
+        raise ValueError(f"{path}: lists no attribute")
+    col = {a: j for j, a in enumerate(names)}
+    out = np.zeros((len(index), len(names)), np.float32)
+    for k, v in raw.items():
+        out[index[str(k)], [col[str(a)] for a in v]] = 1.0
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.divide(out, norm, out=out, where=norm > 0)
 
 
 def load_inter_json(inter_path: str | Path, item_path: str | Path | None = None) -> InteractionData:
