@@ -386,6 +386,14 @@ COLLAB_FILE = "sasrec_item_embeddings.npy"  # SASRec's item table under OUT, wit
 ATTR_FILE = "item_attributes.npy"  # the multi-hot --item-attributes under OUT
 
 
+def _save_npy(path: Path, array) -> None:
+    """``np.save`` to ``path`` atomically (a temporary file, then a rename): a run stopped mid-write
+    leaves no partial file for the resumed run to read."""
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
 def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
     """The run config of OUT. Its ``data.embeddings`` are the text embeddings, ``--extra-embeddings``,
     the ``--item-attributes`` (``OUT/item_attributes.npy``) and, with ``--collaborative-sids``, SASRec's
@@ -524,16 +532,14 @@ def main(argv=None) -> dict:
     # 1. text embeddings (cached by content hash)
     emb_path = out / "item_embeddings.npy"
     t0 = time.perf_counter()
+    data = load_dataset(args.dataset) if not emb_path.exists() or args.item_attributes else None
     if not emb_path.exists():
-        data = load_dataset(args.dataset)
         emb = embed_texts(data.item_texts(), model_dir=args.model_dir, cache_dir=args.cache_dir, progress=progress)
-        np.save(emb_path.with_suffix(".tmp.npy"), emb)
-        os.replace(emb_path.with_suffix(".tmp.npy"), emb_path)
+        _save_npy(emb_path, emb)
     done("embeddings", time.perf_counter() - t0 if not prev.get("embeddings") else 0.0)
     if args.item_attributes:  # multi-hot, one row per item (rewritten each run: cheap, and follows the file)
-        attrs = load_item_attributes(args.item_attributes, load_dataset(args.dataset).item_ids)
-        np.save(out / "item_attributes.tmp.npy", attrs)
-        os.replace(out / "item_attributes.tmp.npy", out / ATTR_FILE)
+        attrs = load_item_attributes(args.item_attributes, data.item_ids)
+        _save_npy(out / ATTR_FILE, attrs)
         _log(f"item attributes: {attrs.shape[1]} from {args.item_attributes}, "
              f"{int((attrs > 0).any(axis=1).sum())} of {len(attrs)} items have some")
 
@@ -590,8 +596,7 @@ def main(argv=None) -> dict:
     # 3. SIDs: text (+ --extra-embeddings) (+ SASRec's item table with --collaborative-sids) -> SIDv2 tokenizer
     collab = out / COLLAB_FILE
     if args.collaborative_sids and str(collab) not in cfg["data"]["embeddings"]:  # first run: train SASRec now
-        np.save(collab.with_suffix(".tmp.npy"), sasrec().item_embeddings())
-        os.replace(collab.with_suffix(".tmp.npy"), collab)
+        _save_npy(collab, sasrec().item_embeddings())
         ws.embeddings.append(np.load(collab))
         cfg["data"]["embeddings"].append(str(collab))
     sid_info_path = out / "sid_info.json"
