@@ -51,7 +51,11 @@ composed, not re-implemented) on a dataset directory read by
    run's ``ema_warmup`` 10 (the last ~t/9 steps) gave +1.8% validation
    Recall@10 and +1.5% NDCG@10 on two seeds, with paired errors; the
    thirteenth run's t/3 window adds +1.4% validation and +2.2% test
-   Recall@10 on both seeds, paired, with NDCG@10 flat to +2%);
+   Recall@10 on both seeds, paired, with NDCG@10 flat to +2%).
+   ``--train-overrides '{"sft": {"item_loss": w}}'`` adds the codebook
+   loss's training-only item-level softmax over every SID, weighted ``w``;
+   off by default, as ``w`` 0.25 tied on validation (RESULTS.md,
+   nineteenth run);
 5. trie-constrained beam search (width ``--beam-width`` >= 20), full ranking
    over every item, every test user of the leave-one-out split (``run_eval``);
 6. baselines on the same split: popularity and the SASRec-style model
@@ -266,7 +270,7 @@ def train_overrides_arg(parser, obj: dict) -> dict:
     that make a valid ``TrainConfig`` (``parser.error`` naming the stage and key otherwise)."""
     import dataclasses
 
-    from plum.train.loop import TrainConfig, check_label_smoothing
+    from plum.train.loop import TrainConfig, check_item_loss, check_label_smoothing
     from plum.train.stages import DEFAULTS
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -281,8 +285,9 @@ def train_overrides_arg(parser, obj: dict) -> dict:
                 parser.error(f"--train-overrides: {stage}.{k} must be set with {TRAIN_RESERVED[k]}")
             if k not in allowed:
                 parser.error(f"--train-overrides: {stage}.{k} must be one of {sorted(allowed)}")
-        try:
-            check_label_smoothing(over.get("label_smoothing", 0.0))  # the loss's own check, before any training
+        try:  # the loss's own checks, before any training
+            check_label_smoothing(over.get("label_smoothing", 0.0))
+            check_item_loss(over.get("item_loss", 0.0))
         except ValueError as e:
             parser.error(f"--train-overrides: {stage}.{e}")
         merged = {k: v for k, v in {**TRAIN_CONFIG[stage], **over}.items() if k in fields}

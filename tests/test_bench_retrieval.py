@@ -133,6 +133,7 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
                                  ["--train-overrides", '{"sft": {"lr": -1}}'],
                                  ["--train-overrides", '{"cpt": {"lr": "fast"}}'],
                                  ["--train-overrides", '{"sft": {"label_smoothing": 1.0}}'],
+                                 ["--train-overrides", '{"sft": {"item_loss": -0.5}}'],
                                  ["--train-overrides", '{"sft": {"ema_decay": 1.0}}']])
 def test_bench_retrieval_rejects_bad_arguments(tmp_path, bad, capsys):
     bench = _bench()

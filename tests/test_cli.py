@@ -177,6 +177,21 @@ def test_bad_config_raises(tmp_path):
         sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"loss": "vocab", "level_weights": lw})), vocab)
     with pytest.raises(ValueError, match="sft.level_weights: level_weights must be a list of"):
         sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"level_weights": [1.0]})), vocab)
+    import numpy as np
+
+    # sft.item_loss: off by default; on, the catalogue comes from the codes; refused with the vocab loss,
+    # when negative, and without codes
+    vocab.sid_to_tokens = lambda c: np.asarray(c) + np.array([10, 14])
+    codes = np.array([[0, 1], [3, 2], [0, 1]])
+    assert sft_loss(SimpleNamespace(cfg=load_run_config(None)), vocab, codes).item_loss == 0.0
+    on = sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"item_loss": 0.25})), vocab, codes)
+    assert on.item_loss == 0.25 and on.item_codes.tolist() == [[0, 1], [3, 2]]
+    with pytest.raises(ValueError, match="sft.item_loss=0.25 needs sft.loss 'codebook'"):
+        sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"loss": "vocab", "item_loss": 0.25})), vocab, codes)
+    with pytest.raises(ValueError, match="sft.item_loss: item_loss must be a finite number >= 0"):
+        sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"item_loss": -1})), vocab, codes)
+    with pytest.raises(ValueError, match="sft.item_loss: item_loss > 0 needs catalogue"):
+        sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"item_loss": 0.25})), vocab)
     # a training section's TrainConfig fields (here weight averaging) reach the stage's TrainConfig
     from plum.train.stages import _train_config
     assert _train_config(load_run_config(None)["sft"], 0, False).ema_decay == 0.0

@@ -261,6 +261,74 @@ def test_codebook_loss_is_ce_over_the_target_level_codebook(world):
 
 
 @pytest.mark.parametrize("cls", ["SFTDataset", "SequenceSFTDataset"])
+def test_codebook_item_loss_is_a_full_softmax_over_catalogue_sids(world, cls):
+    """item_loss adds item_loss * (weighted mean over targets of the CE of a softmax over the
+    catalogue's distinct SIDs, each scored by the sum of the first position's level logits):
+    value and gradients against a float64 loop over targets; bad settings are refused."""
+    import torch
+
+    from plum.model import PlumLM, preset
+    from plum.train.loop import CodebookLoss
+
+    vocab, sid, text, items, seqs = world
+    torch.manual_seed(2)
+    model = PlumLM(preset("tiny", vocab_size=vocab.size, num_experts=4)).double()
+    ds = globals()[cls](seqs, sid, vocab, max_items=20, weights=lambda u, c, t: 0.5 + (c % 4))
+    b = pack([ds[i] for i in range(len(ds))])
+    catalogue = np.concatenate([sid, sid[:5]])  # repeated SIDs are one class
+    plain, plain_parts = CodebookLoss(vocab)(model, b)
+    loss, parts = CodebookLoss(vocab, item_loss=0.3, catalogue=catalogue)(model, b)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+
+    out = model(b.input_ids, b.cu_seqlens, b.max_seqlen, logits_index=b.loss_index)
+    distinct = np.unique(sid, axis=0)
+    L, first = vocab.num_levels, vocab.level_slice(0)
+    num = den = cb = 0.0
+    for row in range(len(b.targets)):
+        t = int(b.targets[row])
+        sl = next(vocab.level_slice(l) for l in range(L) if vocab.level_slice(l).start <= t < vocab.level_slice(l).stop)
+        cb = cb + b.weights[row].double() * torch.nn.functional.cross_entropy(out.logits[row, sl][None],
+                                                                              torch.tensor([t - sl.start]))
+        if sl != first:
+            continue
+        target = b.targets[row:row + L].numpy()
+        scores = torch.stack([sum(out.logits[row, int(t)] for t in d) for d in distinct])
+        cls_idx = int(np.flatnonzero((distinct == target).all(1))[0])
+        num = num + b.weights[row].double() * torch.nn.functional.cross_entropy(scores[None],
+                                                                                torch.tensor([cls_idx]))
+        den = den + float(b.weights[row])
+    ref_item = num / den
+    ref = cb / b.weights.double().sum() + out.aux_loss + 0.3 * ref_item  # one forward, as the loss's
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    assert torch.allclose(parts["item"], ref_item.detach(), rtol=1e-12, atol=0)
+    assert torch.allclose(loss, ref, rtol=1e-12, atol=0) and torch.equal(parts["ce"], plain_parts["ce"])
+    assert float(parts["item"]) > 0 and not torch.allclose(loss, plain)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert torch.allclose(g, r, rtol=1e-9, atol=1e-12)
+    # a target SID missing from the catalogue, a target whose SID tokens are not all targets, bad settings
+    target0 = int(np.flatnonzero((sid == b.targets[:L].numpy()).all(1))[0])
+    with pytest.raises(ValueError, match="not in the catalogue"):
+        CodebookLoss(vocab, item_loss=0.3, catalogue=np.delete(sid, target0, 0))(model, b)
+    bos, hist = vocab.token("<|bos|>"), vocab.token("<|hist|>")
+    half = pack([Example(np.array([bos, hist, *sid[0], *sid[1]]), np.array([0, 0] + [0] * L + [1, 1] + [0] * (L - 2),
+                                                                          np.float32))])
+    with pytest.raises(ValueError, match="consecutive targets"):
+        CodebookLoss(vocab, item_loss=0.3, catalogue=sid)(model, half)
+    for v in (-0.1, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="item_loss must be a finite number >= 0"):
+            CodebookLoss(vocab, item_loss=v, catalogue=sid)
+    with pytest.raises(ValueError, match="needs catalogue"):
+        CodebookLoss(vocab, item_loss=0.3)
+    for bad in (sid[:, :-1], sid[:, ::-1], sid.astype(np.float32), sid[:0]):
+        with pytest.raises(ValueError, match="catalogue"):
+            CodebookLoss(vocab, item_loss=0.3, catalogue=bad)
+    assert CodebookLoss(vocab, item_loss=0.0).item_codes is None  # off: no catalogue needed
+
+
+@pytest.mark.parametrize("cls", ["SFTDataset", "SequenceSFTDataset"])
 def test_sft_datasets_check_features(world, cls):
     vocab, sid, text, items, seqs = world
     make = {"SFTDataset": SFTDataset, "SequenceSFTDataset": SequenceSFTDataset}[cls]

@@ -220,15 +220,19 @@ def test_shutdown_distributed(tmp_path):
 def _loss(name, data):
     from plum.train.loop import CodebookLoss, lm_loss
 
+    if name == "codebook-item":
+        return CodebookLoss(data.vocab, item_loss=0.5, catalogue=data.sid_tokens)
     return lm_loss if name == "lm" else CodebookLoss(data.vocab)
 
 
 @pytest.mark.parametrize("fsdp,loss,ema", [(False, "lm", 0.0), (True, "lm", 0.0), (False, "codebook", 0.0),
-                                           (True, "codebook", 0.0), (False, "lm", 0.5)])
+                                           (True, "codebook", 0.0), (False, "lm", 0.5),
+                                           (False, "codebook-item", 0.0)])
 def test_two_process_gloo_matches_gradient_accumulation(tmp_path, fsdp, loss, ema):
     """torchrun with 2 CPU processes (gloo): rank r takes micro-batch r, DDP averages the
     gradients, which is what one process does with grad_accum=2 over the same stream. With the
-    codebook loss the distributed run slices full logits, the single one multiplies the slices."""
+    codebook loss the distributed run slices full logits, the single one multiplies the slices
+    (its item_loss term too, logged as ``item`` by both)."""
     script = tmp_path / "ddp.py"
     out = tmp_path / "ddp"
     script.write_text(_DDP_SCRIPT.format(tests=str(REPO / "tests"), out=str(out), fsdp=fsdp, loss=loss, ema=ema))
@@ -245,6 +249,10 @@ def test_two_process_gloo_matches_gradient_accumulation(tmp_path, fsdp, loss, em
     single = [json.loads(l) for l in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in single], rtol=1e-4)
+    assert all(("item" in r) == (loss == "codebook-item") for r in rows + single)
+    if loss == "codebook-item":
+        np.testing.assert_allclose([r["item"] for r in rows], [r["item"] for r in single], rtol=1e-4)
+        assert all(r["item"] > 0 for r in rows)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["world_size"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
     assert (ckpt["ema"] is None) == (not ema) and not any(k.startswith("module.") for k in ckpt["ema"] or {})

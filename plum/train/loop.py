@@ -119,6 +119,13 @@ def check_label_smoothing(value) -> float:
     return float(value)
 
 
+def check_item_loss(value) -> float:
+    """``value`` as a float >= 0: an item-loss weight (ValueError naming ``item_loss`` otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"item_loss must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_level_weights(value, num_levels: int) -> list[float] | None:
     """``value`` as ``num_levels`` finite weights >= 0, not all 0, or None (ValueError naming
     ``level_weights`` otherwise)."""
@@ -157,18 +164,63 @@ class CodebookLoss:
     ``[2, 1, 1, 1]`` to stress the first, coarsest code. The sum is still divided
     by the batch's token weights, so weights above 1 raise the loss's scale.
 
+    ``item_loss`` (>= 0, default 0: off) adds a training-only item-level term,
+    ``item_loss * item_ce``: at the position that predicts a target's first
+    SID token, a softmax over every distinct SID of ``catalogue`` (``[N, L]``
+    SID token ids, e.g. ``vocab.sid_to_tokens(codes)``), each scored by the
+    sum over levels of that position's level logits (a factorised full-item
+    softmax, as SASRec's CE over items, with no new parameter). ``item_ce``
+    is its weighted mean over the batch's targets (the first tokens'
+    weights); every target's ``L`` SID tokens must be consecutive targets,
+    and its SID must be in ``catalogue``. Beam search does not read it: it
+    only trains the first position to rank whole items. The logged ``ce``
+    stays the codebook CE; ``item`` is logged beside it. Cost: an ``[M, C]``
+    score matrix per batch (``M`` targets, ``C`` distinct SIDs). On Amazon
+    Beauty, weight 0.25 tied with no item loss (RESULTS.md, nineteenth run).
+
     In one process the level slices are multiplied directly; under DDP/FSDP
     (world size > 1) the full logits come out of the wrapped forward and are
     sliced, so that every parameter is used inside ``forward`` (same loss).
     """
 
-    def __init__(self, vocab, label_smoothing: float = 0.0, level_weights=None):
+    def __init__(self, vocab, label_smoothing: float = 0.0, level_weights=None, item_loss: float = 0.0,
+                 catalogue=None):
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.level_weights = check_level_weights(level_weights, vocab.num_levels)
         self.slices = [vocab.level_slice(l) for l in range(vocab.num_levels)]
         self.bounds = torch.tensor([sl.start for sl in self.slices] + [self.slices[-1].stop])
         if any(a.stop != b.start for a, b in zip(self.slices, self.slices[1:])):
             raise ValueError("the SID levels must be contiguous in the vocabulary")
+        self.item_loss = check_item_loss(item_loss)
+        self.item_codes = self.item_keys = None
+        if self.item_loss:
+            if catalogue is None:
+                raise ValueError("item_loss > 0 needs catalogue: the [N, L] SID tokens of every item")
+            self.item_codes, self.item_keys = self._catalogue(catalogue)
+
+    def _catalogue(self, catalogue) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distinct SIDs of ``catalogue`` as per-level codes ``[C, L]`` and their sorted keys ``[C]``."""
+        cat = torch.as_tensor(np.ascontiguousarray(catalogue))
+        L = len(self.slices)
+        if cat.dim() != 2 or cat.shape[1] != L or cat.shape[0] == 0 or cat.is_floating_point():
+            raise ValueError(f"catalogue must be a non-empty integer [N, {L}] array of SID tokens, got "
+                             f"{tuple(cat.shape)} {cat.dtype}")
+        starts = torch.tensor([sl.start for sl in self.slices])
+        sizes = torch.tensor([sl.stop - sl.start for sl in self.slices])
+        codes = cat.long() - starts
+        if (codes < 0).any() or (codes >= sizes).any():
+            raise ValueError("catalogue[:, l] must be SID tokens of level l")
+        if math.prod(int(v) for v in sizes) >= 2 ** 62:
+            raise ValueError(f"catalogue: codebooks {sizes.tolist()} have too many SIDs to key in int64")
+        codes = torch.unique(codes, dim=0)  # sorted lexicographically, so their keys are sorted too
+        return codes, self._keys(codes, sizes)
+
+    @staticmethod
+    def _keys(codes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        key = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
+        for l in range(codes.shape[1]):
+            key = key * int(sizes[l]) + codes[:, l]
+        return key
 
     def __call__(self, model, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
         tgt = batch.targets
@@ -196,7 +248,40 @@ class CodebookLoss:
             used += rows.numel()
         if used == 0:  # no target: a zero loss that still depends on the parameters
             num = out.hidden.sum() * 0.0
-        return _weighted_loss(num, batch, out)
+        if not self.item_loss:
+            return _weighted_loss(num, batch, out)
+        item = self._item_ce(out, base, batch, level, full)
+        loss, parts = _weighted_loss(num, batch, out)
+        return loss + self.item_loss * item, {**parts, "item": item.detach()}
+
+    def _item_ce(self, out, base, batch: PackedBatch, level: torch.Tensor, full: bool) -> torch.Tensor:
+        """Weighted mean over targets of the item-level CE at each target's first-token position."""
+        tgt, L = batch.targets, len(self.slices)
+        rows = (level == 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return out.hidden.sum() * 0.0
+        offs = rows[:, None] + torch.arange(L, device=rows.device)
+        ok = bool((offs[:, -1] < tgt.numel()).all())
+        if ok:
+            ar = torch.arange(L, device=rows.device)
+            ok = bool((level[offs] == ar).all() and (batch.loss_index[offs] - batch.loss_index[rows, None] == ar).all())
+        if not ok:
+            raise ValueError(f"item_loss needs every target's {L} SID tokens to be consecutive targets "
+                             "(the SFT datasets' layout)")
+        codes = tgt[offs] - self.bounds[:-1].to(tgt.device)
+        sizes = self.bounds[1:] - self.bounds[:-1]
+        keys, want = self.item_keys.to(tgt.device), self._keys(codes, sizes.to(tgt.device))
+        cls = torch.searchsorted(keys, want).clamp_max(keys.numel() - 1)
+        if not bool((keys[cls] == want).all()):
+            raise ValueError("item_loss: a target's SID is not in the catalogue")
+        s0, sl = self.slices[0].start, slice(self.slices[0].start, self.slices[-1].stop)
+        logits = out.logits[rows, sl] if full else base.lm_logits(out.hidden[rows], sl)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        cat = self.item_codes.to(tgt.device) + (self.bounds[:-1].to(tgt.device) - s0)
+        scores = sum(logits[:, cat[:, l]] for l in range(L))  # [M0, C]: sum over levels of the level logits
+        w = batch.weights[rows].to(scores.dtype)
+        ce = F.cross_entropy(scores, cls, reduction="none")
+        return (ce * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -498,6 +583,8 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
             sums["loss"] += float(loss.detach()) / cfg.grad_accum
             sums["ce"] += float(parts["ce"]) / cfg.grad_accum
             sums["aux"] += float(parts["aux"]) / cfg.grad_accum
+            if "item" in parts:  # CodebookLoss's item_loss term (logged, not part of "ce")
+                sums["item"] = sums.get("item", 0.0) + float(parts["item"]) / cfg.grad_accum
             tokens_seen += sum(b.num_tokens for b in batches)
         gnorm = (torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip) if cfg.grad_clip
                  else torch.zeros(()))
@@ -509,9 +596,9 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
         bar.update(1)
         if step % cfg.log_every == 0 or step == end:
             if world > 1:
-                t = torch.tensor([sums["loss"], sums["ce"], sums["aux"]], dtype=torch.float64)
+                t = torch.tensor(list(sums.values()), dtype=torch.float64)
                 dist.all_reduce(t)
-                sums = dict(zip(("loss", "ce", "aux"), (t / world).tolist()))
+                sums = dict(zip(sums, (t / world).tolist()))
             dt = time.perf_counter() - t0
             last = {"step": step, **sums, "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
                     "epoch": stream.epoch, "tokens_per_s": tokens_seen / max(dt, 1e-9)}
