@@ -392,11 +392,12 @@ ATTR_FILE = "item_attributes.npy"  # the multi-hot --item-attributes under OUT
 
 
 def _save_npy(path: Path, array) -> None:
-    """``np.save`` to ``path`` atomically (a temporary file, then a rename): a run stopped mid-write
+    """``np.save`` to ``path`` atomically (:func:`plum.io.atomic_path`): a run stopped mid-write
     leaves no partial file for the resumed run to read."""
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    from plum.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
 
 
 def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
@@ -500,12 +501,12 @@ def _cached(path: Path, fn, targets: np.ndarray, k: int):
         return json.loads(path.read_text()), 0.0
     t0 = time.perf_counter()
     res, ranks = fn()
-    for dst, write in ((ranks_path(path), lambda f: np.savez(f, ranks=ranks, targets=targets, k=k)),
-                       (path, lambda f: f.write(json.dumps(res, indent=1).encode()))):
-        tmp = dst.with_name(dst.name + ".tmp")
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, dst)
+    from plum.io import atomic_path
+
+    with atomic_path(ranks_path(path)) as tmp:
+        np.savez(tmp, ranks=ranks, targets=targets, k=k)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(res, indent=1))
     return res, time.perf_counter() - t0
 
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plum.io import atomic_path
+
 __all__ = [
     "BertConfig",
     "BertEncoder",
@@ -333,7 +335,6 @@ def embed_texts(
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, emb)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.save(tmp, emb)
     return emb

@@ -80,6 +80,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from plum.io import atomic_path
 from plum.sid import _sid_trie
 
 FORMAT_NAME = "plum-sid-trie"
@@ -331,9 +332,8 @@ class SIDTrie:
         meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "num_items": str(self.num_items),
                 "num_sids": str(self.num_sids), "num_logical_nodes": str(self.num_logical_nodes),
                 "chain_min_depth": str(self.chain_min_depth), "key_bits": str(self.key_bits)}
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> "SIDTrie":

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from plum.io import atomic_path
 from plum.train.corpus import ExampleStream, PackedBatch
 
 __all__ = ["TrainConfig", "train", "lm_loss", "CodebookLoss", "dist_env", "init_distributed", "shutdown_distributed",
@@ -383,14 +383,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _full_state(model, opt):
@@ -481,10 +475,8 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(r + "\n" for r in rows))
 
 
 def _wrap(model, cfg: TrainConfig):
