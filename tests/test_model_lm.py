@@ -169,6 +169,28 @@ def test_router_logits_stay_float32_under_autocast(monkeypatch):
     assert seen == [(torch.bfloat16, torch.float32)] * 2  # two MoE layers
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rms_norm_computes_in_float32_or_float64(dtype):
+    """RMSNorm normalises in float32 (Hugging Face semantics) but in float64 for float64 inputs,
+    so that a float64 model is float64 ground truth (a float32 norm put ~1e-8 errors into its
+    gradients)."""
+    from plum.model.model import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(37, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(37, dtype=torch.float64))
+    x = (torch.randn(5, 37, dtype=torch.float64) * 3).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    xa = x.to(acc)
+    want = norm.weight * (xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    assert norm(x).dtype == dtype and torch.equal(norm(x), want)
+    if dtype == torch.float64:  # against the formula in float64, and gradients by finite differences
+        exact = norm.weight.detach() * x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        torch.testing.assert_close(norm(x), exact, rtol=1e-14, atol=0)
+        assert torch.autograd.gradcheck(norm, (x.clone().requires_grad_(),))
+
+
 def test_backward_reaches_every_parameter():
     m = PlumLM(small())
     out = m(torch.randint(0, 97, (11,)), cu_seqlens_from_lengths([6, 5]))

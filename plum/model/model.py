@@ -86,7 +86,8 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x^2) + eps)``, normalised in float32 (Hugging Face semantics)."""
+    """``weight * x / sqrt(mean(x^2) + eps)``, normalised in float32 (Hugging Face semantics) or, for
+    float64 inputs, in float64 (so that a float64 model is float64 throughout, as tests' ground truth)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -95,9 +96,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        xf = x if dtype == torch.float64 else x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
