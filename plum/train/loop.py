@@ -205,8 +205,7 @@ class CodebookLoss:
         if cat.dim() != 2 or cat.shape[1] != L or cat.shape[0] == 0 or cat.is_floating_point():
             raise ValueError(f"catalogue must be a non-empty integer [N, {L}] array of SID tokens, got "
                              f"{tuple(cat.shape)} {cat.dtype}")
-        starts = torch.tensor([sl.start for sl in self.slices])
-        sizes = torch.tensor([sl.stop - sl.start for sl in self.slices])
+        starts, sizes = self.bounds[:-1], self.bounds.diff()
         codes = cat.long() - starts
         if (codes < 0).any() or (codes >= sizes).any():
             raise ValueError("catalogue[:, l] must be SID tokens of level l")
@@ -260,17 +259,14 @@ class CodebookLoss:
         rows = (level == 0).nonzero().squeeze(1)
         if rows.numel() == 0:
             return out.hidden.sum() * 0.0
-        offs = rows[:, None] + torch.arange(L, device=rows.device)
-        ok = bool((offs[:, -1] < tgt.numel()).all())
-        if ok:
-            ar = torch.arange(L, device=rows.device)
-            ok = bool((level[offs] == ar).all() and (batch.loss_index[offs] - batch.loss_index[rows, None] == ar).all())
-        if not ok:
+        ar = torch.arange(L, device=rows.device)
+        offs = rows[:, None] + ar
+        if bool((offs[:, -1] >= tgt.numel()).any()) or not bool(
+                (level[offs] == ar).all() and (batch.loss_index[offs] - batch.loss_index[rows, None] == ar).all()):
             raise ValueError(f"item_loss needs every target's {L} SID tokens to be consecutive targets "
                              "(the SFT datasets' layout)")
         codes = tgt[offs] - self.bounds[:-1].to(tgt.device)
-        sizes = self.bounds[1:] - self.bounds[:-1]
-        keys, want = self.item_keys.to(tgt.device), self._keys(codes, sizes.to(tgt.device))
+        keys, want = self.item_keys.to(tgt.device), self._keys(codes, self.bounds.diff().to(tgt.device))
         cls = torch.searchsorted(keys, want).clamp_max(keys.numel() - 1)
         if not bool((keys[cls] == want).all()):
             raise ValueError("item_loss: a target's SID is not in the catalogue")
