@@ -14,7 +14,9 @@ composed, not re-implemented) on a dataset directory read by
    feeds the SIDs (``--collaborative-sids``, the default: text and SASRec
    embeddings are two inputs of SIDv2's multi-encoder, saved as
    ``OUT/sasrec_item_embeddings.npy``; +5-9% validation Recall@10 / NDCG@10
-   on both protocols, benchmarks/RESULTS.md, sixth run);
+   on both protocols, benchmarks/RESULTS.md, sixth run); its
+   :class:`plum.baselines.SASRecConfig` (hidden 64, 2 layers) takes
+   ``--sasrec-overrides``, which then change the SIDs' table too;
 3. SIDs with the Beauty-validated tokenizer (codebooks 1024/64/32/16 since
    the eleventh run: with the SFT EMA, +2.7% validation Recall@10 on two
    seeds over 256/128/64/32; otherwise the
@@ -176,6 +178,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSON of training settings replacing the Beauty ones, per stage, e.g. "
                         "'{\"sft\": {\"lr\": 1e-3}}' (stages cpt, sft, sasrec; TrainConfig fields and the "
                         "stage's data settings; steps and seed have their own flags)")
+    p.add_argument("--sasrec-overrides", default="{}",
+                   help="JSON of SASRecConfig fields replacing the SASRec baseline's (hidden 64, 2 layers, 1 head, "
+                        "dropout 0.1), e.g. '{\"hidden_size\": 128}'; with --collaborative-sids its item table "
+                        "feeds the SIDs too (max_len is --train-overrides sft.max_items)")
     p.add_argument("--extra-embeddings", default="",
                    help="comma-separated .npy files of further [num_items, d] item embeddings (image, metadata, "
                         "collaborative, ...) fused with the text embedding by the SID tokenizer")
@@ -208,6 +214,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--max-users must be >= 1, got {a.max_users}")
     from common import embedding_files_arg, json_fields_arg
 
+    from plum.baselines import SASRecConfig
     from plum.model.config import PRESETS, ModelConfig
     from plum.sid import SIDConfig
 
@@ -223,6 +230,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.sid_overrides = json_fields_arg(p, "--sid-overrides", a.sid_overrides, SIDConfig,
                                       {"codebook_sizes": "--codebook-sizes", "epochs": "--sid-epochs", "seed": "--seed"})
     a.train_overrides = train_overrides_arg(p, json_fields_arg(p, "--train-overrides", a.train_overrides))
+    a.sasrec_overrides = json_fields_arg(p, "--sasrec-overrides", a.sasrec_overrides, SASRecConfig,
+                                         {"num_items": "the dataset (its item count)",
+                                          "max_len": "--train-overrides '{\"sft\": {\"max_items\": N}}'"})
+    try:
+        a.sasrec_config = sasrec_config(a.sasrec_overrides)  # the effective one, without num_items and max_len
+    except (TypeError, ValueError) as e:
+        p.error(f"--sasrec-overrides must give a valid SASRecConfig: {e}")
     a.extra_embeddings = embedding_files_arg(p, "--extra-embeddings", a.extra_embeddings)
     a.item_attributes = item_attributes_arg(p, a.dataset, a.item_attributes)
     try:
@@ -305,7 +319,8 @@ def run_settings(args, cfg: dict | None = None) -> dict:
     defaults with ``--train-overrides`` applied), so that a bench default changed since OUT was
     trained is caught too."""
     settings = {"preset": args.preset, "model_overrides": args.model_overrides,
-                "train_overrides": args.train_overrides}
+                "train_overrides": args.train_overrides, "sasrec_overrides": args.sasrec_overrides,
+                "sasrec_config": args.sasrec_config}
     if cfg is not None:
         settings["model_config"] = args.model_config
         settings["train_config"] = effective_train_config(cfg)
@@ -321,6 +336,19 @@ def model_config(preset: str, overrides: dict) -> dict:
     d = json.loads(json.dumps(make(preset, **overrides).to_dict()))
     del d["vocab_size"]
     return d
+
+
+def sasrec_config(overrides: dict) -> dict:
+    """The effective config of the SASRec baseline with ``--sasrec-overrides``, as JSON, without
+    ``num_items`` (the dataset's) and ``max_len`` (``sft.max_items``). ``TypeError`` / ``ValueError``
+    (from :class:`plum.baselines.SASRecConfig`) for an invalid one."""
+    import dataclasses
+
+    from plum.baselines import SASRecConfig
+
+    d = dataclasses.asdict(SASRecConfig(num_items=1, **overrides))
+    del d["num_items"], d["max_len"]
+    return json.loads(json.dumps(d))
 
 
 def effective_train_config(cfg: dict) -> dict:
@@ -348,13 +376,13 @@ def check_run_settings(out: Path, plan: dict, args, cfg: dict) -> None:
         names = ("preset", "model_overrides")
     else:
         names = ()
-        is_model = args.model_config
-        for key, was in was_model.items():
-            if is_model.get(key, was) != was:
-                given = f"--preset {saved['preset']} --model-overrides '{json.dumps(saved['model_overrides'])}'"
-                raise ValueError(f"{out} was trained with the model's {key}={json.dumps(was)} ({given}), but this "
-                                 f"run's --preset and --model-overrides give {json.dumps(is_model[key])}: use a "
-                                 f"new --out, or {given}")
+        _refuse_other_config(out, "the model", was_model, args.model_config, "--preset and --model-overrides",
+                             f"--preset {saved['preset']} --model-overrides '{json.dumps(saved['model_overrides'])}'")
+    # the SASRec baseline (and, with --collaborative-sids, the SIDs' item table), by its effective config;
+    # an OUT planned before --sasrec-overrides existed trained the defaults
+    _refuse_other_config(out, "the SASRec baseline", saved.get("sasrec_config") or sasrec_config({}),
+                         args.sasrec_config, "--sasrec-overrides",
+                         f"--sasrec-overrides '{json.dumps(saved.get('sasrec_overrides', {}))}'")
     for k in names + (() if effective else ("train_overrides",)):
         if saved.get(k) != now[k]:
             flag = "--" + k.replace("_", "-")
@@ -368,6 +396,16 @@ def check_run_settings(out: Path, plan: dict, args, cfg: dict) -> None:
                     f"{out} was trained with {stage}.{key}={json.dumps(was)}, but this run's settings give "
                     f"{json.dumps(is_)} (from --train-overrides, or a bench default changed since): use a new "
                     f"--out, or --train-overrides '{{\"{stage}\": {{\"{key}\": {json.dumps(was)}}}}}'")
+
+
+def _refuse_other_config(out: Path, what: str, was: dict, now: dict, flags: str, given: str) -> None:
+    """``ValueError`` at the first field of OUT's effective config ``was`` (of ``what``) that this run's
+    ``now`` (set by ``flags``) gives otherwise, naming the field and OUT's own options ``given``. A field
+    ``now`` lacks is one since removed: not compared."""
+    for key, v in was.items():
+        if now.get(key, v) != v:
+            raise ValueError(f"{out} was trained with {what}'s {key}={json.dumps(v)} ({given}), but this run's "
+                             f"{flags} give {json.dumps(now[key])}: use a new --out, or {given}")
 
 
 def _recorded_model_config(saved: dict) -> dict | None:
@@ -426,14 +464,16 @@ def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
               "exclude_history": args.exclude_history})
 
 
-def _sasrec(ws, cfg: dict):
+def _sasrec(ws, cfg: dict, overrides: dict):
+    """The SASRec baseline (``SASRecConfig`` with ``--sasrec-overrides``), its training sequences
+    (``s[:-2]``), training config and loss."""
     import torch
 
     from plum.baselines import SASRec, SASRecConfig, SequenceDataset, sasrec_loss
     from plum.train.loop import TrainConfig, default_device
 
     torch.manual_seed(cfg["seed"])
-    model = SASRec(SASRecConfig(ws.num_items, max_len=cfg["sft"]["max_items"])).to(default_device())
+    model = SASRec(SASRecConfig(ws.num_items, max_len=cfg["sft"]["max_items"], **overrides)).to(default_device())
     data = SequenceDataset(ws.split.train, ws.num_items, cfg["sft"]["max_items"])
     tcfg = TrainConfig.from_dict({"seed": cfg["seed"], **cfg["sasrec"]})
     return model, data, tcfg, sasrec_loss
@@ -468,7 +508,7 @@ def calibrate(ws, args, out: Path) -> dict:
               stop_after=CALIBRATION_STEPS)
         per_step[name] = (time.perf_counter() - t0) / CALIBRATION_STEPS
     ws.cfg = base
-    model, data, tcfg, loss = _sasrec(ws, base)
+    model, data, tcfg, loss = _sasrec(ws, base, args.sasrec_overrides)
     t0 = time.perf_counter()
     from dataclasses import replace
 
@@ -593,7 +633,7 @@ def main(argv=None) -> dict:
         nonlocal sasrec_model
         if sasrec_model is None:
             t0 = time.perf_counter()
-            model, data, tcfg, loss = _sasrec(ws, cfg)
+            model, data, tcfg, loss = _sasrec(ws, cfg, args.sasrec_overrides)
             if train(model, data, tcfg, out / "sasrec", loss_fn=loss, desc="SASRec"):  # {}: finished before
                 done("sasrec_train", time.perf_counter() - t0)
             sasrec_model = model
@@ -693,6 +733,7 @@ def main(argv=None) -> dict:
         "sft_only": args.sft_only, "model_preset": args.preset, "model_overrides": args.model_overrides,
         "model_config": args.model_config,
         "sid_overrides": args.sid_overrides, "train_overrides": args.train_overrides,
+        "sasrec_overrides": args.sasrec_overrides, "sasrec_config": args.sasrec_config,
         "extra_embeddings": args.extra_embeddings,
         "item_attributes": args.item_attributes,
         "collaborative_sids": args.collaborative_sids,

@@ -134,7 +134,14 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
                                  ["--train-overrides", '{"cpt": {"lr": "fast"}}'],
                                  ["--train-overrides", '{"sft": {"label_smoothing": 1.0}}'],
                                  ["--train-overrides", '{"sft": {"item_loss": -0.5}}'],
-                                 ["--train-overrides", '{"sft": {"ema_decay": 1.0}}']])
+                                 ["--train-overrides", '{"sft": {"ema_decay": 1.0}}'],
+                                 ["--sasrec-overrides", "[64]"], ["--sasrec-overrides", '{"hidden": 128}'],
+                                 ["--sasrec-overrides", '{"num_items": 9}'], ["--sasrec-overrides", '{"max_len": 9}'],
+                                 ["--sasrec-overrides", '{"hidden_size": 0}'],
+                                 ["--sasrec-overrides", '{"hidden_size": 6, "num_heads": 4}'],
+                                 ["--sasrec-overrides", '{"hidden_size": true}'],
+                                 ["--sasrec-overrides", '{"num_layers": 2.0}'],
+                                 ["--sasrec-overrides", '{"dropout": "high"}']])
 def test_bench_retrieval_rejects_bad_arguments(tmp_path, bad, capsys):
     bench = _bench()
     with pytest.raises(SystemExit):
@@ -276,6 +283,45 @@ def test_bench_retrieval_extra_embeddings(tmp_path):
     assert bench.main([*argv, "--extra-embeddings", str(tmp_path / "collab.npy")])["plum"] == res["plum"]
     with pytest.raises(ValueError, match="--extra-embeddings: .*short.npy must be a finite"):
         bench.main([*argv[:3], str(tmp_path / "o2"), *argv[4:], "--extra-embeddings", str(tmp_path / "short.npy")])
+
+
+def test_bench_retrieval_sasrec_overrides(tmp_path):
+    """--sasrec-overrides reach the SASRec baseline and, with --collaborative-sids, the SIDs (the tokenizer's
+    input widths: text, SASRec's table at the overridden width); a resume with another SASRec config is
+    refused naming the field and OUT's own option, and the same config spelled otherwise resumes."""
+    import torch
+
+    bench = _bench()
+    data = _write_dataset(tmp_path / "data", seed=4)
+    out = tmp_path / "o"
+    argv = ["--dataset", str(data), "--out", str(out), "--steps", "10,10,10", "--codebook-sizes", "8,4,4",
+            "--sid-epochs", "3", "--eval-batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
+            "--no-progress", "--model-dir", str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))]
+    assert bench.parse_args(argv).sasrec_config == {"hidden_size": 64, "num_layers": 2, "num_heads": 1,
+                                                    "dropout": 0.1}  # the baseline's defaults
+    res = bench.main([*argv, "--sasrec-overrides", '{"hidden_size": 12, "num_heads": 2, "num_layers": 1}'])
+    text_dim = np.load(out / "item_embeddings.npy").shape[1]
+    assert np.load(out / bench.COLLAB_FILE).shape == (48, 12)
+    assert json.loads((out / "sid" / "config.json").read_text())["input_dims"] == [text_dim, 12]
+    state = torch.load(out / "sasrec" / "checkpoint.pt", weights_only=False)["model"]
+    assert sum(1 for k in state if k.endswith("qkv.weight")) == 1 and state["item_embedding.weight"].shape[1] == 12
+    meta = res["metadata"]
+    assert meta["sasrec_overrides"] == {"hidden_size": 12, "num_heads": 2, "num_layers": 1}
+    assert meta["sasrec_config"] == {"hidden_size": 12, "num_layers": 1, "num_heads": 2, "dropout": 0.1}
+    given = r"""\(--sasrec-overrides '\{"hidden_size": 12, "num_heads": 2, "num_layers": 1\}'\)"""
+    with pytest.raises(ValueError, match=r"trained with the SASRec baseline's hidden_size=12 " + given + ", but .* give 64"):
+        bench.main(argv)
+    with pytest.raises(ValueError, match=r"SASRec baseline's num_layers=1 .* give 2"):
+        bench.main([*argv, "--sasrec-overrides", '{"hidden_size": 12, "num_heads": 2}'])
+    spelled = '{"num_layers": 1, "hidden_size": 12, "num_heads": 2, "dropout": 0.1}'  # the same config
+    assert bench.main([*argv, "--sasrec-overrides", spelled])["sasrec"] == res["sasrec"]
+    # an OUT planned before the option existed trained the defaults: it resumes without it, and refuses others
+    plan = json.loads((out / "plan.json").read_text())
+    for k in ("sasrec_overrides", "sasrec_config"):
+        del plan["settings"][k]
+    (out / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match=r"SASRec baseline's hidden_size=64 \(--sasrec-overrides '\{\}'\), .* give 12"):
+        bench.main([*argv, "--sasrec-overrides", spelled])
 
 
 def test_bench_retrieval_item_attributes(tmp_path, capsys):

@@ -169,6 +169,22 @@ def test_drop_history_and_popularity_exclusion_by_hand():
     assert m["recall@1"] == 0.5  # user 0: item 2 dropped, item 1 first; user 1: item 2 first
 
 
+@pytest.mark.parametrize("field, value, error", [
+    ("num_items", 0, ValueError), ("hidden_size", 0, ValueError), ("num_layers", -1, ValueError),
+    ("max_len", 0, ValueError), ("hidden_size", 12.0, TypeError), ("num_heads", True, TypeError),
+    ("num_layers", "2", TypeError), ("dropout", 1.0, ValueError), ("dropout", -0.1, ValueError),
+    ("dropout", "0.1", ValueError), ("dropout", False, ValueError)])
+def test_sasrec_config_rejects_bad_fields(field, value, error):
+    """Every SASRecConfig field is checked, by type and by range, with an error naming it (a float width or
+    a boolean head count would otherwise fail later, inside torch, or build a one-head model silently)."""
+    kwargs = {"num_items": 10, "hidden_size": 8, "num_heads": 2, field: value}
+    with pytest.raises(error, match=field):
+        SASRecConfig(**kwargs)
+    assert SASRecConfig(np.int64(10), hidden_size=np.int64(8), dropout=0).hidden_size == 8  # numpy ints, int 0
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        SASRecConfig(10, hidden_size=6, num_heads=4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sasrec_exclude_history_matches_masked_scores(dtype):
     torch.manual_seed(0)
