@@ -309,7 +309,7 @@ def test_bench_retrieval_sasrec_overrides(tmp_path):
     assert meta["sasrec_overrides"] == {"hidden_size": 12, "num_heads": 2, "num_layers": 1}
     assert meta["sasrec_config"] == {"hidden_size": 12, "num_layers": 1, "num_heads": 2, "dropout": 0.1}
     given = r"""\(--sasrec-overrides '\{"hidden_size": 12, "num_heads": 2, "num_layers": 1\}'\)"""
-    with pytest.raises(ValueError, match=r"trained with the SASRec baseline's hidden_size=12 " + given + ", but .* give 64"):
+    with pytest.raises(ValueError, match=r"with the SASRec baseline's hidden_size=12 " + given + ", but .* give 64"):
         bench.main(argv)
     with pytest.raises(ValueError, match=r"SASRec baseline's num_layers=1 .* give 2"):
         bench.main([*argv, "--sasrec-overrides", '{"hidden_size": 12, "num_heads": 2}'])
