@@ -119,9 +119,14 @@ def check_label_smoothing(value) -> float:
     return float(value)
 
 
+def _is_weight(v) -> bool:
+    """Whether ``v`` is a finite number >= 0 (an int or a float, not a bool): a loss weight."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+
+
 def check_item_loss(value) -> float:
     """``value`` as a float >= 0: an item-loss weight (ValueError naming ``item_loss`` otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+    if not _is_weight(value):
         raise ValueError(f"item_loss must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -135,7 +140,7 @@ def check_level_weights(value, num_levels: int) -> list[float] | None:
         raise ValueError(f"level_weights must be a list of {num_levels} weights (one per SID level), got {value!r}")
     out = []
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if not _is_weight(v):
             raise ValueError(f"level_weights must be finite numbers >= 0, got {value!r}")
         out.append(float(v))
     if not any(out):
