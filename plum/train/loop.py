@@ -198,6 +198,7 @@ class CodebookLoss:
             raise ValueError("the SID levels must be contiguous in the vocabulary")
         self.item_loss = check_item_loss(item_loss)
         self.item_codes = self.item_keys = None
+        self._on_device: dict = {}  # device -> (bounds, item keys, item tokens relative to level 0)
         if self.item_loss:
             if catalogue is None:
                 raise ValueError("item_loss > 0 needs catalogue: the [N, L] SID tokens of every item")
@@ -226,9 +227,22 @@ class CodebookLoss:
             key = key * int(sizes[l]) + codes[:, l]
         return key
 
+    def _tensors(self, device) -> tuple:
+        """``bounds``, and with ``item_loss`` the catalogue's sorted keys ``[C]`` and its tokens relative to
+        level 0's first token ``[C, L]``, on ``device``: moved (and offset) once per device, not every step."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            bounds = self.bounds.to(device)
+            keys = cat = None
+            if self.item_loss:
+                keys = self.item_keys.to(device)
+                cat = self.item_codes.to(device) + (bounds[:-1] - self.slices[0].start)
+            self._on_device[device] = (bounds, keys, cat)
+        return self._on_device[device]
+
     def __call__(self, model, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
         tgt = batch.targets
-        bounds = self.bounds.to(tgt.device)
+        bounds = self._tensors(tgt.device)[0]
         if tgt.numel() and (int(tgt.min()) < int(bounds[0]) or int(tgt.max()) >= int(bounds[-1])):
             raise ValueError(f"CodebookLoss needs every target to be a SID token in [{int(bounds[0])}, "
                              f"{int(bounds[-1])}); got targets in [{int(tgt.min())}, {int(tgt.max())}] "
@@ -270,15 +284,14 @@ class CodebookLoss:
                 (level[offs] == ar).all() and (batch.loss_index[offs] - batch.loss_index[rows, None] == ar).all()):
             raise ValueError(f"item_loss needs every target's {L} SID tokens to be consecutive targets "
                              "(the SFT datasets' layout)")
-        codes = tgt[offs] - self.bounds[:-1].to(tgt.device)
-        keys, want = self.item_keys.to(tgt.device), self._keys(codes, self.bounds.diff().to(tgt.device))
+        bounds, keys, cat = self._tensors(tgt.device)
+        want = self._keys(tgt[offs] - bounds[:-1], bounds.diff())
         cls = torch.searchsorted(keys, want).clamp_max(keys.numel() - 1)
         if not bool((keys[cls] == want).all()):
             raise ValueError("item_loss: a target's SID is not in the catalogue")
-        s0, sl = self.slices[0].start, slice(self.slices[0].start, self.slices[-1].stop)
+        sl = slice(self.slices[0].start, self.slices[-1].stop)
         logits = out.logits[rows, sl] if full else base.lm_logits(out.hidden[rows], sl)
         logits = logits if logits.dtype == torch.float64 else logits.float()
-        cat = self.item_codes.to(tgt.device) + (self.bounds[:-1].to(tgt.device) - s0)
         scores = sum(logits[:, cat[:, l]] for l in range(L))  # [M0, C]: sum over levels of the level logits
         w = batch.weights[rows].to(scores.dtype)
         ce = F.cross_entropy(scores, cls, reduction="none")
