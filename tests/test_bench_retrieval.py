@@ -141,7 +141,8 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
                                  ["--sasrec-overrides", '{"hidden_size": 6, "num_heads": 4}'],
                                  ["--sasrec-overrides", '{"hidden_size": true}'],
                                  ["--sasrec-overrides", '{"num_layers": 2.0}'],
-                                 ["--sasrec-overrides", '{"dropout": "high"}']])
+                                 ["--sasrec-overrides", '{"dropout": "high"}'],
+                                 ["--sid-init-scale", "-0.5"], ["--sid-init-scale", "nan"]])
 def test_bench_retrieval_rejects_bad_arguments(tmp_path, bad, capsys):
     bench = _bench()
     with pytest.raises(SystemExit):
@@ -322,6 +323,46 @@ def test_bench_retrieval_sasrec_overrides(tmp_path):
     (out / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(ValueError, match=r"SASRec baseline's hidden_size=64 \(--sasrec-overrides '\{\}'\), .* give 12"):
         bench.main([*argv, "--sasrec-overrides", spelled])
+
+
+def test_bench_retrieval_sid_init_scale(tmp_path):
+    """--sid-init-scale reaches the model's initialisation: the base model of that run config is the plain
+    one plus init_sid_embeddings of the run's fitted codewords (seed + SID_INIT_SEED_OFFSET), 0 is off; it
+    is kept in OUT's plan, and a resume with another value (or without it) is refused naming the option."""
+    import torch
+
+    from plum.model import init_sid_embeddings
+    from plum.sid import SemanticIdTokenizer
+    from plum.train import stages
+
+    bench = _bench()
+    data = _write_dataset(tmp_path / "data", seed=5)
+    out = tmp_path / "o"
+    argv = ["--dataset", str(data), "--out", str(out), "--steps", "10,10,10", "--codebook-sizes", "8,4,4",
+            "--sid-epochs", "3", "--eval-batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
+            "--no-progress", "--seed", "3", "--model-dir", str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))]
+    res = bench.main([*argv, "--sid-init-scale", "0.5"])
+    assert res["metadata"]["sid_init_scale"] == 0.5
+    assert json.loads((out / "plan.json").read_text())["settings"]["sid_init_scale"] == 0.5
+
+    def base(scale):
+        args = bench.parse_args([*argv, "--sid-init-scale", str(scale)])
+        ws = stages.Workspace(bench.run_config(args, out, out / "item_embeddings.npy", args.steps))
+        return stages.base_model(ws, ws.sid()[2])
+
+    (plain, vocab, _), (inited, _, _) = base(0), base(0.5)
+    init_sid_embeddings(plain, vocab, SemanticIdTokenizer.load(out / "sid").codewords, scale=0.5,
+                        seed=3 + stages.SID_INIT_SEED_OFFSET)
+    for (k, a), b in zip(plain.state_dict().items(), inited.state_dict().values()):
+        assert torch.equal(a, b), k
+    for given, was in (([], "0.5, not 0.0"), (["--sid-init-scale", "0.25"], "0.5, not 0.25")):
+        with pytest.raises(ValueError, match=f"--sid-init-scale {was}"):
+            bench.main([*argv, *given])
+    assert bench.main([*argv, "--sid-init-scale", "0.5"])["plum"] == res["plum"]  # its own setting resumes
+    ws = stages.Workspace(bench.run_config(bench.parse_args(argv), out, out / "item_embeddings.npy", None))
+    ws.cfg["model"]["sid_init_scale"] = -1
+    with pytest.raises(ValueError, match="model.sid_init_scale must be a finite number >= 0"):
+        stages.base_model(ws, ws.sid()[2])
 
 
 def test_bench_retrieval_item_attributes(tmp_path, capsys):

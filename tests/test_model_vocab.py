@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from plum.model import PlumLM, SIDVocab, extend_vocabulary, preset
+from plum.model import PlumLM, SIDVocab, extend_vocabulary, init_sid_embeddings, preset
 from plum.model.vocab import train_word_tokenizer
 
 
@@ -66,3 +66,67 @@ def test_word_tokenizer_splits_digits():
     tok = train_word_tokenizer(["Red shoe no. 123", "blue shoe no. 7"])
     ids = tok.encode("red shoe no. 321")
     assert len(ids) == 7 and tok.vocab_size < 20
+
+
+def _codewords(sizes, d, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((v, d)) / (l + 1)).astype(dtype) for l, v in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_init_sid_embeddings_adds_projected_codewords(tied):
+    """Only the SID rows move; per level the added rows are the codewords times one [D, H] matrix (solved
+    for in float64 with zero residual), of mean norm ``scale``; equal codewords get equal rows; the
+    codewords' geometry survives (pairwise cosines correlate); the seed fixes the projection."""
+    torch.manual_seed(0)
+    v = SIDVocab(30, (16, 8, 4))
+    model = PlumLM(preset("tiny", vocab_size=v.size, tie_word_embeddings=tied)).double()
+    cw = _codewords(v.codebook_sizes, 6)
+    cw[0][3] = cw[0][5]  # two codes with one codeword
+    weights = [model.embed_tokens.weight] + ([] if tied else [model.lm_head.weight])
+    before = [w.detach().clone() for w in weights]
+    init_sid_embeddings(model, v, cw, scale=0.7, seed=3)
+    added = [w.detach() - b for w, b in zip(weights, before)]
+    for a in added:
+        assert torch.equal(a[:v.sid_start], torch.zeros_like(a[:v.sid_start]))
+        for l, c in enumerate(cw):
+            s, c = a[v.level_slice(l)], torch.from_numpy(c).double()
+            assert s.norm(dim=1).mean().item() == pytest.approx(0.7, rel=1e-9)
+            proj = torch.linalg.lstsq(c, s).solution
+            torch.testing.assert_close(c @ proj, s, rtol=0, atol=1e-10)
+            if l == 0:
+                torch.testing.assert_close(s[3], s[5], rtol=0, atol=1e-15)
+            cos = lambda m: torch.nn.functional.normalize(m, dim=1) @ torch.nn.functional.normalize(m, dim=1).T
+            iu = torch.triu_indices(len(c), len(c), 1)
+            r = np.corrcoef(cos(c)[iu[0], iu[1]].numpy(), cos(s)[iu[0], iu[1]].numpy())[0, 1]
+            assert r > 0.6
+    if not tied:  # embedding and head get the same rows
+        torch.testing.assert_close(added[0], added[1], rtol=0, atol=1e-15)
+    again = PlumLM(preset("tiny", vocab_size=v.size, tie_word_embeddings=tied)).double()
+    base = again.embed_tokens.weight.detach().clone()
+    init_sid_embeddings(again, v, cw, scale=0.7, seed=3)
+    torch.testing.assert_close(again.embed_tokens.weight.detach() - base, added[0], rtol=0, atol=1e-12)
+    other = PlumLM(preset("tiny", vocab_size=v.size, tie_word_embeddings=tied)).double()
+    base = other.embed_tokens.weight.detach().clone()
+    init_sid_embeddings(other, v, cw, scale=0.7, seed=4)
+    assert not torch.allclose(other.embed_tokens.weight.detach() - base, added[0])
+
+
+def test_init_sid_embeddings_rejects_bad_input():
+    v = SIDVocab(30, (16, 8))
+    model = PlumLM(preset("tiny", vocab_size=v.size))
+    cw = _codewords(v.codebook_sizes, 6)
+    before = model.embed_tokens.weight.detach().clone()
+    for bad, match in [((cw[:1], 1.0), "1 levels but vocab has 2"),
+                       (([cw[0], cw[1][:5]], 1.0), r"codewords\[1\] must be \[8, D\]"),
+                       (([cw[0], cw[1][:, :4]], 1.0), r"codewords\[1\] has width 4"),
+                       (([cw[0], np.full((8, 6), np.nan)], 1.0), r"codewords\[1\] has non-finite"),
+                       (([cw[0], np.zeros((8, 6))], 1.0), r"codewords\[1\] are all zero"),
+                       ((cw, 0.0), "scale must be a finite number > 0"),
+                       ((cw, float("inf")), "scale must be a finite number > 0"),
+                       ((cw, True), "scale must be a finite number > 0")]:
+        with pytest.raises(ValueError, match=match):
+            init_sid_embeddings(model, v, bad[0], scale=bad[1])
+    assert torch.equal(model.embed_tokens.weight.detach(), before)  # nothing half-written
+    with pytest.raises(ValueError, match="call extend_vocabulary"):
+        init_sid_embeddings(PlumLM(preset("tiny", vocab_size=30)), v, cw, scale=1.0)

@@ -78,6 +78,17 @@ def test_save_load_round_trip(fitted, cat, tmp_path):
     np.testing.assert_array_equal(loaded.encode(cat.embeddings["text"]), codes)
     for a, b in zip(loaded.reconstruct(cat.embeddings["text"][:50]), tok.reconstruct(cat.embeddings["text"][:50])):
         np.testing.assert_array_equal(a, b)
+    # the codewords (init_sid_embeddings' input): one [V_l, latent_dim] float32 array per level, kept by
+    # save/load, and copies (writing into them leaves the tokenizer's codes alone)
+    words = tok.codewords
+    assert [w.shape for w in words] == [(v, tok.config.latent_dim) for v in SIZES]
+    assert all(w.dtype == np.float32 for w in words)
+    for a, b in zip(loaded.codewords, words):
+        np.testing.assert_array_equal(a, b)
+    words[0][:] = 0
+    np.testing.assert_array_equal(tok.encode(cat.embeddings["text"]), codes)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        SemanticIdTokenizer(SIZES).codewords
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="not a saved SemanticIdTokenizer"):

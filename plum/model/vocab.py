@@ -17,6 +17,9 @@ tokenizer's vocabulary (Qwen3 pads its 151,669 tokens to 151,936 rows).
 ``vocab.size``; new rows get the mean of the existing rows plus Gaussian
 noise of ``noise_scale`` times their per-dimension std (Hewitt's recipe for
 new tokens, which keeps the initial distribution of the old tokens intact).
+:func:`init_sid_embeddings` then optionally adds the SID tokenizer's geometry
+to the SID rows: each code's codeword through a fixed random projection, so
+that codes the tokenizer put close together start close in the model too.
 
 Text tokenizers (:class:`TextTokenizer`) wrap a ``tokenizers.Tokenizer``:
 either a checkpoint's ``tokenizer.json`` (:func:`plum.model.hf.load_tokenizer`)
@@ -32,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["SIDVocab", "SPECIAL_TOKENS", "TextTokenizer", "extend_vocabulary", "train_word_tokenizer"]
+__all__ = ["SIDVocab", "SPECIAL_TOKENS", "TextTokenizer", "extend_vocabulary", "init_sid_embeddings",
+           "train_word_tokenizer"]
 
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|hist|>", "<|next|>", "<|item|>", "<|text|>")
 
@@ -181,6 +185,61 @@ def extend_vocabulary(model, vocab: SIDVocab, *, noise_scale: float = 0.1, seed:
         head.weight.copy_(grow(model.lm_head.weight))
         model.lm_head = head
     model.config = model.config.replace(vocab_size=vocab.size)
+    return model
+
+
+@torch.no_grad()
+def init_sid_embeddings(model, vocab: SIDVocab, codewords: Sequence, *, scale: float, seed: int = 0):
+    """Add the SID tokenizer's codewords to ``model``'s SID token rows (in place; returns the model).
+
+    For level ``l`` with codewords ``C_l [V_l, D]`` (the RQ-VAE's codebook: the
+    centroid of level 0, the residual centroids below it), the rows of
+    :meth:`SIDVocab.level_slice` ``(l)`` get ``+ C_l @ P_l`` where ``P_l [D, H]``
+    is a Gaussian projection drawn from ``seed``, one per level (so the levels
+    start in different subspaces), rescaled so that the added rows' mean norm
+    is ``scale``. The existing random init stays underneath, so rows are full
+    rank and codes with equal codewords still differ. The embedding and, when
+    untied, the LM head get the same rows: the output logit of a code then
+    starts to favour codes near the one the hidden state points at.
+
+    Args:
+        model: a :class:`plum.model.PlumLM` whose vocabulary is ``vocab.size``.
+        vocab: the SID vocabulary (its ``codebook_sizes`` must match ``codewords``).
+        codewords: one ``[V_l, D]`` array per level
+            (:attr:`plum.sid.SemanticIdTokenizer.codewords`).
+        scale: mean L2 norm of the added rows per level, > 0 (an initialised row
+            of ``hidden_size`` 384 and ``initializer_range`` 0.02 has norm ~0.39).
+        seed: seed of the projections.
+    """
+    if model.config.vocab_size != vocab.size:
+        raise ValueError(f"model has {model.config.vocab_size} tokens but vocab.size is {vocab.size}: "
+                         "call extend_vocabulary first")
+    if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    codewords = [torch.as_tensor(np.asarray(c), dtype=torch.float64) for c in codewords]
+    if len(codewords) != vocab.num_levels:
+        raise ValueError(f"codewords has {len(codewords)} levels but vocab has {vocab.num_levels}")
+    for l, (c, v) in enumerate(zip(codewords, vocab.codebook_sizes)):
+        if c.ndim != 2 or c.shape[0] != v:
+            raise ValueError(f"codewords[{l}] must be [{v}, D] (level {l}'s codebook size), got {tuple(c.shape)}")
+        if c.shape[1] != codewords[0].shape[1]:
+            raise ValueError(f"codewords[{l}] has width {c.shape[1]}, codewords[0] {codewords[0].shape[1]}")
+        if not torch.isfinite(c).all():
+            raise ValueError(f"codewords[{l}] has non-finite values")
+    gen = torch.Generator().manual_seed(seed)
+    hidden = model.config.hidden_size
+    rows = []
+    for l, c in enumerate(codewords):
+        s = c @ torch.randn(c.shape[1], hidden, generator=gen, dtype=torch.float64)
+        norm = s.norm(dim=1).mean()
+        if norm == 0:
+            raise ValueError(f"codewords[{l}] are all zero: nothing to initialise from")
+        rows.append(s * (scale / norm))
+    for weight in (model.embed_tokens.weight, None if model.lm_head is None else model.lm_head.weight):
+        if weight is None:
+            continue
+        for l, s in enumerate(rows):
+            weight[vocab.level_slice(l)] += s.to(weight)
     return model
 
 

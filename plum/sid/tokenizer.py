@@ -232,6 +232,12 @@ class SemanticIdTokenizer:
     def num_levels(self) -> int:
         return self.config.num_levels
 
+    @property
+    def codewords(self) -> list[np.ndarray]:
+        """The fitted codebooks: one ``[V_l, latent_dim]`` float32 array per level (level 0's
+        centroids, then the residual centroids of each level below)."""
+        return [cb.detach().cpu().numpy().copy() for cb in self._require_fitted().codebooks]
+
     def _require_fitted(self) -> RQVAE:
         if self.model is None:
             raise RuntimeError("the tokenizer is not fitted: call fit() or load() first")

@@ -19,6 +19,9 @@ every key has a default, the training sections also take any
 :class:`TrainConfig` field (``grad_accum``, ``fsdp``, ``bf16``, ...) and
 ``sid`` any :class:`~plum.sid.SIDConfig` field but ``seed`` (the run's
 ``seed`` is the tokenizer's): ``cooccurrence_weight``, ``mask_prob``, ...
+``model.sid_init_scale`` (default 0: off) adds the fitted tokenizer's
+codewords, randomly projected, to the SID token embeddings of a fresh model
+(:func:`~plum.model.vocab.init_sid_embeddings`).
 
 SFT takes ``objective`` (``"sequence"``: every next item of a user's window
 is a target of one example, :class:`~plum.train.corpus.SequenceSFTDataset`;
@@ -47,7 +50,7 @@ import torch
 
 from plum.model.config import ModelConfig, preset
 from plum.model.model import PlumLM
-from plum.model.vocab import SIDVocab, TextTokenizer, extend_vocabulary, train_word_tokenizer
+from plum.model.vocab import SIDVocab, TextTokenizer, extend_vocabulary, init_sid_embeddings, train_word_tokenizer
 from plum.sid.tokenizer import SIDConfig
 from plum.train.corpus import CPTCorpus, SequenceSFTDataset, SFTDataset, grounding_text
 from plum.train.loop import (CodebookLoss, TrainConfig, check_label_smoothing, check_level_weights, default_device,
@@ -67,7 +70,7 @@ DEFAULTS: dict = {
     "data": {"synthetic": {}, "path": None, "embeddings": None},
     "sid": {"codebook_sizes": [64, 32, 16], "epochs": 30, "warmup_epochs": 5, "hidden_dims": [128, 64],
             "latent_dim": 16, "batch_size": 256},
-    "model": {"preset": "tiny", "hf_checkpoint": None, "overrides": {}},
+    "model": {"preset": "tiny", "hf_checkpoint": None, "overrides": {}, "sid_init_scale": 0.0},
     "cpt": {"steps": 80, "lr": 3e-3, "warmup_steps": 10, "max_tokens": 4096, "behaviour_fraction": 0.5,
             "max_items": 20},
     "sft": {"steps": 60, "lr": 3e-3, "warmup_steps": 5, "max_tokens": 4096, "max_items": 20, "init": "cpt",
@@ -270,10 +273,18 @@ def run_sid(ws: Workspace, *, progress: bool = True) -> dict:
     return {"items": len(codes), "codebook_sizes": list(sizes), "unique_sid_fraction": unique}
 
 
+SID_INIT_SEED_OFFSET = 1000  # the codeword projections' seed is the run's seed + this (apart from the model's)
+
+
 def base_model(ws: Workspace, codebook_sizes) -> tuple[PlumLM, SIDVocab, TextTokenizer]:
     """A fresh model: a preset trained from scratch with a word-level tokenizer, or an HF
-    checkpoint with its tokenizer, its vocabulary extended with the SID tokens."""
+    checkpoint with its tokenizer, its vocabulary extended with the SID tokens. With
+    ``model.sid_init_scale`` > 0 the SID rows also get the tokenizer's codewords
+    (:func:`~plum.model.vocab.init_sid_embeddings`, rows of that mean norm)."""
     m = ws.cfg["model"]
+    scale = m.get("sid_init_scale", 0.0)
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and np.isfinite(scale) and scale >= 0):
+        raise ValueError(f"model.sid_init_scale must be a finite number >= 0 (0: off), got {scale!r}")
     torch.manual_seed(ws.cfg["seed"])
     if m["hf_checkpoint"]:
         from plum.model.hf import load_hf_model, load_tokenizer
@@ -281,10 +292,17 @@ def base_model(ws: Workspace, codebook_sizes) -> tuple[PlumLM, SIDVocab, TextTok
         model = load_hf_model(m["hf_checkpoint"], **m["overrides"])
         text = load_tokenizer(m["hf_checkpoint"])
         vocab = SIDVocab(model.config.vocab_size, tuple(codebook_sizes))
-        return extend_vocabulary(model, vocab, seed=ws.cfg["seed"]), vocab, text
-    text = train_word_tokenizer(ws.grounding_texts())
-    vocab = SIDVocab(text.vocab_size, tuple(codebook_sizes))
-    return PlumLM(preset(m["preset"], vocab_size=vocab.size, **m["overrides"])), vocab, text
+        model = extend_vocabulary(model, vocab, seed=ws.cfg["seed"])
+    else:
+        text = train_word_tokenizer(ws.grounding_texts())
+        vocab = SIDVocab(text.vocab_size, tuple(codebook_sizes))
+        model = PlumLM(preset(m["preset"], vocab_size=vocab.size, **m["overrides"]))
+    if scale:
+        from plum.sid import SemanticIdTokenizer
+
+        codewords = SemanticIdTokenizer.load(ws.dir / "sid").codewords
+        init_sid_embeddings(model, vocab, codewords, scale=float(scale), seed=ws.cfg["seed"] + SID_INIT_SEED_OFFSET)
+    return model, vocab, text
 
 
 def cpt_corpus(ws: Workspace, vocab: SIDVocab, text: TextTokenizer, codes: np.ndarray) -> CPTCorpus:
