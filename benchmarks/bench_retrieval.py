@@ -371,6 +371,9 @@ def effective_train_config(cfg: dict) -> dict:
                                   for k in TRAIN_CONFIG}))
 
 
+SETTINGS_BEFORE_RECORDED = {"sid_init_scale": 0.0}  # what an OUT planned before the option was kept trained with
+
+
 def check_run_settings(out: Path, plan: dict, args, cfg: dict) -> None:
     """Refuse to resume OUT with model or training settings other than its own. The model is compared by
     its effective config, field by field, not by how the options spell it (``--preset medium-deep`` resumes
@@ -396,13 +399,11 @@ def check_run_settings(out: Path, plan: dict, args, cfg: dict) -> None:
     _refuse_other_config(out, "the SASRec baseline", saved.get("sasrec_config") or sasrec_config({}),
                          args.sasrec_config, "--sasrec-overrides",
                          f"--sasrec-overrides '{json.dumps(saved.get('sasrec_overrides', {}))}'")
-    if saved.get("sid_init_scale", 0.0) != args.sid_init_scale:  # OUTs planned before the flag: off
-        raise ValueError(f"{out} was trained with --sid-init-scale {saved.get('sid_init_scale', 0.0)}, not "
-                         f"{args.sid_init_scale}; use a new --out, or this OUT's own setting")
-    for k in names + (() if effective else ("train_overrides",)):
-        if saved.get(k) != now[k]:
+    for k in names + ("sid_init_scale",) + (() if effective else ("train_overrides",)):
+        was = saved.get(k, SETTINGS_BEFORE_RECORDED.get(k))
+        if was != now[k]:
             flag = "--" + k.replace("_", "-")
-            raise ValueError(f"{out} was trained with {flag} {json.dumps(saved.get(k))}, not {json.dumps(now[k])}; "
+            raise ValueError(f"{out} was trained with {flag} {json.dumps(was)}, not {json.dumps(now[k])}; "
                              "use a new --out, or this OUT's own setting")
     for stage, section in saved.get("train_config", {}).items():
         for key, was in section.items():

@@ -235,9 +235,7 @@ def init_sid_embeddings(model, vocab: SIDVocab, codewords: Sequence, *, scale: f
         if norm == 0:
             raise ValueError(f"codewords[{l}] are all zero: nothing to initialise from")
         rows.append(s * (scale / norm))
-    for weight in (model.embed_tokens.weight, None if model.lm_head is None else model.lm_head.weight):
-        if weight is None:
-            continue
+    for weight in [model.embed_tokens.weight] + ([] if model.lm_head is None else [model.lm_head.weight]):
         for l, s in enumerate(rows):
             weight[vocab.level_slice(l)] += s.to(weight)
     return model
