@@ -57,7 +57,13 @@ composed, not re-implemented) on a dataset directory read by
    ``--train-overrides '{"sft": {"item_loss": w}}'`` adds the codebook
    loss's training-only item-level softmax over every SID, weighted ``w``;
    off by default, as ``w`` 0.25 tied on validation (RESULTS.md,
-   nineteenth run). ``--sid-init-scale s`` starts the SID token embeddings
+   nineteenth run). ``--train-overrides '{"sft": {"distill": d}}'`` (and
+   ``distill_temperature``) distils the SASRec baseline below, frozen, into
+   SFT's codebook softmaxes: each target's label is ``(1 - d)`` one-hot plus
+   ``d`` times SASRec's next-item distribution restricted to the target's SID
+   prefix (:class:`plum.train.loop.CodebookLoss`); PLUM still decodes alone,
+   with no item table, but a gain so won is learnt from the very model it is
+   compared with (RESULTS.md, twenty-fourth run). ``--sid-init-scale s`` starts the SID token embeddings
    (tied with the output head) from the tokenizer's codewords, randomly
    projected, rows of mean norm ``s`` on top of the random init
    (:func:`plum.model.init_sid_embeddings`): the model then fits faster
@@ -297,7 +303,8 @@ def train_overrides_arg(parser, obj: dict) -> dict:
     that make a valid ``TrainConfig`` (``parser.error`` naming the stage and key otherwise)."""
     import dataclasses
 
-    from plum.train.loop import TrainConfig, check_item_loss, check_label_smoothing
+    from plum.train.loop import (TrainConfig, check_distill, check_distill_temperature, check_item_loss,
+                                 check_label_smoothing)
     from plum.train.stages import DEFAULTS
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -315,6 +322,8 @@ def train_overrides_arg(parser, obj: dict) -> dict:
         try:  # the loss's own checks, before any training
             check_label_smoothing(over.get("label_smoothing", 0.0))
             check_item_loss(over.get("item_loss", 0.0))
+            check_distill(over.get("distill", 0.0))
+            check_distill_temperature(over.get("distill_temperature", 1.0))
         except ValueError as e:
             parser.error(f"--train-overrides: {stage}.{e}")
         merged = {k: v for k, v in {**TRAIN_CONFIG[stage], **over}.items() if k in fields}
@@ -514,13 +523,15 @@ def calibrate(ws, args, out: Path) -> dict:
     sizes = tuple(base["sid"]["codebook_sizes"])
     rng = np.random.default_rng(0)
     codes = np.stack([rng.integers(0, n, ws.num_items) for n in sizes], axis=1)
+    # sft.distill's teacher costs its forward, not its training: an untrained SASRec times it
+    teacher = _sasrec(ws, base, args.sasrec_overrides)[0] if base["sft"].get("distill") else None
     for name in ("cpt", "sft"):
         ws.cfg = {**base, **{name: {**base[name], "progress": False}}}
         model, vocab, text = stages.base_model(ws, sizes)
         c = ws.cfg[name]
         data = stages.cpt_corpus(ws, vocab, text, codes) if name == "cpt" else stages.sft_dataset(ws, vocab, codes)
         t0 = time.perf_counter()
-        loss = stages.lm_loss if name == "cpt" else stages.sft_loss(ws, vocab)
+        loss = stages.lm_loss if name == "cpt" else stages.sft_loss(ws, vocab, codes, teacher=teacher)
         train(model, data, stages._train_config(c, ws.cfg["seed"], False), cal / name, loss_fn=loss,
               stop_after=CALIBRATION_STEPS)
         per_step[name] = (time.perf_counter() - t0) / CALIBRATION_STEPS
@@ -689,7 +700,8 @@ def main(argv=None) -> dict:
 
     # 4. CPT -> SFT (skipped when their model directories exist; resumed from checkpoints otherwise)
     for name, fn in (("cpt", lambda: stages.run_cpt(ws, progress=progress)),
-                     ("sft", lambda: stages.run_sft(ws, init="cpt", out="sft", progress=progress))):
+                     ("sft", lambda: stages.run_sft(ws, init="cpt", out="sft", progress=progress,
+                                                    teacher=sasrec() if cfg["sft"].get("distill") else None))):
         if (out / name / "model" / "model.safetensors").exists():
             done(name, 0.0)
             continue
@@ -715,7 +727,8 @@ def main(argv=None) -> dict:
     if args.sft_only:  # PLUM's ablation: SFT (same steps) from a fresh model instead of the CPT one
         if not (out / "sft_only" / "model" / "model.safetensors").exists():
             t0 = time.perf_counter()
-            stages.run_sft(ws, init="scratch", out="sft_only", progress=progress)
+            stages.run_sft(ws, init="scratch", out="sft_only", progress=progress,
+                           teacher=sasrec() if cfg["sft"].get("distill") else None)
             done("sft_only", time.perf_counter() - t0)
         def eval_sft_only():
             r = stages.retriever(ws, out / "sft_only" / "model")

@@ -408,3 +408,28 @@ def test_compare_retrieval_rejects_bad_arguments(bad, capsys):
     with pytest.raises(SystemExit):
         _script("compare_retrieval").parse_args(bad)
     assert "must" in capsys.readouterr().err
+
+
+def test_bench_retrieval_distill(tmp_path):
+    """--train-overrides '{"sft": {"distill": d}}' distils the bench's own trained SASRec into SFT: the SFT log
+    has the teacher's CE beside the one-hot one, the plan keeps the setting, and a resume without it is refused
+    naming sft.distill; a distill outside [0, 1] or a bad temperature is a parse error."""
+    bench = _bench()
+    data = _write_dataset(tmp_path / "data", seed=2)
+    out = tmp_path / "o"
+    argv = ["--dataset", str(data), "--out", str(out), "--steps", "4,6,10", "--codebook-sizes", "8,4,4",
+            "--sid-epochs", "3", "--eval-batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
+            "--no-progress", "--model-dir", str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))]
+    kd = ["--train-overrides", '{"sft": {"distill": 0.5, "distill_temperature": 2.0}}']
+    res = bench.main([*argv, *kd])
+    rows = [json.loads(l) for l in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["step"] == 6 and all(r["distill"] > 0 and r["ce"] > 0 for r in rows)
+    assert all(abs(r["loss"] - (0.5 * r["ce"] + 0.5 * r["distill"] + r["aux"])) < 1e-5 for r in rows)
+    plan = json.loads((out / "plan.json").read_text())["settings"]["train_config"]["sft"]
+    assert plan["distill"] == 0.5 and plan["distill_temperature"] == 2.0
+    assert 0 <= res["plum"]["recall@10"] <= 1
+    with pytest.raises(ValueError, match=r"sft.distill=0.5"):
+        bench.main(argv)
+    for bad in ('{"sft": {"distill": 1.5}}', '{"sft": {"distill_temperature": 0}}'):
+        with pytest.raises(SystemExit):
+            bench.parse_args([*argv, "--train-overrides", bad])

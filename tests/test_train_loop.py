@@ -222,17 +222,24 @@ def _loss(name, data):
 
     if name == "codebook-item":
         return CodebookLoss(data.vocab, item_loss=0.5, catalogue=data.sid_tokens)
+    if name == "codebook-distill":  # a seeded random float64 SASRec teacher, the same on every rank
+        from plum.baselines import SASRec, SASRecConfig
+
+        with torch.random.fork_rng():
+            torch.manual_seed(11)
+            teacher = SASRec(SASRecConfig(len(data.sid_tokens), hidden_size=16, num_layers=1, max_len=8)).double()
+        return CodebookLoss(data.vocab, distill=0.5, teacher=teacher, catalogue=data.sid_tokens)
     return lm_loss if name == "lm" else CodebookLoss(data.vocab)
 
 
 @pytest.mark.parametrize("fsdp,loss,ema", [(False, "lm", 0.0), (True, "lm", 0.0), (False, "codebook", 0.0),
                                            (True, "codebook", 0.0), (False, "lm", 0.5),
-                                           (False, "codebook-item", 0.0)])
+                                           (False, "codebook-item", 0.0), (False, "codebook-distill", 0.0)])
 def test_two_process_gloo_matches_gradient_accumulation(tmp_path, fsdp, loss, ema):
     """torchrun with 2 CPU processes (gloo): rank r takes micro-batch r, DDP averages the
     gradients, which is what one process does with grad_accum=2 over the same stream. With the
     codebook loss the distributed run slices full logits, the single one multiplies the slices
-    (its item_loss term too, logged as ``item`` by both). Both run in float64: in float32 the two
+    (its item_loss and distill terms too, logged as ``item`` / ``distill`` by both). Both run in float64: in float32 the two
     summation orders left Adam-normalised updates of near-cancelling gradients ~1e-3 apart
     relatively (one weight in 1,024 failed a CI run at rtol 1e-4), so float32 needed a loose
     tolerance and still flaked; float64 agrees to ~1e-13 and is checked at rtol 1e-9."""
@@ -253,10 +260,11 @@ def test_two_process_gloo_matches_gradient_accumulation(tmp_path, fsdp, loss, em
     single = [json.loads(l) for l in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in single], rtol=1e-9)
-    assert all(("item" in r) == (loss == "codebook-item") for r in rows + single)
-    if loss == "codebook-item":
-        np.testing.assert_allclose([r["item"] for r in rows], [r["item"] for r in single], rtol=1e-9)
-        assert all(r["item"] > 0 for r in rows)
+    for part in ("item", "distill"):  # an optional loss term, logged by both
+        assert all((part in r) == (loss == f"codebook-{part}") for r in rows + single)
+        if loss == f"codebook-{part}":
+            np.testing.assert_allclose([r[part] for r in rows], [r[part] for r in single], rtol=1e-9)
+            assert all(r[part] > 0 for r in rows)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["world_size"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
     assert (ckpt["ema"] is None) == (not ema) and not any(k.startswith("module.") for k in ckpt["ema"] or {})

@@ -43,11 +43,24 @@ __all__ = ["Example", "PackedBatch", "CPTCorpus", "SFTDataset", "SequenceSFTData
 class Example:
     tokens: np.ndarray   # int64 [n]
     weights: np.ndarray  # float32 [n]; weights[t] weighs predicting tokens[t]
+    items: np.ndarray | None = None  # int64 [n]: the item whose SID tokens[t] is part of, -1 for other tokens
 
     def __post_init__(self):
         if self.tokens.ndim != 1 or self.tokens.shape != self.weights.shape:
             raise ValueError(f"tokens and weights must be 1-D of one length, got {self.tokens.shape} "
                              f"and {self.weights.shape}")
+        if self.items is not None and self.items.shape != self.tokens.shape:
+            raise ValueError(f"items must be 1-D of the tokens' length {self.tokens.shape}, got {self.items.shape}")
+
+    def tail(self, n: int) -> "Example":
+        """The last ``n`` tokens (with their weights and items)."""
+        return Example(self.tokens[-n:], self.weights[-n:], None if self.items is None else self.items[-n:])
+
+
+def _token_items(items: np.ndarray, per_item: int) -> np.ndarray:
+    """The item of every token of :func:`history_tokens` ``(items)`` with ``per_item`` tokens an item:
+    -1 for the two head tokens, then each item repeated ``per_item`` times (its SID and feature tokens)."""
+    return np.concatenate([np.full(2, -1, np.int64), np.repeat(np.asarray(items, np.int64), per_item)])
 
 
 def check_histories(sequences: Sequence[np.ndarray], num_items: int, name: str = "histories") -> None:
@@ -235,7 +248,10 @@ class SFTDataset:
         tokens = np.concatenate([prompt, target])
         weights = np.zeros(len(tokens), np.float32)
         weights[len(prompt):] = self.weights[i]
-        return Example(tokens, weights)
+        per_item = self.vocab.num_levels + (0 if feats is None else 1)
+        items = np.concatenate([_token_items(seq[:c][-self.max_items:], per_item),
+                                np.full(len(target), seq[c], np.int64)])
+        return Example(tokens, weights, items)
 
 
 class SequenceSFTDataset:
@@ -306,7 +322,8 @@ class SequenceSFTDataset:
             [float(self.weights(u, j, int(seq[j]))) for j in range(j0, j1)], np.float32)[:, None]
         if not np.isfinite(w).all() or (w < 0).any():
             raise ValueError(f"weights must be finite and >= 0 (user {u})")
-        return Example(tokens, np.concatenate([np.zeros(2, np.float32), w.reshape(-1)]))
+        return Example(tokens, np.concatenate([np.zeros(2, np.float32), w.reshape(-1)]),
+                       _token_items(seq[start:j1], per_item))
 
 
 @dataclass
@@ -316,6 +333,9 @@ class PackedBatch:
     ``input_ids [T]``, ``cu_seqlens`` int32 ``[B+1]``, ``max_seqlen``;
     ``loss_index [M]``: packed positions whose *next* token carries a loss,
     ``targets [M]`` those next tokens, ``weights [M]`` their loss weights.
+    ``items [T]`` (int64, or None when an example has none): the item whose SID
+    each token is part of, -1 for other tokens (the SFT datasets' examples
+    carry them; :class:`~plum.train.loop.CodebookLoss`'s distillation reads them).
     """
 
     input_ids: torch.Tensor
@@ -325,6 +345,7 @@ class PackedBatch:
     targets: torch.Tensor
     weights: torch.Tensor
     num_examples: int
+    items: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -333,7 +354,7 @@ class PackedBatch:
     def to(self, device) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.cu_seqlens.to(device), self.max_seqlen,
                            self.loss_index.to(device), self.targets.to(device), self.weights.to(device),
-                           self.num_examples)
+                           self.num_examples, None if self.items is None else self.items.to(device))
 
 
 def pack(examples: Sequence[Example]) -> PackedBatch:
@@ -352,9 +373,12 @@ def pack(examples: Sequence[Example]) -> PackedBatch:
     nxt = np.arange(1, len(tokens))
     keep = (~starts[1:]) & (w[1:] > 0)
     idx = nxt[keep] - 1
+    items = None
+    if all(e.items is not None for e in examples):
+        items = torch.from_numpy(np.concatenate([e.items for e in examples]).astype(np.int64))
     return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(cu.astype(np.int32)), int(lens.max()),
                        torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(tokens[idx + 1]),
-                       torch.from_numpy(w[idx + 1].astype(np.float32)), len(examples))
+                       torch.from_numpy(w[idx + 1].astype(np.float32)), len(examples), items)
 
 
 class ExampleStream:
@@ -391,7 +415,7 @@ class ExampleStream:
             ex = self.dataset[self._index(self.position)]
             n = len(ex.tokens)
             if n > self.max_tokens:
-                ex = Example(ex.tokens[-self.max_tokens:], ex.weights[-self.max_tokens:])
+                ex = ex.tail(self.max_tokens)
                 n = self.max_tokens
             if examples and total + n > self.max_tokens:
                 break

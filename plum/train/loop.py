@@ -46,6 +46,7 @@ __all__ = ["TrainConfig", "train", "lm_loss", "CodebookLoss", "dist_env", "init_
 
 CKPT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+LOGGED_PARTS = ("item", "distill")  # optional loss terms a loss_fn returns beside "ce", logged when present
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,20 @@ def check_item_loss(value) -> float:
     return float(value)
 
 
+def check_distill(value) -> float:
+    """``value`` as a float in [0, 1]: a distillation weight (ValueError naming ``distill`` otherwise)."""
+    if not _is_weight(value) or value > 1:
+        raise ValueError(f"distill must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_distill_temperature(value) -> float:
+    """``value`` as a finite float > 0 (ValueError naming ``distill_temperature`` otherwise)."""
+    if not _is_weight(value) or value == 0:
+        raise ValueError(f"distill_temperature must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def check_level_weights(value, num_levels: int) -> list[float] | None:
     """``value`` as ``num_levels`` finite weights >= 0, not all 0, or None (ValueError naming
     ``level_weights`` otherwise)."""
@@ -183,13 +198,35 @@ class CodebookLoss:
     score matrix per batch (``M`` targets, ``C`` distinct SIDs). On Amazon
     Beauty, weight 0.25 tied with no item loss (RESULTS.md, nineteenth run).
 
+    ``distill`` (in [0, 1], default 0: off) distils a next-item teacher into
+    the codebook softmaxes: every target's one-hot label is mixed with the
+    teacher's distribution over its level's codes, ``(1 - distill) *
+    CE(one-hot) + distill * CE(teacher)``. ``teacher`` is a frozen item model
+    called as :class:`plum.baselines.SASRec` is: ``teacher(items [S],
+    cu_seqlens, max_seqlen, index=[U])`` -> scores ``[U, N]`` over the ``N``
+    items of ``catalogue`` (``[N, L]`` SID tokens, row ``i`` item ``i``'s);
+    it reads each target's history as item ids, so the batch must carry
+    ``items`` (the SFT datasets' examples do). For a target of level ``l``
+    after history ``h`` (the items before it in its example), the teacher's
+    label is ``p(i | h) = softmax(scores / distill_temperature)`` restricted to
+    the items whose first ``l`` codes are the target's, summed by their
+    level-``l`` code and renormalised: the teacher's own answer to the
+    question the level-``l`` softmax is asked (level 0: its whole
+    distribution, by first code). A target with no item before it in its
+    example (only when ``max_tokens`` cut an example) takes its one-hot label
+    as the teacher's. The teacher runs under ``no_grad`` in eval mode; the
+    logged ``ce`` stays the one-hot codebook CE, ``distill`` (CE against the
+    teacher) is logged beside it. Cost: one teacher forward over the batch's
+    histories and ``[U, N]`` scores (``U`` target items). Beam search and
+    inference do not use the teacher.
+
     In one process the level slices are multiplied directly; under DDP/FSDP
     (world size > 1) the full logits come out of the wrapped forward and are
     sliced, so that every parameter is used inside ``forward`` (same loss).
     """
 
     def __init__(self, vocab, label_smoothing: float = 0.0, level_weights=None, item_loss: float = 0.0,
-                 catalogue=None):
+                 catalogue=None, distill: float = 0.0, teacher=None, distill_temperature: float = 1.0):
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.level_weights = check_level_weights(level_weights, vocab.num_levels)
         self.slices = [vocab.level_slice(l) for l in range(vocab.num_levels)]
@@ -198,14 +235,29 @@ class CodebookLoss:
             raise ValueError("the SID levels must be contiguous in the vocabulary")
         self.item_loss = check_item_loss(item_loss)
         self.item_codes = self.item_keys = None
-        self._on_device: dict = {}  # device -> (bounds, item keys, item tokens relative to level 0)
+        self.distill = check_distill(distill)
+        self.distill_temperature = check_distill_temperature(distill_temperature)
+        self.teacher = self.item_sids = None
+        self._on_device: dict = {}  # device -> dict of the tensors above, moved once (see _tensors)
         if self.item_loss:
             if catalogue is None:
                 raise ValueError("item_loss > 0 needs catalogue: the [N, L] SID tokens of every item")
-            self.item_codes, self.item_keys = self._catalogue(catalogue)
+            codes = torch.unique(self._catalogue(catalogue), dim=0)  # sorted, so their keys are sorted too
+            self.item_codes, self.item_keys = codes, self._keys(codes, self.bounds.diff())
+        if self.distill:
+            if teacher is None or catalogue is None:
+                raise ValueError("distill > 0 needs teacher (an item model called as SASRec is) and catalogue "
+                                 "(the [N, L] SID tokens of every item, row i item i's)")
+            if not callable(teacher):
+                raise TypeError(f"teacher must be a callable item model (e.g. plum.baselines.SASRec), got "
+                                f"{type(teacher).__name__}")
+            self.teacher, self.item_sids = teacher, self._catalogue(catalogue)
+            n = getattr(getattr(teacher, "config", None), "num_items", None)
+            if n is not None and n != len(self.item_sids):
+                raise ValueError(f"teacher scores {n} items but catalogue has {len(self.item_sids)}")
 
-    def _catalogue(self, catalogue) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distinct SIDs of ``catalogue`` as per-level codes ``[C, L]`` and their sorted keys ``[C]``."""
+    def _catalogue(self, catalogue) -> torch.Tensor:
+        """``catalogue`` (``[N, L]`` SID tokens) as per-level codes ``[N, L]`` int64, checked."""
         cat = torch.as_tensor(np.ascontiguousarray(catalogue))
         L = len(self.slices)
         if cat.dim() != 2 or cat.shape[1] != L or cat.shape[0] == 0 or cat.is_floating_point():
@@ -217,8 +269,7 @@ class CodebookLoss:
             raise ValueError("catalogue[:, l] must be SID tokens of level l")
         if math.prod(int(v) for v in sizes) >= 2 ** 62:
             raise ValueError(f"catalogue: codebooks {sizes.tolist()} have too many SIDs to key in int64")
-        codes = torch.unique(codes, dim=0)  # sorted lexicographically, so their keys are sorted too
-        return codes, self._keys(codes, sizes)
+        return codes
 
     @staticmethod
     def _keys(codes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -227,22 +278,28 @@ class CodebookLoss:
             key = key * int(sizes[l]) + codes[:, l]
         return key
 
-    def _tensors(self, device) -> tuple:
-        """``bounds``, and with ``item_loss`` the catalogue's sorted keys ``[C]`` and its tokens relative to
-        level 0's first token ``[C, L]``, on ``device``: moved (and offset) once per device, not every step."""
+    def _tensors(self, device) -> dict:
+        """The constant tensors on ``device``, moved (and derived) once per device, not every step:
+        ``bounds``; with ``item_loss`` the distinct SIDs' sorted ``keys [C]`` and ``cat [C, L]``, their
+        tokens relative to level 0's first token; with ``distill`` every item's codes ``sids [N, L]`` and
+        ``prefix [L, N]``, the key of each item's first ``l`` codes (row 0: all 0)."""
         device = torch.device(device)
         if device not in self._on_device:
             bounds = self.bounds.to(device)
-            keys = cat = None
+            t = {"bounds": bounds}
             if self.item_loss:
-                keys = self.item_keys.to(device)
-                cat = self.item_codes.to(device) + (bounds[:-1] - self.slices[0].start)
-            self._on_device[device] = (bounds, keys, cat)
+                t["keys"] = self.item_keys.to(device)
+                t["cat"] = self.item_codes.to(device) + (bounds[:-1] - self.slices[0].start)
+            if self.distill:
+                sids, sizes = self.item_sids.to(device), bounds.diff()
+                t["sids"] = sids
+                t["prefix"] = torch.stack([self._keys(sids[:, :l], sizes[:l]) for l in range(len(self.slices))])
+            self._on_device[device] = t
         return self._on_device[device]
 
     def __call__(self, model, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
         tgt = batch.targets
-        bounds = self._tensors(tgt.device)[0]
+        bounds = self._tensors(tgt.device)["bounds"]
         if tgt.numel() and (int(tgt.min()) < int(bounds[0]) or int(tgt.max()) >= int(bounds[-1])):
             raise ValueError(f"CodebookLoss needs every target to be a SID token in [{int(bounds[0])}, "
                              f"{int(bounds[-1])}); got targets in [{int(tgt.min())}, {int(tgt.max())}] "
@@ -252,7 +309,8 @@ class CodebookLoss:
         out = model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, logits=full,
                     logits_index=batch.loss_index)
         base = getattr(model, "module", model)
-        w, num, used = batch.weights, 0.0, 0
+        teach = self._teacher_labels(batch, level) if self.distill else None
+        w, num, kd, used = batch.weights, 0.0, 0.0, 0
         for l, sl in enumerate(self.slices):
             rows = (level == l).nonzero().squeeze(1)
             if rows.numel() == 0:
@@ -260,17 +318,24 @@ class CodebookLoss:
             logits = out.logits[rows, sl] if full else base.lm_logits(out.hidden[rows], sl)
             logits = logits if logits.dtype == torch.float64 else logits.float()
             ce = F.cross_entropy(logits, tgt[rows] - sl.start, reduction="none", label_smoothing=self.label_smoothing)
-            if self.level_weights is not None:
-                ce = ce * self.level_weights[l]
-            num = num + (ce * w[rows].to(ce.dtype)).sum()
+            lw = 1.0 if self.level_weights is None else self.level_weights[l]
+            num = num + (ce * lw * w[rows].to(ce.dtype)).sum()
+            if teach is not None:
+                kd_l = -(teach[l].to(logits.dtype) * logits.log_softmax(-1)).sum(-1)
+                kd = kd + (kd_l * lw * w[rows].to(kd_l.dtype)).sum()
             used += rows.numel()
         if used == 0:  # no target: a zero loss that still depends on the parameters
-            num = out.hidden.sum() * 0.0
-        if not self.item_loss:
-            return _weighted_loss(num, batch, out)
-        item = self._item_ce(out, base, batch, level, full)
-        loss, parts = _weighted_loss(num, batch, out)
-        return loss + self.item_loss * item, {**parts, "item": item.detach()}
+            num = kd = out.hidden.sum() * 0.0
+        if not self.distill:
+            loss, parts = _weighted_loss(num, batch, out)
+        else:
+            loss, parts = _weighted_loss((1 - self.distill) * num + self.distill * kd, batch, out)
+            denom = batch.weights.sum().clamp_min(1e-12)
+            parts = {**parts, "ce": (num / denom).detach(), "distill": (kd / denom).detach()}
+        if self.item_loss:
+            item = self._item_ce(out, base, batch, level, full)
+            loss, parts = loss + self.item_loss * item, {**parts, "item": item.detach()}
+        return loss, parts
 
     def _item_ce(self, out, base, batch: PackedBatch, level: torch.Tensor, full: bool) -> torch.Tensor:
         """Weighted mean over targets of the item-level CE at each target's first-token position."""
@@ -284,7 +349,8 @@ class CodebookLoss:
                 (level[offs] == ar).all() and (batch.loss_index[offs] - batch.loss_index[rows, None] == ar).all()):
             raise ValueError(f"item_loss needs every target's {L} SID tokens to be consecutive targets "
                              "(the SFT datasets' layout)")
-        bounds, keys, cat = self._tensors(tgt.device)
+        t = self._tensors(tgt.device)
+        bounds, keys, cat = t["bounds"], t["keys"], t["cat"]
         want = self._keys(tgt[offs] - bounds[:-1], bounds.diff())
         cls = torch.searchsorted(keys, want).clamp_max(keys.numel() - 1)
         if not bool((keys[cls] == want).all()):
@@ -296,6 +362,90 @@ class CodebookLoss:
         w = batch.weights[rows].to(scores.dtype)
         ce = F.cross_entropy(scores, cls, reduction="none")
         return (ce * w).sum() / w.sum().clamp_min(1e-12)
+
+    def _teacher_labels(self, batch: PackedBatch, level: torch.Tensor) -> list[torch.Tensor]:
+        """The teacher's label of every target, per level: ``[M_l, V_l]`` rows summing to 1, for the
+        targets of level ``l`` in batch order (see the class docstring)."""
+        items, ids, tgt = batch.items, batch.input_ids, batch.targets
+        if items is None:
+            raise ValueError("distill needs the batch's items (PackedBatch.items): pack examples that carry them, "
+                             "as SFTDataset's and SequenceSFTDataset's do")
+        t = self._tensors(tgt.device)
+        bounds, sids, prefix = t["bounds"], t["sids"], t["prefix"]
+        dev = tgt.device
+        pos = batch.loss_index + 1  # the target tokens' packed positions [M]
+        tgt_item = items[pos]
+        if bool((tgt_item < 0).any()) or bool((tgt_item >= len(sids)).any()):
+            raise ValueError(f"distill: every target token must belong to an item in [0, {len(sids)}) "
+                             "(PackedBatch.items)")
+        if not bool((sids[tgt_item, level] == tgt - bounds[level]).all()):
+            raise ValueError("distill: the batch's items do not match catalogue (a target token is not its "
+                             "item's SID token of its level)")
+        # item starts: each item's level-0 token; its ordinal among its example's items
+        is_start = (items >= 0) & (ids >= bounds[0]) & (ids < bounds[1])
+        starts = is_start.nonzero().squeeze(1)  # [S], sorted
+        cu = batch.cu_seqlens.to(dev).long()
+        ex = torch.searchsorted(cu[1:], starts, right=True)  # example of each start
+        counts = torch.bincount(ex, minlength=batch.num_examples)
+        first = torch.cumsum(counts, 0) - counts  # index in `starts` of each example's first item
+        own = pos - level  # the target's own item start; before its example's start when max_tokens cut it
+        cut = own < cu[torch.searchsorted(cu[1:], pos, right=True)]
+        at = torch.searchsorted(starts, own).clamp_max(max(len(starts) - 1, 0))
+        found = torch.zeros_like(cut)
+        if len(starts):
+            found = (starts[at] == own) & (items[own.clamp_min(0)] == tgt_item)
+        if not bool((found | cut).all()):
+            raise ValueError("distill: every target's SID tokens must follow its item's level-0 token "
+                             "(the history format)")
+        # teacher input: every example's items but its last, packed; a target's row is its previous item's
+        kept = (counts - 1).clamp_min(0)
+        ordinal = torch.arange(len(starts), device=dev) - first[ex]
+        keep = ordinal < kept[ex]
+        has = found.clone()
+        if len(starts):
+            has &= ordinal[at] >= 1  # else no history in the example: the one-hot label stands in
+        row = (torch.cumsum(kept, 0) - kept)[ex[at]] + ordinal[at] - 1 if len(starts) else at
+        labels = [None] * len(self.slices)
+        uniq, inv = torch.unique(row[has], return_inverse=True)
+        if len(uniq):
+            lens = kept[kept > 0]
+            tcu = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.cumsum(lens, 0)]).to(torch.int32)
+            p = self._teacher_probs(items[starts[keep]], tcu, int(lens.max()), uniq)  # [U, N]
+        for l, sl in enumerate(self.slices):
+            sel = level == l
+            n_codes = sl.stop - sl.start
+            lab = F.one_hot(tgt[sel] - sl.start, n_codes).to(p.dtype if len(uniq) else torch.float32)
+            h = has[sel]
+            if bool(h.any()):
+                r = inv[torch.cumsum(has, 0)[sel][h] - 1]  # rows of p for this level's targets with a history
+                q = p[r]
+                if l:
+                    q = q * (prefix[l][None, :] == prefix[l][tgt_item[sel][h]][:, None])
+                d = torch.zeros(len(q), n_codes, dtype=q.dtype, device=dev).scatter_add_(
+                    1, sids[:, l].expand(len(q), -1), q)
+                lab[h] = d / d.sum(1, keepdim=True)
+            labels[l] = lab
+        return labels
+
+    @torch.no_grad()
+    def _teacher_probs(self, items, cu_seqlens, max_seqlen, index) -> torch.Tensor:
+        """``softmax(teacher scores / distill_temperature)`` ``[U, N]`` at ``index``, in eval mode, float32
+        (float64 when the teacher's scores are)."""
+        teacher = self.teacher
+        was = getattr(teacher, "training", False)
+        if hasattr(teacher, "eval"):
+            teacher.eval()
+        try:
+            with torch.autocast(items.device.type, enabled=False):
+                scores = teacher(items, cu_seqlens, max_seqlen, index=index)
+        finally:
+            if hasattr(teacher, "train"):
+                teacher.train(was)
+        if scores.shape != (len(index), len(self.item_sids)):
+            raise ValueError(f"the teacher returned scores of shape {tuple(scores.shape)}, expected "
+                             f"[{len(index)}, {len(self.item_sids)}] (one per catalogue item)")
+        scores = scores if scores.dtype == torch.float64 else scores.float()
+        return torch.softmax(scores / self.distill_temperature, dim=-1)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -589,8 +739,9 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
             sums["loss"] += float(loss.detach()) / cfg.grad_accum
             sums["ce"] += float(parts["ce"]) / cfg.grad_accum
             sums["aux"] += float(parts["aux"]) / cfg.grad_accum
-            if "item" in parts:  # CodebookLoss's item_loss term (logged, not part of "ce")
-                sums["item"] = sums.get("item", 0.0) + float(parts["item"]) / cfg.grad_accum
+            for k in LOGGED_PARTS:  # CodebookLoss's item_loss / distill terms (logged beside "ce")
+                if k in parts:
+                    sums[k] = sums.get(k, 0.0) + float(parts[k]) / cfg.grad_accum
             tokens_seen += sum(b.num_tokens for b in batches)
         gnorm = (torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip) if cfg.grad_clip
                  else torch.zeros(()))

@@ -32,8 +32,12 @@ vocabulary). The defaults are the first of each: on the demo they raise
 Recall@10 from 0.385 to 0.404 (sft_only 0.275 to 0.400) for the same steps.
 With the codebook loss, ``label_smoothing`` (default 0) smooths each target
 over its level's codebook, ``level_weights`` (default none: all 1) weights
-each SID level's cross-entropy, and ``item_loss`` (default 0: off) adds the
-codebook loss's training-only item-level softmax over the catalogue's SIDs.
+each SID level's cross-entropy, ``item_loss`` (default 0: off) adds the
+codebook loss's training-only item-level softmax over the catalogue's SIDs, and
+``distill`` (default 0: off; ``distill_temperature`` 1) mixes each target's
+label with a trained item model's next-item distribution (a teacher passed to
+:func:`run_sft` / :func:`sft_loss`; the CLI has none, the retrieval bench
+passes its SASRec baseline).
 
 Several processes: ``torchrun --nproc_per_node N -m plum.cli cpt --config
 run.toml`` (DDP; ``fsdp = true`` in the section for FSDP2).
@@ -53,7 +57,9 @@ from plum.model.model import PlumLM
 from plum.model.vocab import SIDVocab, TextTokenizer, extend_vocabulary, init_sid_embeddings, train_word_tokenizer
 from plum.sid.tokenizer import SIDConfig
 from plum.train.corpus import CPTCorpus, SequenceSFTDataset, SFTDataset, grounding_text
-from plum.train.loop import (CodebookLoss, TrainConfig, check_label_smoothing, check_level_weights, default_device,
+from plum.train.loop import (CodebookLoss, TrainConfig, check_distill, check_distill_temperature, check_item_loss,
+                             check_label_smoothing,
+                             check_level_weights, default_device,
                              dist_env, full_model_state, lm_loss, train)
 
 __all__ = ["load_run_config", "DEFAULTS", "Workspace", "save_model", "load_model", "run_sid", "run_cpt",
@@ -75,12 +81,12 @@ DEFAULTS: dict = {
             "max_items": 20},
     "sft": {"steps": 60, "lr": 3e-3, "warmup_steps": 5, "max_tokens": 4096, "max_items": 20, "init": "cpt",
             "objective": "sequence", "loss": "codebook", "label_smoothing": 0.0,
-            "level_weights": None, "item_loss": 0.0},
+            "level_weights": None, "item_loss": 0.0, "distill": 0.0, "distill_temperature": 1.0},
     "sasrec": {"steps": 150, "lr": 1e-3, "max_tokens": 2048},
     "eval": {"beam_width": 10, "batch_size": 100, "ks": [5, 10], "split": "test", "exclude_history": False},
 }
 _LOADER_KEYS = {"behaviour_fraction", "max_items", "init", "objective", "loss", "label_smoothing", "level_weights",
-                "item_loss"}
+                "item_loss", "distill", "distill_temperature"}
 SFT_OBJECTIVES = ("next_item", "sequence")
 SFT_LOSSES = ("vocab", "codebook")
 _TRAIN_SECTIONS = ("cpt.", "sft.", "sasrec.")  # also take every TrainConfig field (grad_accum, fsdp, bf16, ...)
@@ -335,14 +341,18 @@ def sft_dataset(ws: Workspace, vocab: SIDVocab, codes: np.ndarray):
     return cls(ws.split.train, vocab.sid_to_tokens(codes), vocab, max_items=c["max_items"])
 
 
-def sft_loss(ws: Workspace, vocab: SIDVocab, codes: np.ndarray | None = None):
+def sft_loss(ws: Workspace, vocab: SIDVocab, codes: np.ndarray | None = None, teacher=None):
     """The SFT loss of ``sft.loss``: ``"vocab"`` (:func:`lm_loss`, softmax over the whole
     vocabulary) or ``"codebook"`` (:class:`CodebookLoss`, softmax over the target
     level's codebook: what constrained beam search decodes). ``codes`` (the
-    catalogue's ``[N, L]`` SID codes) is needed only for ``sft.item_loss`` > 0."""
+    catalogue's ``[N, L]`` SID codes) is needed only for ``sft.item_loss`` > 0 or
+    ``sft.distill`` > 0; ``teacher`` (a trained item model called as
+    :class:`plum.baselines.SASRec` is, e.g. ``benchmarks/bench_retrieval.py``'s
+    SASRec baseline) only for ``sft.distill`` > 0, which distils it into the
+    codebook softmaxes at temperature ``sft.distill_temperature``."""
     c = ws.cfg["sft"]
     loss, smoothing, level_weights = c["loss"], c["label_smoothing"], c.get("level_weights")
-    item_loss = c.get("item_loss", 0.0)
+    item_loss, distill = c.get("item_loss", 0.0), c.get("distill", 0.0)
     if loss not in SFT_LOSSES:
         raise ValueError(f"sft.loss must be one of {SFT_LOSSES}, got {loss!r}")
     if loss == "vocab":
@@ -352,23 +362,38 @@ def sft_loss(ws: Workspace, vocab: SIDVocab, codes: np.ndarray | None = None):
             raise ValueError(f"sft.level_weights={level_weights!r} needs sft.loss 'codebook', got 'vocab'")
         if item_loss:
             raise ValueError(f"sft.item_loss={item_loss!r} needs sft.loss 'codebook', got 'vocab'")
+        if distill:
+            raise ValueError(f"sft.distill={distill!r} needs sft.loss 'codebook', got 'vocab'")
         return lm_loss
+    temperature = c.get("distill_temperature", 1.0)
     for key, check in (("label_smoothing", lambda: check_label_smoothing(smoothing)),
-                       ("level_weights", lambda: check_level_weights(level_weights, vocab.num_levels))):
+                       ("level_weights", lambda: check_level_weights(level_weights, vocab.num_levels)),
+                       ("item_loss", lambda: check_item_loss(item_loss)),
+                       ("distill", lambda: check_distill(distill)),
+                       ("distill_temperature", lambda: check_distill_temperature(temperature))):
         try:
             check()
         except ValueError as e:
             raise ValueError(f"sft.{key}: {e}") from None
+    if distill and teacher is None:
+        raise ValueError(f"sft.distill={distill!r} needs a teacher: a trained item model (plum.baselines.SASRec) "
+                         "passed as sft_loss(..., teacher=); benchmarks/bench_retrieval.py passes its SASRec baseline")
+    for key, on in (("item_loss", item_loss), ("distill", distill)):
+        if on and codes is None:
+            raise ValueError(f"sft.{key}: {key} > 0 needs catalogue: pass codes, the [N, L] SID codes of every item")
+    catalogue = vocab.sid_to_tokens(codes) if item_loss or distill else None
     try:
-        catalogue = vocab.sid_to_tokens(codes) if item_loss and codes is not None else None
         return CodebookLoss(vocab, label_smoothing=smoothing, level_weights=level_weights, item_loss=item_loss,
-                            catalogue=catalogue)
+                            catalogue=catalogue, distill=distill, teacher=teacher if distill else None,
+                            distill_temperature=temperature)
     except ValueError as e:
-        raise ValueError(f"sft.item_loss: {e}") from None
+        raise ValueError(f"sft: {e}") from None
 
 
-def run_sft(ws: Workspace, *, init: str | None = None, out: str = "sft", progress: bool = True) -> dict:
-    """SFT from ``init``: ``"cpt"`` (the CPT model) or ``"scratch"`` (PLUM's SFT-only ablation)."""
+def run_sft(ws: Workspace, *, init: str | None = None, out: str = "sft", progress: bool = True,
+            teacher=None) -> dict:
+    """SFT from ``init``: ``"cpt"`` (the CPT model) or ``"scratch"`` (PLUM's SFT-only ablation);
+    ``teacher``: the item model ``sft.distill`` > 0 distils (see :func:`sft_loss`)."""
     codes, _, sizes = ws.sid()
     c = ws.cfg["sft"]
     init = init or c["init"]
@@ -382,7 +407,7 @@ def run_sft(ws: Workspace, *, init: str | None = None, out: str = "sft", progres
     data = sft_dataset(ws, vocab, codes)
     model = model.to(default_device())
     metrics = train(model, data, _train_config(c, ws.cfg["seed"], progress), ws.dir / out, desc=f"SFT ({init})",
-                    loss_fn=sft_loss(ws, vocab, codes))
+                    loss_fn=sft_loss(ws, vocab, codes, teacher=teacher))
     save_model(model, vocab, text, ws.dir / out / "model")
     return metrics
 
