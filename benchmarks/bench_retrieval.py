@@ -490,21 +490,6 @@ def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
               "exclude_history": args.exclude_history})
 
 
-def _sasrec(ws, cfg: dict, overrides: dict):
-    """The SASRec baseline (``SASRecConfig`` with ``--sasrec-overrides``), its training sequences
-    (``s[:-2]``), training config and loss."""
-    import torch
-
-    from plum.baselines import SASRec, SASRecConfig, SequenceDataset, sasrec_loss
-    from plum.train.loop import TrainConfig, default_device
-
-    torch.manual_seed(cfg["seed"])
-    model = SASRec(SASRecConfig(ws.num_items, max_len=cfg["sft"]["max_items"], **overrides)).to(default_device())
-    data = SequenceDataset(ws.split.train, ws.num_items, cfg["sft"]["max_items"])
-    tcfg = TrainConfig.from_dict({"seed": cfg["seed"], **cfg["sasrec"]})
-    return model, data, tcfg, sasrec_loss
-
-
 def calibrate(ws, args, out: Path) -> dict:
     """Seconds per training step of each stage, from CALIBRATION_STEPS steps (startup included,
     so the estimate errs on the slow side) in OUT/calibration/. Runs before the SID fit (whose
@@ -524,7 +509,7 @@ def calibrate(ws, args, out: Path) -> dict:
     rng = np.random.default_rng(0)
     codes = np.stack([rng.integers(0, n, ws.num_items) for n in sizes], axis=1)
     # sft.distill's teacher costs its forward, not its training: an untrained SASRec times it
-    teacher = _sasrec(ws, base, args.sasrec_overrides)[0] if base["sft"].get("distill") else None
+    teacher = stages.sasrec_baseline(ws, args.sasrec_overrides)[0] if base["sft"].get("distill") else None
     for name in ("cpt", "sft"):
         ws.cfg = {**base, **{name: {**base[name], "progress": False}}}
         model, vocab, text = stages.base_model(ws, sizes)
@@ -536,7 +521,7 @@ def calibrate(ws, args, out: Path) -> dict:
               stop_after=CALIBRATION_STEPS)
         per_step[name] = (time.perf_counter() - t0) / CALIBRATION_STEPS
     ws.cfg = base
-    model, data, tcfg, loss = _sasrec(ws, base, args.sasrec_overrides)
+    model, data, tcfg, loss = stages.sasrec_baseline(ws, args.sasrec_overrides)
     t0 = time.perf_counter()
     from dataclasses import replace
 
@@ -661,7 +646,7 @@ def main(argv=None) -> dict:
         nonlocal sasrec_model
         if sasrec_model is None:
             t0 = time.perf_counter()
-            model, data, tcfg, loss = _sasrec(ws, cfg, args.sasrec_overrides)
+            model, data, tcfg, loss = stages.sasrec_baseline(ws, args.sasrec_overrides)
             if train(model, data, tcfg, out / "sasrec", loss_fn=loss, desc="SASRec"):  # {}: finished before
                 done("sasrec_train", time.perf_counter() - t0)
             sasrec_model = model

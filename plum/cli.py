@@ -51,10 +51,9 @@ def demo(out_dir: str, *, config: str | None = None, threads: int | None = 1, pr
     scaled-down run)."""
     import torch
 
-    from plum.baselines import Popularity, SASRec, SASRecConfig, SequenceDataset, sasrec_loss
-    from plum.train.loop import TrainConfig, default_device, train
-    from plum.train.stages import (Workspace, exclude_history, load_run_config, run_cpt, run_eval, run_sft,
-                                   run_sid)
+    from plum.baselines import Popularity
+    from plum.train.stages import (Workspace, exclude_history, load_run_config, run_cpt, run_eval, run_sasrec,
+                                   run_sft, run_sid)
 
     if threads:
         torch.set_num_threads(threads)
@@ -75,12 +74,7 @@ def demo(out_dir: str, *, config: str | None = None, threads: int | None = 1, pr
     xh = exclude_history(ws)
     results["popularity"] = Popularity(ws.split.train, ws.num_items).evaluate(hist, tgt, ks, exclude_history=xh)
     t0 = time.perf_counter()
-    torch.manual_seed(cfg["seed"])
-    sas = SASRec(SASRecConfig(ws.num_items, max_len=cfg["sft"]["max_items"])).to(default_device())
-    sas_cfg = TrainConfig.from_dict({"warmup_steps": 10, "weight_decay": 0.0, "seed": cfg["seed"],
-                                     "progress": progress, **cfg["sasrec"]})
-    train(sas, SequenceDataset(ws.split.train, ws.num_items, cfg["sft"]["max_items"]), sas_cfg,
-          ws.dir / "sasrec", loss_fn=sasrec_loss, desc="SASRec")
+    sas = run_sasrec(ws, progress=progress)  # already trained when sft.distill used it as the teacher
     results["sasrec"] = sas.evaluate(hist, tgt, ks, exclude_history=xh)
     timings["sasrec"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start

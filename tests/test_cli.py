@@ -74,6 +74,28 @@ def test_stage_subcommands_over_a_toml_config(tmp_path, capsys):
         main(["sft", "--config", str(other), "--no-progress"])
 
 
+def test_sft_distill_trains_the_run_sasrec_as_its_teacher(tmp_path):
+    """sft.distill > 0 over the CLI: `plum sft` first trains the run's SASRec baseline (section sasrec,
+    WORKDIR/sasrec) and distils it, logging the teacher's CE beside the one-hot one; run_sasrec on the
+    finished directory reloads the same weights (what `plum demo` then scores as its baseline)."""
+    import torch
+
+    from plum.train.stages import Workspace, load_run_config, run_sasrec
+
+    cfg = tmp_path / "run.toml"
+    small = {**SMALL, "sft": {**SMALL["sft"], "distill": 0.5, "distill_temperature": 2.0}}
+    cfg.write_text(f'workdir = "{tmp_path / "work"}"\n' + _toml(small))
+    for cmd in ("sid", "cpt", "sft"):
+        assert main([cmd, "--config", str(cfg), "--no-progress"]) == 0
+    assert torch.load(tmp_path / "work" / "sasrec" / "checkpoint.pt", weights_only=False)["step"] == 3
+    rows = [json.loads(l) for l in (tmp_path / "work" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and all(r["distill"] > 0 for r in rows)
+    assert all(abs(r["loss"] - (0.5 * r["ce"] + 0.5 * r["distill"] + r["aux"])) < 1e-5 for r in rows)
+    ws = Workspace(load_run_config(str(cfg)))
+    a, b = run_sasrec(ws, progress=False).state_dict(), run_sasrec(ws, progress=False).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_stages_refuse_sids_fitted_with_another_config(tmp_path):
     """A stage reading the SIDs (cpt, sft, eval) under a config whose ``sid`` section or seed changed
     since ``plum sid`` is refused, naming the field, instead of silently using the old SIDs."""
@@ -192,6 +214,15 @@ def test_bad_config_raises(tmp_path):
         sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"item_loss": -1})), vocab, codes)
     with pytest.raises(ValueError, match="sft.item_loss: item_loss > 0 needs catalogue"):
         sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"item_loss": 0.25})), vocab)
+    # sft.distill: checked by name, needs the codes and a teacher, refused with the vocab loss
+    for bad, msg in (({"distill": 2.0}, "sft.distill: distill must be a number in"),
+                     ({"distill": 0.5, "distill_temperature": 0}, "sft.distill_temperature: distill_temperature"),
+                     ({"distill": 0.5, "loss": "vocab"}, "sft.distill=0.5 needs sft.loss 'codebook'"),
+                     ({"distill": 0.5}, "sft.distill=0.5 needs a teacher")):
+        with pytest.raises(ValueError, match=msg):
+            sft_loss(SimpleNamespace(cfg=load_run_config(None, sft=bad)), vocab, codes)
+    with pytest.raises(ValueError, match="sft.distill: distill > 0 needs catalogue"):
+        sft_loss(SimpleNamespace(cfg=load_run_config(None, sft={"distill": 0.5})), vocab, teacher=lambda *a, **k: 0)
     # a training section's TrainConfig fields (here weight averaging) reach the stage's TrainConfig
     from plum.train.stages import _train_config
     assert _train_config(load_run_config(None)["sft"], 0, False).ema_decay == 0.0

@@ -35,9 +35,9 @@ over its level's codebook, ``level_weights`` (default none: all 1) weights
 each SID level's cross-entropy, ``item_loss`` (default 0: off) adds the
 codebook loss's training-only item-level softmax over the catalogue's SIDs, and
 ``distill`` (default 0: off; ``distill_temperature`` 1) mixes each target's
-label with a trained item model's next-item distribution (a teacher passed to
-:func:`run_sft` / :func:`sft_loss`; the CLI has none, the retrieval bench
-passes its SASRec baseline).
+label with a trained item model's next-item distribution: the run's SASRec
+baseline (section ``sasrec``, :func:`run_sasrec`), or a teacher passed to
+:func:`run_sft`.
 
 Several processes: ``torchrun --nproc_per_node N -m plum.cli cpt --config
 run.toml`` (DDP; ``fsdp = true`` in the section for FSDP2).
@@ -64,7 +64,7 @@ from plum.train.loop import (CodebookLoss, TrainConfig, check_distill, check_dis
 
 __all__ = ["load_run_config", "DEFAULTS", "Workspace", "save_model", "load_model", "run_sid", "run_cpt",
            "run_sft", "cpt_corpus", "embeddings_digest", "sft_dataset", "sft_loss", "run_eval", "run_recommend",
-           "exclude_history"]
+           "exclude_history", "sasrec_baseline", "run_sasrec"]
 
 # The defaults are `plum demo`'s budget: 3.5 min wall on this project's idle 2-core CPU, 5-7 min
 # when the machine is shared (measured 2026-11-23, torch 2.13 CPU, 1 thread). CPT 40 -> 80 steps raised
@@ -377,7 +377,7 @@ def sft_loss(ws: Workspace, vocab: SIDVocab, codes: np.ndarray | None = None, te
             raise ValueError(f"sft.{key}: {e}") from None
     if distill and teacher is None:
         raise ValueError(f"sft.distill={distill!r} needs a teacher: a trained item model (plum.baselines.SASRec) "
-                         "passed as sft_loss(..., teacher=); benchmarks/bench_retrieval.py passes its SASRec baseline")
+                         "passed as sft_loss(..., teacher=); run_sft trains the run's SASRec baseline for it")
     for key, on in (("item_loss", item_loss), ("distill", distill)):
         if on and codes is None:
             raise ValueError(f"sft.{key}: {key} > 0 needs catalogue: pass codes, the [N, L] SID codes of every item")
@@ -390,10 +390,36 @@ def sft_loss(ws: Workspace, vocab: SIDVocab, codes: np.ndarray | None = None, te
         raise ValueError(f"sft: {e}") from None
 
 
+def sasrec_baseline(ws: Workspace, overrides: dict | None = None, progress: bool | None = None):
+    """The SASRec baseline of the run: a fresh :class:`plum.baselines.SASRec` (``SASRecConfig`` fields
+    ``overrides``; its window is ``sft.max_items``) seeded by ``seed``, its training sequences (the
+    split's ``train``, never a target of valid or test), and its ``TrainConfig`` (warm-up 10 steps, no
+    weight decay, then section ``sasrec``). Returns ``(model, dataset, train_config, loss_fn)``."""
+    from plum.baselines import SASRec, SASRecConfig, SequenceDataset, sasrec_loss
+
+    cfg = ws.cfg
+    torch.manual_seed(cfg["seed"])
+    model = SASRec(SASRecConfig(ws.num_items, max_len=cfg["sft"]["max_items"], **(overrides or {})))
+    model = model.to(default_device())
+    data = SequenceDataset(ws.split.train, ws.num_items, cfg["sft"]["max_items"])
+    tcfg = TrainConfig.from_dict({"warmup_steps": 10, "weight_decay": 0.0, "seed": cfg["seed"],
+                                  **({} if progress is None else {"progress": progress}), **cfg["sasrec"]})
+    return model, data, tcfg, sasrec_loss
+
+
+def run_sasrec(ws: Workspace, *, progress: bool = True):
+    """Train (or resume, or reload once finished) the SASRec baseline of :func:`sasrec_baseline` in
+    ``WORKDIR/sasrec``; returns the trained model: the demo's baseline and ``sft.distill``'s teacher."""
+    model, data, tcfg, loss = sasrec_baseline(ws, progress=progress)
+    train(model, data, tcfg, ws.dir / "sasrec", loss_fn=loss, desc="SASRec")
+    return model
+
+
 def run_sft(ws: Workspace, *, init: str | None = None, out: str = "sft", progress: bool = True,
             teacher=None) -> dict:
-    """SFT from ``init``: ``"cpt"`` (the CPT model) or ``"scratch"`` (PLUM's SFT-only ablation);
-    ``teacher``: the item model ``sft.distill`` > 0 distils (see :func:`sft_loss`)."""
+    """SFT from ``init``: ``"cpt"`` (the CPT model) or ``"scratch"`` (PLUM's SFT-only ablation).
+    With ``sft.distill`` > 0 it distils ``teacher`` (see :func:`sft_loss`), by default the run's
+    SASRec baseline (:func:`run_sasrec`, trained first when ``WORKDIR/sasrec`` has not finished)."""
     codes, _, sizes = ws.sid()
     c = ws.cfg["sft"]
     init = init or c["init"]
@@ -405,6 +431,8 @@ def run_sft(ws: Workspace, *, init: str | None = None, out: str = "sft", progres
     else:
         raise ValueError(f"sft.init must be 'cpt' or 'scratch', got {init!r}")
     data = sft_dataset(ws, vocab, codes)
+    if c.get("distill") and teacher is None:
+        teacher = run_sasrec(ws, progress=progress)
     model = model.to(default_device())
     metrics = train(model, data, _train_config(c, ws.cfg["seed"], progress), ws.dir / out, desc=f"SFT ({init})",
                     loss_fn=sft_loss(ws, vocab, codes, teacher=teacher))
