@@ -58,9 +58,8 @@ from plum.model.vocab import SIDVocab, TextTokenizer, extend_vocabulary, init_si
 from plum.sid.tokenizer import SIDConfig
 from plum.train.corpus import CPTCorpus, SequenceSFTDataset, SFTDataset, grounding_text
 from plum.train.loop import (CodebookLoss, TrainConfig, check_distill, check_distill_temperature, check_item_loss,
-                             check_label_smoothing,
-                             check_level_weights, default_device,
-                             dist_env, full_model_state, lm_loss, train)
+                             check_label_smoothing, check_level_weights, default_device, dist_env, full_model_state,
+                             lm_loss, train)
 
 __all__ = ["load_run_config", "DEFAULTS", "Workspace", "save_model", "load_model", "run_sid", "run_cpt",
            "run_sft", "cpt_corpus", "embeddings_digest", "sft_dataset", "sft_loss", "run_eval", "run_recommend",
