@@ -407,6 +407,7 @@ class CodebookLoss:
         row = (torch.cumsum(kept, 0) - kept)[ex[at]] + ordinal[at] - 1 if len(starts) else at
         labels = [None] * len(self.slices)
         uniq, inv = torch.unique(row[has], return_inverse=True)
+        has_rank = torch.cumsum(has, 0) - 1  # a target with a history: its index among those, i.e. into inv
         if len(uniq):
             lens = kept[kept > 0]
             tcu = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.cumsum(lens, 0)]).to(torch.int32)
@@ -417,7 +418,7 @@ class CodebookLoss:
             lab = F.one_hot(tgt[sel] - sl.start, n_codes).to(p.dtype if len(uniq) else torch.float32)
             h = has[sel]
             if bool(h.any()):
-                r = inv[torch.cumsum(has, 0)[sel][h] - 1]  # rows of p for this level's targets with a history
+                r = inv[has_rank[sel][h]]  # rows of p for this level's targets with a history
                 q = p[r]
                 if l:
                     q = q * (prefix[l][None, :] == prefix[l][tgt_item[sel][h]][:, None])
