@@ -411,10 +411,13 @@ def test_compare_retrieval_rejects_bad_arguments(bad, capsys):
 
 
 def test_bench_retrieval_distill(tmp_path):
-    """--train-overrides '{"sft": {"distill": d}}' distils the bench's own trained SASRec into SFT: the SFT log
-    has the teacher's CE beside the one-hot one, the plan keeps the setting, and a resume without it is refused
-    naming sft.distill; a distill outside [0, 1] or a bad temperature is a parse error."""
+    """--train-overrides '{"sft": {"distill": d}}' distils the bench's own trained SASRec into SFT (0.5 by
+    default): the SFT log has the teacher's CE beside the one-hot one, the plan keeps the setting, and a resume
+    with another one is refused naming sft.distill; an OUT planned before sft.distill was recorded trained
+    without it, and a resume at the new default is refused so; a distill outside [0, 1] or a bad temperature
+    is a parse error."""
     bench = _bench()
+    assert bench.TRAIN_CONFIG["sft"]["distill"] == 0.5  # the bench default since the twenty-fifth run
     data = _write_dataset(tmp_path / "data", seed=2)
     out = tmp_path / "o"
     argv = ["--dataset", str(data), "--out", str(out), "--steps", "4,6,10", "--codebook-sizes", "8,4,4",
@@ -428,8 +431,20 @@ def test_bench_retrieval_distill(tmp_path):
     plan = json.loads((out / "plan.json").read_text())["settings"]["train_config"]["sft"]
     assert plan["distill"] == 0.5 and plan["distill_temperature"] == 2.0
     assert 0 <= res["plum"]["recall@10"] <= 1
-    with pytest.raises(ValueError, match=r"sft.distill=0.5"):
+    with pytest.raises(ValueError, match=r"sft.distill=0.5, but this run's settings give 0.0"):
+        bench.main([*argv, "--train-overrides", '{"sft": {"distill": 0.0, "distill_temperature": 2.0}}'])
+    with pytest.raises(ValueError, match=r"sft.distill_temperature=2.0, but this run's settings give 1.0"):
+        bench.main(argv)  # the default distils at temperature 1
+    # an OUT whose record predates sft.distill trained with 0: the default (0.5) is refused, 0 resumes
+    plan_path = out / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    for key in ("distill", "distill_temperature"):
+        del plan["settings"]["train_config"]["sft"][key]
+    plan_path.write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match=r"sft.distill=0.0, but this run's settings give 0.5 .*"
+                                         r"""--train-overrides '\{"sft": \{"distill": 0.0\}\}'"""):
         bench.main(argv)
+    assert bench.main([*argv, "--train-overrides", '{"sft": {"distill": 0}}'])["plum"] == res["plum"]
     for bad in ('{"sft": {"distill": 1.5}}', '{"sft": {"distill_temperature": 0}}'):
         with pytest.raises(SystemExit):
             bench.parse_args([*argv, "--train-overrides", bad])
