@@ -5,7 +5,7 @@ from setuptools import setup
 setup(
     ext_modules=[
         Pybind11Extension(
-            "plum.sid._sid_trie",
+            "plumrec.sid._sid_trie",
             ["csrc/sid_trie.cpp"],
             cxx_std=17,
             extra_compile_args=["-O3"],

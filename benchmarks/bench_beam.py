@@ -1,10 +1,10 @@
-"""Benchmark of the trie-constrained beam step and search (issue 5).
+"""Benchmark of the trie-constrained beam step and search (the ``beam`` part of the device suite).
 
-For tries of 1M / 10M / 100M random SIDs with PLUM's codebooks
-(2048, 1024, 512, 256, 128, 64, 32, 16), B users and beam width W, it times
-per level:
+For tries of random SIDs with PLUM's codebooks (2048, 1024, 512, 256, 128,
+64, 32, 16; 8 levels), B users and beam width W, it walks an 8-level search
+on random bf16 logits and times the step of every level:
 
-- ``ours``: ``kernels.torch.constrained_beam_step`` (Triton on CUDA; the torch
+- ``ours``: ``plum_kernels.torch.constrained_beam_step`` (Triton on CUDA; the torch
   reference path with ``--device cpu``),
 - ``topk``: unconstrained step (log-softmax + score add + top-W over W x V),
   the floor,
@@ -13,36 +13,48 @@ per level:
 - ``callback``: a per-beam Python callback in the style of Hugging Face's
   ``prefix_allowed_tokens_fn`` (``SIDTrie.children`` per beam; small B only),
 
-plus the whole L = 8 search (precomputed random logits, no model). Reports
-medians in ms and ratios against the baselines measured in the same run, and
-STATIC's setting (B = 2, W = 70, V = 2048, 10M items; target < 0.033 ms).
-Writes ``bench_beam.json`` and ``bench_beam.md`` to ``--out``.
+plus the whole L = 8 search (precomputed random logits, no model). A step's
+time is the mean over the timed levels of each level's median
+(``triton.testing.do_bench_cudagraph`` for ours and the top-k floor,
+``do_bench`` for the baselines, which read sizes back on the host; CPU runs
+use ``perf_counter``). Ratios are against the baselines measured in the same
+run. STATIC's setting (B = 2, W = 70, 20M items) carries the target
+<= 0.033 ms per step.
 
-    python benchmarks/bench_beam.py                   # H100: full grid
+Writes ``OUT/parts/NAME.csv`` (one row per configuration x implementation:
+``constrained_beam_step`` in ms per step, ``constrained_beam_search`` in ms
+per search), ``OUT/NAME.json`` (environment, command, per-level figures)
+and ``OUT/NAME.md`` (the table below), NAME = ``bench_beam`` unless
+``--name`` says otherwise.
+
+    python benchmarks/bench_beam.py                   # GPU: the full grid
+    python benchmarks/bench_beam.py --items 1000000 20000000 --pairs 2x70 64x64 1024x64 --no-static --name beam
     python benchmarks/bench_beam.py --device cpu --items 1000000 --batch 1 64 --width 16 64
-    python benchmarks/bench_beam.py --smoke           # tiny CPU run (tests)
+    python benchmarks/bench_beam.py --smoke           # CPU, tiny, Triton interpreter, no timings (tests)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Recorder, Timer, enable_interpreter_if_smoke, finite, shape_str, suite_args  # noqa: E402
 
-import kernels.torch as K  # noqa: E402
-from kernels.beam import reference as ref  # noqa: E402
-from plum.sid import build_trie  # noqa: E402
-from common import environment, time_ms  # noqa: E402
+enable_interpreter_if_smoke(None)  # before triton is imported (below, through the kernels)
+import torch  # noqa: E402
+
+import plum_kernels.torch as K  # noqa: E402
+from plum_kernels.beam import reference as ref  # noqa: E402
+from plumrec.sid import build_trie  # noqa: E402
 
 PLUM_CODEBOOKS = (2048, 1024, 512, 256, 128, 64, 32, 16)
+SMOKE_CODEBOOKS = (16, 8, 4)
+STATIC = (20_000_000, 2, 70)   # (items, B, W): STATIC's published batch and beam, the target's trie size
 
 
 def topk_step(logits, scores, W):
@@ -79,107 +91,157 @@ def callback_step(logits, scores, nodes, sidtrie, level, W):
     return lp.reshape(B, W_in * V).topk(W, dim=1)
 
 
-def make_trie(n_items: int, seed: int = 0):
+def make_trie(n_items: int, codebooks=PLUM_CODEBOOKS, seed: int = 0):
     rng = np.random.default_rng(seed)
-    codes = np.empty((n_items, len(PLUM_CODEBOOKS)), dtype=np.int16)
-    for l, v in enumerate(PLUM_CODEBOOKS):
+    codes = np.empty((n_items, len(codebooks)), dtype=np.int16)
+    for l, v in enumerate(codebooks):
         codes[:, l] = rng.integers(0, v, n_items, dtype=np.int16)
-    return build_trie(codes, PLUM_CODEBOOKS)
+    return build_trie(codes, codebooks)
 
 
-def run_config(sidtrie, trie, device, B, W, impl, reps, with_callback, levels):
-    """Walk an L-level search with random logits; time each level's step."""
-    g = torch.Generator(device="cpu").manual_seed(B * 1000 + W)
-    logits_all = [torch.randn(B, W, v, generator=g).to(device=device, dtype=torch.bfloat16) for v in PLUM_CODEBOOKS]
+IMPLS = ("ours", "topk", "dense_mask", "csr_torch", "callback")
+IMPL_NAMES = {"ours": "plum triton", "topk": "unconstrained top-k (floor)",
+              "dense_mask": "dense [B, W, V] mask + top-k",
+              "csr_torch": "CSR gather in torch (reference)", "callback": "per-beam Python callback"}
+BASELINE = IMPL_NAMES["dense_mask"]
+
+
+def level_fns(x, scores, nodes, trie, sidtrie, level, W, impl, with_callback):
+    """``name -> (step callable, whether a CUDA graph can hold it)``; the dense mask and the CSR
+    reference read sizes back on the host, so they are timed without a graph."""
+    fns = {"ours": (lambda: K.constrained_beam_step(x, scores, nodes, trie, level, W, impl=impl, validate=False),
+                    True),
+           "topk": (lambda: topk_step(x, scores, W), True),
+           "dense_mask": (lambda: dense_mask_step(x, scores, nodes, trie, level, W), False),
+           "csr_torch": (lambda: K.constrained_beam_step(x, scores, nodes, trie, level, W, impl="reference",
+                                                         validate=False), False)}
+    if with_callback:
+        fns["callback"] = (lambda: callback_step(x, scores, nodes, sidtrie, level, W), False)
+    return fns
+
+
+def run_config(sidtrie, trie, device, B, W, impl, timer: Timer, with_callback, levels):
+    """Walk an L-level search with random logits; time each timed level's step for every
+    implementation. Returns ``(per-level rows, {impl: how it was timed}, search (ms, how))``."""
+    g = torch.Generator(device=device).manual_seed(B * 1000 + W)
+    sizes = [int(v) for v in trie.codebook_sizes]
+    logits_all = [torch.randn(B, W, v, generator=g, device=device, dtype=torch.bfloat16) for v in sizes]
     scores = torch.full((B, W), float("-inf"), device=device)
     scores[:, 0] = 0
     nodes = torch.full((B, W), -1, dtype=torch.int64, device=device)
     nodes[:, 0] = 0
-    rows = []
-    for level in range(len(PLUM_CODEBOOKS)):
+    rows, hows = [], {}
+    for level in range(len(sizes)):
         x = logits_all[level]
-        row = {"level": level, "V": PLUM_CODEBOOKS[level]}
         if level in levels:
-            def timed(fn, iters=reps, warmup=2):
-                return time_ms(fn, device=device, iters=iters, warmup=warmup)
-
-            row["ours"] = timed(lambda: K.constrained_beam_step(x, scores, nodes, trie, level, W, impl=impl,
-                                                                validate=False))
-            row["topk"] = timed(lambda: topk_step(x, scores, W))
-            row["dense_mask"] = timed(lambda: dense_mask_step(x, scores, nodes, trie, level, W))
-            row["csr_torch"] = timed(lambda: K.constrained_beam_step(x, scores, nodes, trie, level, W,
-                                                                     impl="reference", validate=False))
-            if with_callback:
-                row["callback"] = timed(lambda: callback_step(x, scores, nodes, sidtrie, level, W),
-                                        iters=max(1, reps // 5), warmup=1)
+            row = {"level": level, "V": sizes[level]}
+            for name, (fn, graph) in level_fns(x, scores, nodes, trie, sidtrie, level, W, impl, with_callback).items():
+                finite(fn(), allow_inf=True)
+                row[name], hows[name] = timer(fn, graph=graph)
             rows.append(row)
         scores, nodes, _, _ = K.constrained_beam_step(x, scores, nodes, trie, level, W, impl=impl, validate=False)
 
     def search():
         return K.constrained_beam_search(lambda l, t, p: logits_all[l], trie, batch_size=B, beam_width=W, impl=impl)
 
-    search_ms = time_ms(search, device=device, iters=max(1, reps // 2), warmup=1)
-    return rows, search_ms
+    search()
+    return rows, hows, timer(search)
+
+
+def make_configs(args) -> list[tuple[int, int, int]]:
+    """``(items, B, W)``: items x (the --pairs, or --batch x --width), then STATIC's setting."""
+    pairs = [tuple(int(v) for v in p.split("x")) for p in args.pairs] if args.pairs else \
+        [(B, W) for B in args.batch for W in args.width]
+    configs = [(n, B, W) for n in args.items for B, W in pairs]
+    if not args.no_static and STATIC not in configs:
+        configs.append(STATIC)
+    return configs
+
+
+def mean_ms(rows, name):
+    vals = [r[name] for r in rows if r.get(name) is not None]
+    return statistics.mean(vals) if vals and len(vals) == len(rows) else None
+
+
+def record_config(rec: Recorder, n, B, W, L, impl, rows, hows, search) -> dict:
+    """One CSV row per implementation (mean ms per step over the timed levels) plus the search row."""
+    shape = shape_str(items=n, B=B, W=W, L=L, levels=",".join(str(r["level"]) for r in rows))
+    names = {**IMPL_NAMES, "ours": f"plum {impl}"}
+    for name in IMPLS:
+        if name in hows:
+            rec.row("constrained_beam_step", shape, "bfloat16", names[name], mean_ms(rows, name),
+                    baseline=BASELINE, timer=hows[name], notes="ms per step: mean over the timed levels")
+    rec.row("constrained_beam_search", shape_str(items=n, B=B, W=W, L=L), "bfloat16",
+            names["ours"], search[0], timer=search[1], notes="whole search, precomputed logits, no model")
+    res = {"items": n, "B": B, "W": W, "impl": impl, "levels": rows, "search_ms": search[0]}
+    res.update({f"{k}_ms_mean": mean_ms(rows, k) for k in hows})
+    return res
+
+
+def markdown(meta: dict, results: list[dict], impl: str) -> str:
+    def f(v, spec=".4f"):
+        return "-" if v is None else format(v, spec)
+
+    def ratio(r, k):
+        a, b = r.get(f"{k}_ms_mean"), r.get("ours_ms_mean")
+        return f(a / b, ".2f") if a and b else "-"
+
+    lines = [f"# bench_beam ({meta['device']}, torch {meta['torch']}, triton {meta.get('triton', '-')}, "
+             f"{meta['date']})", "", f"`{meta['command']}`; impl = {impl}; step = mean over timed levels, ms", "",
+             "| items | B | W | step ms | top-k ms | step / top-k | x dense mask | x CSR torch | x callback "
+             "| search ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        s, t = r.get("ours_ms_mean"), r.get("topk_ms_mean")
+        vs_topk = f(s / t, '.2f') if s and t else '-'
+        lines.append(f"| {r['items']:,} | {r['B']} | {r['W']} | {f(s)} | {f(t)} | {vs_topk} "
+                     f"| {ratio(r, 'dense_mask')} | {ratio(r, 'csr_torch')} | {ratio(r, 'callback')} "
+                     f"| {f(r['search_ms'], '.3f')} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--items", type=int, nargs="+", default=[1_000_000, 10_000_000, 100_000_000])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 1024])
-    ap.add_argument("--width", type=int, nargs="+", default=[16, 64, 256])
+    suite_args(ap, "bench_beam")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cuda: the Triton kernel (default with a GPU); cpu: the torch reference path")
+    ap.add_argument("--items", type=int, nargs="+", default=[1_000_000, 10_000_000, 100_000_000],
+                    help="trie sizes (random SIDs)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 1024], help="users B (grid with --width)")
+    ap.add_argument("--width", type=int, nargs="+", default=[16, 64, 256], help="beam widths W (grid with --batch)")
+    ap.add_argument("--pairs", nargs="+", metavar="BxW", help="(B, W) pairs instead of the --batch x --width grid")
+    ap.add_argument("--codebooks", type=int, nargs="+", default=list(PLUM_CODEBOOKS),
+                    help="codebook size of each SID level (default PLUM's 8 levels)")
     ap.add_argument("--levels", type=int, nargs="+", default=list(range(8)), help="levels whose step is timed")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--callback-max-batch", type=int, default=1)
-    ap.add_argument("--no-static", action="store_true", help="skip STATIC's setting (B=2, W=70, 10M items)")
-    ap.add_argument("--smoke", action="store_true", help="tiny CPU run of every code path (tests)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--reps", type=int, default=20, help="timed repetitions per level (CPU; do_bench on CUDA)")
+    ap.add_argument("--callback-max-batch", type=int, default=1, help="time the Python callback up to this B")
+    ap.add_argument("--no-static", action="store_true", help="skip STATIC's setting (B=2, W=70, 20M items)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.device, args.items, args.batch, args.width = "cpu", [5000], [2], [4]
-        args.reps, args.levels, args.no_static, args.callback_max_batch = 1, [0, 3], True, 2
+        args.device, args.items, args.batch, args.width, args.pairs = "cpu", [5000], [2], [4], None
+        args.reps, args.levels, args.no_static, args.callback_max_batch = 1, [0, 2], True, 2
+        args.codebooks = list(SMOKE_CODEBOOKS)
     device = torch.device(args.device)
-    impl = "triton" if device.type == "cuda" else "reference"
-    configs = [(n, B, W) for n in args.items for B in args.batch for W in args.width]
-    if not args.no_static:
-        configs.append((10_000_000, 2, 70))
-    results = []
-    tries = {}
-    for n, B, W in configs:
+    impl = "triton" if device.type == "cuda" or args.smoke else "reference"
+    timer = Timer(smoke=args.smoke, device=args.device, rep_ms=10, warmup_ms=5, cpu_iters=args.reps)
+    rec = Recorder(args.out, args.name, part="beam", smoke=args.smoke)
+    rec.set("codebooks", list(args.codebooks))
+    results, tries = [], {}
+    for n, B, W in make_configs(args):
         if n not in tries:
             t0 = time.perf_counter()
             tries.clear()
-            sidtrie = make_trie(n)
+            sidtrie = make_trie(n, args.codebooks)
             tries[n] = (sidtrie, sidtrie.to_torch(device))
-            print(f"# trie {n} items: {sidtrie!r} built in {time.perf_counter() - t0:.1f}s", flush=True)
+            rec.note(f"trie of {n:,} items: {sidtrie!r}, built in {time.perf_counter() - t0:.1f} s")
         sidtrie, trie = tries[n]
-        rows, search_ms = run_config(sidtrie, trie, device, B, W, impl, args.reps,
-                                     B <= args.callback_max_batch, set(args.levels))
-        rec = {"items": n, "B": B, "W": W, "impl": impl, "levels": rows, "search_ms": search_ms,
-               "step_ms_mean": statistics.mean(r["ours"] for r in rows),
-               "topk_ms_mean": statistics.mean(r["topk"] for r in rows)}
-        rec["vs_topk"] = rec["step_ms_mean"] / rec["topk_ms_mean"]
-        rec["dense_mask_speedup"] = statistics.mean(r["dense_mask"] for r in rows) / rec["step_ms_mean"]
-        rec["csr_torch_speedup"] = statistics.mean(r["csr_torch"] for r in rows) / rec["step_ms_mean"]
-        if "callback" in rows[0]:
-            rec["callback_speedup"] = statistics.mean(r["callback"] for r in rows) / rec["step_ms_mean"]
-        results.append(rec)
-        print(json.dumps({k: v for k, v in rec.items() if k != "levels"}), flush=True)
-    meta = environment() | {"device": args.device, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_beam.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    lines = [f"# bench_beam ({meta.get('gpu', meta.get('cpu'))}, torch {meta['torch']}, triton {meta['triton']}, "
-             f"{meta['date']})", "", f"`{meta['command']}`; impl = {impl}; step = mean over timed levels, ms", "",
-             "| items | B | W | step ms | top-k ms | step / top-k | x dense mask | x CSR torch | x callback | search ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        cb = f"{r['callback_speedup']:.0f}" if "callback_speedup" in r else "-"
-        lines.append(f"| {r['items']:,} | {r['B']} | {r['W']} | {r['step_ms_mean']:.4f} | {r['topk_ms_mean']:.4f} | "
-                     f"{r['vs_topk']:.2f} | {r['dense_mask_speedup']:.2f} | {r['csr_torch_speedup']:.2f} | {cb} | "
-                     f"{r['search_ms']:.3f} |")
-    (out / "bench_beam.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        rows, hows, search = run_config(sidtrie, trie, device, B, W, impl, timer, B <= args.callback_max_batch,
+                                        set(args.levels))
+        results.append(record_config(rec, n, B, W, len(args.codebooks), impl, rows, hows, search))
+        rec.set("results", results)
+    (Path(args.out) / f"{args.name}.md").write_text(md := markdown(rec.record, results, impl))
+    print(md)
+    return rec.record
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ resets the kernel's peak-RSS counter (``/proc/self/clear_refs``) and reports
 the build's wall time and its peak resident memory above what the codes
 already took. Methods, all measured in the same run:
 
-- ``cpp``: :func:`plum.sid.build_trie` (this package; every core);
-- ``numpy``: :func:`plum.sid.reference.build_numpy`, the same compressed
+- ``cpp``: :func:`plumrec.sid.build_trie` (this package; every core);
+- ``numpy``: :func:`plumrec.sid.reference.build_numpy`, the same compressed
   format built with ``lexsort`` + ``diff``;
 - ``dict``: a dict-of-dicts Python trie (one dict per node, items in lists);
 - ``marisa``: ``marisa_trie.Trie`` over the packed big-endian keys as
@@ -57,12 +57,12 @@ def _rss_kib(field: str) -> int:
 
 def _build(method: str, codes: np.ndarray, sizes) -> dict:
     if method == "cpp":
-        from plum.sid import build_trie
+        from plumrec.sid import build_trie
 
         t = build_trie(codes, sizes)
         return {"bytes": t.nbytes, "sids": t.num_sids}
     if method == "numpy":
-        from plum.sid.reference import build_numpy
+        from plumrec.sid.reference import build_numpy
 
         t = build_numpy(codes, sizes)
         return {"bytes": t.nbytes, "sids": t.num_sids}
@@ -77,7 +77,7 @@ def _build(method: str, codes: np.ndarray, sizes) -> dict:
     if method == "marisa":
         import marisa_trie
 
-        from plum.sid.trie import level_layout
+        from plumrec.sid.trie import level_layout
 
         bits, shift = level_layout(sizes)
         key = np.zeros(codes.shape[0], dtype=np.uint64)
@@ -97,8 +97,8 @@ def _warm_imports(method: str) -> None:
     """Import what a method needs before the clock starts."""
     import importlib
 
-    for name in {"cpp": ["plum.sid.reference"], "numpy": ["plum.sid.reference"],
-                 "marisa": ["marisa_trie", "plum.sid.trie"]}.get(method, []):
+    for name in {"cpp": ["plumrec.sid.reference"], "numpy": ["plumrec.sid.reference"],
+                 "marisa": ["marisa_trie", "plumrec.sid.trie"]}.get(method, []):
         importlib.import_module(name)
 
 

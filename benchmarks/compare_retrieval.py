@@ -1,16 +1,16 @@
-"""Compare two ``bench_retrieval.py`` runs on the same users, with paired standard errors.
+"""Compare two runs of ``plum run`` (or ``bench_retrieval.py``) on the same users, with paired standard errors.
 
     python benchmarks/compare_retrieval.py runs/beauty-default runs/beauty-ema --split valid --exclude-history
     python benchmarks/compare_retrieval.py runs/beauty-default runs/beauty-default:sasrec   # PLUM vs SASRec
 
 Each run is ``OUT`` or ``OUT:MODEL`` (``plum`` by default; ``sft_only``,
-``sasrec``). It reads the per-user target ranks that the bench keeps beside
-each evaluation (``OUT/eval_MODEL{_valid}{_xh}{_beamW}.ranks.npz``; an
-evaluation cached before the bench kept them has none: delete its
-``eval_*.json`` and re-run the same bench command to score it again), checks
+``sasrec``). It reads the per-user target ranks kept beside each evaluation
+(``OUT/eval_MODEL{_valid}{_xh}{_beamW}.ranks.npz``, :mod:`plumrec.pipeline.report`;
+an evaluation cached without them has none: delete its ``eval_*.json`` and
+re-run the same command to score it again), checks
 that both runs scored the same targets, and prints Recall@K and NDCG@K of
 each, B - A, and the standard error of B - A paired over users
-(:func:`plum.retrieval.paired_difference`). Two runs on the same users are
+(:func:`plumrec.metrics.paired_difference`). Two runs on the same users are
 strongly correlated, so that error is about half the unpaired one: on
 Beauty's 22,363 validation users ~0.0009 for a Recall@10 difference, against
 ~0.002 for either Recall@10. ``|z| >= 2`` is the usual bar for a real
@@ -20,16 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench's file naming
-
-from bench_retrieval import beam_tag, ranks_path, split_tag  # noqa: E402
-from plum.retrieval.metrics import paired_difference, per_user_metric  # noqa: E402
+from plumrec.metrics import paired_difference, per_user_metric
+from plumrec.pipeline.report import beam_tag, ranks_path, split_tag
 
 MODELS = ("plum", "sft_only", "sasrec")
 
@@ -38,9 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("a", help="baseline run: OUT or OUT:MODEL (MODEL: plum, sft_only, sasrec; default plum)")
     p.add_argument("b", help="run compared with it: OUT or OUT:MODEL")
-    p.add_argument("--split", choices=("test", "valid"), default="test", help="the bench's --split of both runs")
-    p.add_argument("--exclude-history", action="store_true", help="the bench's --exclude-history of both runs")
-    p.add_argument("--beam-width", type=int, default=20, help="the bench's --beam-width (PLUM models only)")
+    p.add_argument("--split", choices=("test", "valid"), default="test", help="--split of both runs")
+    p.add_argument("--exclude-history", action="store_true", help="--exclude-history of both runs")
+    p.add_argument("--beam-width", type=int, default=20, help="--beam-width of both runs (PLUM models only)")
     p.add_argument("--ks", default="5,10", help="cut-offs to compare (each <= the K the ranks were kept at, 10)")
     p.add_argument("--json", default=None, help="also write the comparison to this JSON file")
     a = p.parse_args(argv)
@@ -62,18 +58,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def ranks_file(out: Path, model: str, split: str, exclude_history: bool, beam_width: int) -> Path:
-    """The bench's ranks file of ``model`` in ``out`` (its naming: split, protocol, beam width)."""
+    """The ranks file of ``model`` in ``out`` (named by split, protocol and beam width)."""
     beam = "" if model == "sasrec" else beam_tag(beam_width)
     return ranks_path(out / f"eval_{model}{split_tag(split, exclude_history)}{beam}.json")
 
 
 def load_ranks(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(ranks, targets, k)`` of a bench ranks file (ranks kept within the top ``k``)."""
+    """``(ranks, targets, k)`` of a ranks file (ranks kept within the top ``k``)."""
     if not path.exists():
         raise SystemExit(
-            f"{path} does not exist: run bench_retrieval.py with that OUT, split and protocol first (an evaluation "
-            f"cached before the bench kept per-user ranks has none: delete {path.name.replace('.ranks.npz', '.json')} "
-            "and re-run the same command)")
+            f"{path} does not exist: run `plum run` (or bench_retrieval.py) with that OUT, split and protocol first "
+            f"(an evaluation cached without per-user ranks has none: delete "
+            f"{path.name.replace('.ranks.npz', '.json')} and re-run the same command)")
     with np.load(path) as z:
         return z["ranks"], z["targets"], int(z["k"])
 

@@ -128,6 +128,17 @@ void dispatch_int_dtype(char kind, int size, F&& f) {
   }
 }
 
+// Throws ValueError unless integer array `a` is in the machine's byte order (the
+// readers below take its bytes as native integers).
+void require_native_order(const py::array& a, const char* name) {
+  const uint16_t one = 1;
+  const char native = *reinterpret_cast<const char*>(&one) == 1 ? '<' : '>';
+  const char order = a.dtype().byteorder();
+  if (order != '=' && order != '|' && order != native)
+    throw std::invalid_argument(std::string(name) + " is not in native byte order: convert it with "
+                                "astype(dtype.newbyteorder('='))");
+}
+
 // ValueError naming the array, row, level and the codebook it falls outside.
 [[noreturn]] void throw_bad_code(const char* name, const BadCode& bad, const std::vector<int64_t>& sizes) {
   std::ostringstream os;
@@ -431,6 +442,7 @@ py::dict build(const py::array& codes, const std::vector<int64_t>& codebook_size
   if (codes.ndim() != 2) throw std::invalid_argument("codes must be 2-D [N, L]");
   const char kind = codes.dtype().kind();
   if (kind != 'i' && kind != 'u') throw py::type_error("codes must have an integer dtype");
+  require_native_order(codes, "codes");
   if (codes.shape(0) >= (int64_t(1) << 32) - 1)
     throw std::invalid_argument("codes: at most 2**32 - 2 rows are supported");
   Layout lay(codebook_sizes);
@@ -451,7 +463,20 @@ struct TrieView {
   inline int64_t token(int64_t e) const { return tok16 ? tok16[e] : tok32[e]; }
 };
 
+// Checks the dtypes, contiguity and lengths of the three arrays a walk reads
+// (their values are checked by SIDTrie.load; step() bounds every read).
 TrieView make_view(const py::array& child_ptr, const py::array& child_token, const py::array& edge_word) {
+  auto check = [](const py::array& a, const char* name, bool ok_dtype) {
+    if (a.ndim() != 1 || !ok_dtype || !(a.flags() & py::array::c_style))
+      throw std::invalid_argument(std::string(name) + " must be a 1-D contiguous array of the trie format's dtype");
+    require_native_order(a, name);
+  };
+  check(child_ptr, "child_ptr", child_ptr.dtype().is(py::dtype::of<int64_t>()));
+  check(child_token, "child_token", child_token.dtype().is(py::dtype::of<int16_t>()) ||
+                                        child_token.dtype().is(py::dtype::of<int32_t>()));
+  check(edge_word, "edge_word", edge_word.dtype().is(py::dtype::of<int32_t>()));
+  if (child_ptr.shape(0) < 1 || child_token.shape(0) != edge_word.shape(0))
+    throw std::invalid_argument("child_ptr must be non-empty and child_token as long as edge_word");
   TrieView v;
   v.child_ptr = static_cast<const int64_t*>(child_ptr.data());
   const bool narrow = child_token.dtype().itemsize() == 2;
@@ -463,27 +488,35 @@ TrieView make_view(const py::array& child_ptr, const py::array& child_token, con
   return v;
 }
 
-// One step from `state` at depth `level` along `code`; -1 when absent.
+constexpr int64_t kDamaged = -2;
+
+// One step from `state` at depth `level` along `code`; -1 when absent,
+// kDamaged when a pointer leads outside the arrays (nothing out of range is read).
 inline int64_t step(const TrieView& t, const Layout& lay, int64_t state, int level, int64_t code) {
   if (state < t.num_internal) {
     int64_t lo = t.child_ptr[state], hi = t.child_ptr[state + 1];
+    if (lo < 0 || lo > hi || hi > t.num_edges) return kDamaged;
+    const int64_t end = hi;
     while (lo < hi) {  // lower bound on the sorted tokens
       int64_t mid = (lo + hi) >> 1;
       if (t.token(mid) < code) lo = mid + 1; else hi = mid;
     }
-    if (lo == t.child_ptr[state + 1] || t.token(lo) != code) return -1;
+    if (lo == end || t.token(lo) != code) return -1;
     int32_t w = t.edge_word[lo];
+    if (w < 0 && ~w >= t.num_internal) return kDamaged;
     return w < 0 ? static_cast<int64_t>(~w) : t.num_internal + lo;
   }
   const int64_t e = state - t.num_internal;
+  if (e >= t.num_edges || lay.shift[level] > 31) return kDamaged;  // chains hold 31 bits
   const int64_t c = (static_cast<int64_t>(t.edge_word[e]) >> lay.shift[level]) & ((int64_t(1) << lay.bits[level]) - 1);
   return c == code ? state : -1;
 }
 
 template <class T>
 void walk_rows(const char* base, int64_t s0, int64_t s1, int64_t m, int depth, const TrieView& t,
-               const Layout& lay, int64_t* out, int threads, BadCode& bad) {
+               const Layout& lay, int64_t* out, int threads, BadCode& bad, int64_t& damaged_row) {
   std::vector<BadCode> bads(threads);
+  std::vector<int64_t> damaged(threads, -1);
   parallel_chunks(threads, m, [&](int tid, int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       int64_t s = 0;
@@ -496,12 +529,18 @@ void walk_rows(const char* base, int64_t s0, int64_t s1, int64_t m, int depth, c
           break;
         }
         if (s >= 0) s = step(t, lay, s, l, static_cast<int64_t>(v));
+        if (s == kDamaged) {
+          if (damaged[tid] < 0) damaged[tid] = r;
+          s = -1;
+        }
       }
       out[r] = s;
     }
   });
   for (auto& x : bads)
     if (x.row >= 0 && (bad.row < 0 || x.row < bad.row)) bad = x;
+  for (int64_t d : damaged)
+    if (d >= 0 && (damaged_row < 0 || d < damaged_row)) damaged_row = d;
 }
 
 py::array_t<int64_t> walk(const py::array& prefixes, const std::vector<int64_t>& codebook_sizes,
@@ -510,6 +549,7 @@ py::array_t<int64_t> walk(const py::array& prefixes, const std::vector<int64_t>&
   if (prefixes.ndim() != 2) throw std::invalid_argument("prefixes must be 2-D [M, l]");
   const char kind = prefixes.dtype().kind();
   if (kind != 'i' && kind != 'u') throw py::type_error("prefixes must have an integer dtype");
+  require_native_order(prefixes, "prefixes");
   Layout lay(codebook_sizes);
   const int64_t m = prefixes.shape(0);
   const int depth = static_cast<int>(prefixes.shape(1));
@@ -518,6 +558,7 @@ py::array_t<int64_t> walk(const py::array& prefixes, const std::vector<int64_t>&
   int64_t* o = out.mutable_data();
   TrieView t = make_view(child_ptr, child_token, edge_word);
   BadCode bad;
+  int64_t damaged_row = -1;
   {
     const char* base = static_cast<const char*>(prefixes.data());
     const int64_t s0 = prefixes.strides(0), s1 = prefixes.strides(1);
@@ -525,10 +566,13 @@ py::array_t<int64_t> walk(const py::array& prefixes, const std::vector<int64_t>&
     const int threads = resolve_threads(num_threads, m * 4);
     py::gil_scoped_release nogil;
     dispatch_int_dtype(kind, size, [&](auto tag) {
-      walk_rows<decltype(tag)>(base, s0, s1, m, depth, t, lay, o, threads, bad);
+      walk_rows<decltype(tag)>(base, s0, s1, m, depth, t, lay, o, threads, bad, damaged_row);
     });
   }
   if (bad.row >= 0) throw_bad_code("prefixes", bad, lay.sizes);
+  if (damaged_row >= 0)
+    throw std::invalid_argument("the trie is damaged: walking prefixes[" + std::to_string(damaged_row) +
+                                "] leads outside child_ptr / edge_word (SIDTrie.load checks files)");
   return out;
 }
 

@@ -2,9 +2,9 @@
 
 Import the framework you use; neither imports the other:
 
-- ``kernels.torch``: PyTorch ops (Triton on CUDA, torch reference elsewhere),
+- ``plum_kernels.torch``: PyTorch ops (Triton on CUDA, torch reference elsewhere),
   registered with ``torch.library``.
-- ``kernels.jax``: JAX ops (Pallas on TPU, jnp reference elsewhere), with
+- ``plum_kernels.jax``: JAX ops (Pallas on TPU, jnp reference elsewhere), with
   ``jax.custom_vjp``.
 
 Every public op takes ``impl=None | "reference" | "triton"`` (torch) or

@@ -4,7 +4,7 @@ Each op family keeps its dispatch and ``jax.custom_vjp`` wrappers next to its
 kernels (``kernels/<family>/ops_jax.py``); this module is the one public
 namespace users import::
 
-    import kernels.jax as KJ
+    import plum_kernels.jax as KJ
     out = KJ.history_attention(q, k, v, cu_seqlens, max_seqlen)
 
 ``impl=None`` picks the Pallas TPU kernel when the default backend is a TPU and
@@ -14,16 +14,32 @@ not a TPU; ``interpret=False`` forces the TPU lowering.
 """
 from __future__ import annotations
 
-from kernels.attention.ops_jax import beam_decode_attention, history_attention
-from kernels.beam.ops_jax import BeamStep, children_bounds, constrained_beam_search, constrained_beam_step
-from kernels.moe.ops_jax import (MoEOutput, RouteOutput, grouped_matmul, moe_mlp, moe_permute, moe_route,
-                                 moe_unpermute)
+from plum_kernels.attention.ops_jax import beam_decode_attention, history_attention
+from plum_kernels.beam.ops_jax import (
+    BeamStep,
+    TrieAggregate,
+    children_bounds,
+    constrained_beam_search,
+    constrained_beam_step,
+    trie_aggregate,
+)
+from plum_kernels.moe.ops_jax import (
+                                 MoEOutput,
+                                 RouteOutput,
+                                 grouped_matmul,
+                                 moe_mlp,
+                                 moe_permute,
+                                 moe_route,
+                                 moe_unpermute,
+)
 
 __all__ = [
-    # attention (contracts 1-2)
+    # attention (docs/design.md, 'history_attention', 'beam_decode_attention')
     "history_attention", "beam_decode_attention",
-    # MoE (contract 3)
+    # MoE (docs/design.md, 'moe_route' .. 'moe_mlp')
     "moe_route", "moe_permute", "moe_unpermute", "grouped_matmul", "moe_mlp", "RouteOutput", "MoEOutput",
-    # constrained beam search (contracts 4-5)
+    # constrained beam search and the trie's exploration bias (docs/design.md, 'constrained_beam_step',
+    # 'constrained_beam_search', 'trie_aggregate')
     "constrained_beam_step", "constrained_beam_search", "BeamStep", "children_bounds",
+    "trie_aggregate", "TrieAggregate",
 ]

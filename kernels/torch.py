@@ -4,7 +4,7 @@ Each op family keeps its dispatch and ``torch.library`` registration next to
 its kernels (``kernels/<family>/ops_torch.py``); this module is the one public
 namespace users import::
 
-    import kernels.torch as K
+    import plum_kernels.torch as K
     out = K.history_attention(q, k, v, cu_seqlens, max_seqlen)
 
 ``impl=None`` picks Triton for CUDA tensors and the torch reference
@@ -15,16 +15,33 @@ reference.
 """
 from __future__ import annotations
 
-from kernels.attention.ops_torch import beam_decode_attention, history_attention
-from kernels.beam.ops_torch import BeamStep, constrained_beam_search, constrained_beam_step
-from kernels.moe.ops_torch import (MoEOutput, RouteOutput, grouped_matmul, moe_mlp, moe_permute, moe_route,
-                                   moe_unpermute)
+from plum_kernels._autotune import set_autotune
+from plum_kernels.attention.ops_torch import beam_decode_attention, history_attention
+from plum_kernels.beam.ops_torch import (
+    BeamStep,
+    TrieAggregate,
+    constrained_beam_search,
+    constrained_beam_step,
+    trie_aggregate,
+)
+from plum_kernels.moe.ops_torch import (
+                                   MoEOutput,
+                                   RouteOutput,
+                                   grouped_matmul,
+                                   moe_mlp,
+                                   moe_permute,
+                                   moe_route,
+                                   moe_unpermute,
+)
 
 __all__ = [
-    # attention (contracts 1-2)
+    # attention (docs/design.md, 'history_attention', 'beam_decode_attention')
     "history_attention", "beam_decode_attention",
-    # MoE (contract 3)
+    # MoE (docs/design.md, 'moe_route' .. 'moe_mlp')
     "moe_route", "moe_permute", "moe_unpermute", "grouped_matmul", "moe_mlp", "RouteOutput", "MoEOutput",
-    # constrained beam search (contracts 4-5)
-    "constrained_beam_step", "constrained_beam_search", "BeamStep",
+    # constrained beam search and the trie's exploration bias (docs/design.md, 'constrained_beam_step',
+    # 'constrained_beam_search', 'trie_aggregate')
+    "constrained_beam_step", "constrained_beam_search", "BeamStep", "trie_aggregate", "TrieAggregate",
+    # autotuning of the Triton kernels on a GPU (on by default)
+    "set_autotune",
 ]

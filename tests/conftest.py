@@ -18,7 +18,6 @@ import random
 
 import numpy as np
 import pytest
-
 import torch  # noqa: E402  (does not import triton)
 
 HAS_CUDA = torch.cuda.is_available()
@@ -60,6 +59,36 @@ def _seed_everything():
     np.random.seed(SEED % (2**32))
     torch.manual_seed(SEED)
     yield
+
+
+@pytest.fixture
+def last_config_wins(monkeypatch):
+    """Run the GPU launch path (``triton.autotune`` over each space) on the
+    CPU: autotuning on for every device, fresh tuners, and a fake timer under
+    which each tuning key's configs, timed in order, get decreasing times, so
+    the *last* config of every space wins (the interesting case: not the
+    default). Yields ``plum_kernels._autotune`` (its ``chosen_configs()``)."""
+    import itertools
+
+    import triton
+
+    from plum_kernels import _autotune
+
+    real = triton.autotune
+
+    def autotune(configs, key, **kw):
+        times = itertools.cycle(range(len(configs), 0, -1))
+
+        def fake_bench(kernel_call, quantiles):
+            kernel_call()
+            t = float(next(times))
+            return [t, t, t]
+        return real(configs=configs, key=key, do_bench=fake_bench, **kw)
+
+    monkeypatch.setattr(_autotune, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(_autotune, "_tuners", {})
+    monkeypatch.setattr(triton, "autotune", autotune)
+    yield _autotune
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,8 +1,8 @@
-"""The four kernel paths work in CI: the Triton interpreter, Triton AOT for
-Hopper, Pallas TPU interpret mode and Pallas TPU lowering.
-
-These tiny kernels exist only to prove the toolchain; remove them once real
-kernels have tests of their own on all four paths.
+"""The tools behind the kernel tests work and catch what they are for: the
+Triton interpreter runs a kernel; the ahead-of-time Hopper build of a recorded
+launch (``compile_checks``) specialises like Triton's run time, finds wgmma
+in a matrix kernel and register spills in a kernel that spills; Pallas TPU
+interpret mode runs a kernel and the TPU lowering refuses a bad block shape.
 """
 import functools
 
@@ -11,8 +11,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
-from compile_checks import HOPPER_SMEM_LIMIT, compile_for_hopper, compile_in_clean_process, lower_for_tpu
+from compile_checks import check_facts, compile_in_clean_process, lower_for_tpu
 
 
 @triton.jit
@@ -25,11 +24,15 @@ def _scaled_add_kernel(x_ptr, y_ptr, out_ptr, n, alpha, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tiny_matmul_kernel(a_ptr, b_ptr, c_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One ``[BM, BN]`` tile of ``a [BM, K] @ b [K, BN]``."""
     rm, rn, rk = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BK)
-    a = tl.load(a_ptr + rm[:, None] * BK + rk[None, :])
-    b = tl.load(b_ptr + rk[:, None] * BN + rn[None, :])
-    tl.store(c_ptr + rm[:, None] * BN + rn[None, :], tl.dot(a, b))
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        a = tl.load(a_ptr + rm[:, None] * K + (k0 + rk)[None, :])
+        b = tl.load(b_ptr + (k0 + rk)[:, None] * BN + rn[None, :])
+        acc = tl.dot(a, b, acc)
+    tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
 
 
 def test_triton_interpreter_runs_kernel():
@@ -41,21 +44,36 @@ def test_triton_interpreter_runs_kernel():
 
 
 def _hopper_builds() -> dict:
-    """Runs in a clean process (``compile_in_clean_process``)."""
-    add = compile_for_hopper(_scaled_add_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32",
-                                                   "n": "i32", "alpha": "fp32"}, {"BLOCK": 1024})
-    mm = compile_for_hopper(_tiny_matmul_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32"},
-                            {"BM": 128, "BN": 128, "BK": 64}, num_warps=4)
-    return {name: {"shared": b.shared, "wgmma": b.uses_wgmma, "sm90": ".target sm_90" in b.ptx}
-            for name, b in (("add", add), ("matmul", mm))}
+    """Runs in a clean process (``compile_in_clean_process``): launches recorded
+    from CPU tensors, compiled for sm_90."""
+    from compile_checks import captured_launches, compile_launch
+
+    x = torch.randn(4096)
+    a, b = torch.randn(128, 256).bfloat16(), torch.randn(256, 128).bfloat16()
+    with captured_launches() as launches:
+        for n in (1000, 1024):   # n % 16 == 0 is specialised (divisibility) at run time, as on a GPU
+            _scaled_add_kernel[(4,)](x, x, x, n, 0.5, BLOCK=1024)
+        _matmul_kernel[(1,)](a, b, torch.empty(128, 128), 256, BM=128, BN=128, BK=64, num_warps=4)
+        _matmul_kernel[(1,)](a.float(), b.float(), torch.empty(128, 128), 256, BM=128, BN=128, BK=64,
+                             num_warps=4)
+    builds = {"add_n1000": compile_launch(launches[0]), "add_n1024": compile_launch(launches[1]),
+              "matmul_bf16": compile_launch(launches[2]),
+              # 256 x 256 float32 accumulator over 4 warps: 512 values a thread, more than 255 registers
+              "matmul_fp32_spills": compile_launch(launches[3], BM=256, BN=256, BK=32)}
+    return {name: b.facts() for name, b in builds.items()}
 
 
-def test_triton_aot_for_hopper():
-    builds = compile_in_clean_process("test_toolchain", "_hopper_builds")
-    for b in builds.values():
-        assert b["sm90"] and b["shared"] <= HOPPER_SMEM_LIMIT
-    assert builds["matmul"]["wgmma"] and builds["matmul"]["shared"] > 0
-    assert not builds["add"]["wgmma"]
+def test_aot_build_of_a_recorded_launch():
+    builds = compile_in_clean_process(__file__, "_hopper_builds")
+    assert builds["add_n1000"]["divisible"] == ["x_ptr", "y_ptr", "out_ptr"]
+    assert builds["add_n1024"]["divisible"] == ["x_ptr", "y_ptr", "out_ptr", "n"]
+    check_facts("add_n1000", builds["add_n1000"], tensor_cores=False)
+    check_facts("matmul_bf16", builds["matmul_bf16"], tensor_cores=True)
+    assert not builds["add_n1000"]["wgmma"]
+    assert builds["matmul_bf16"]["shared"] > 0
+    assert builds["matmul_fp32_spills"]["stack"] > 0
+    with pytest.raises(AssertionError, match="spills"):
+        check_facts("matmul_fp32_spills", builds["matmul_fp32_spills"], tensor_cores=False)
 
 
 def _pallas_scaled_add(x, y, *, interpret, block=(8, 128)):

@@ -1,8 +1,9 @@
 """attention op family: reference, Triton and Pallas TPU implementations.
 
-Public entry points: ``kernels.torch.history_attention`` /
-``beam_decode_attention`` and ``kernels.jax.history_attention`` /
-``beam_decode_attention`` (contracts 1 and 2 of DESIGN.md).
+Public entry points: ``plum_kernels.torch.history_attention`` /
+``beam_decode_attention`` and ``plum_kernels.jax.history_attention`` /
+``beam_decode_attention`` (docs/design.md, 'history_attention' and
+'beam_decode_attention').
 
 Files:
 

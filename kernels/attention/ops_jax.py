@@ -1,6 +1,6 @@
 """JAX ops of the attention family: validation and dispatch.
 
-Public functions (re-exported by ``kernels.jax``):
+Public functions (re-exported by ``plum_kernels.jax``):
 
 - ``history_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True,
   scale=None, return_lse=False, impl=None, interpret=None)``
@@ -13,9 +13,15 @@ Public functions (re-exported by ``kernels.jax``):
 kernels). ``interpret=None`` runs TPU interpret mode exactly when the default
 backend is not a TPU.
 
-Value checks on ``cu_seqlens`` / ``prefix_lens`` run when the arrays are
-concrete (eager calls); under ``jax.jit`` they are traced and only shapes and
-dtypes are checked.
+Argument checks are ``checks.py``'s, shared with the torch ops (same errors).
+Value checks on ``cu_seqlens`` / ``prefix_lens`` raise when the arrays are
+concrete (eager calls). Under ``jax.jit`` the values are traced and cannot
+raise; the ops then guarantee a defined result instead, as ``jnp`` does for
+invalid input: invalid ``cu_seqlens`` (not starting at 0, decreasing, not
+ending at T, or a sequence longer than ``max_seqlen``) make the whole output
+and log-sum-exp NaN; a user whose ``prefix_lens`` is outside ``[0, S]`` (or 0
+with ``suffix_len`` 0) gets NaN rows. The kernels never address memory outside
+their arrays whatever the values.
 """
 from __future__ import annotations
 
@@ -25,16 +31,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels._dispatch import resolve_interpret, resolve_jax_impl
-from kernels.attention.pallas import BlockSizes, heads_first, history_attention_fwd_padded, pack
-from kernels.attention.pallas_bwd import history_attention_bwd_padded
-from kernels.attention.pallas_decode import beam_decode_attention_pallas
-from kernels.attention.reference_jax import beam_decode_attention_reference, history_attention_reference
-from kernels.attention.checks import resolve_scale
+from plum_kernels._checks import describe
+from plum_kernels._dispatch import resolve_interpret, resolve_jax_impl
+from plum_kernels.attention.checks import (
+    check_cu_seqlens_values,
+    check_decode,
+    check_history,
+    check_prefix_lens_values,
+    resolve_scale,
+)
+from plum_kernels.attention.pallas import BlockSizes, heads_first, history_attention_fwd_padded, pack
+from plum_kernels.attention.pallas_bwd import history_attention_bwd_padded
+from plum_kernels.attention.pallas_decode import beam_decode_attention_pallas
+from plum_kernels.attention.reference_jax import beam_decode_attention_reference, history_attention_reference
 
 __all__ = ["history_attention", "beam_decode_attention"]
-
-_FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 
 
 def _concrete(x) -> np.ndarray | None:
@@ -44,21 +55,10 @@ def _concrete(x) -> np.ndarray | None:
         return None
 
 
-def _check_rank(name, x, ndim, doc):
-    if not hasattr(x, "shape") or len(x.shape) != ndim:
-        raise ValueError(f"{name} must have shape {doc} ({ndim} dims), got {getattr(x, 'shape', type(x).__name__)}")
-
-
-def _check_dtypes(named):
-    (n0, x0), *rest = named.items()
-    if x0.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{n0} must be bfloat16, float16, float32 or float64, got {x0.dtype}")
-    for n, x in rest:
-        if x.dtype != x0.dtype:
-            raise TypeError(f"{n} must have the dtype of {n0} ({x0.dtype}), got {x.dtype}")
-
-
-_KERNEL_HEAD_DIMS = (64, 128)
+def _cu_seqlens_ok(cu, total: int, max_seqlen: int):
+    """Traced scalar: ``cu_seqlens`` satisfies the contract (see ``check_cu_seqlens_values``)."""
+    lens = jnp.diff(cu)
+    return (cu[0] == 0) & (cu[-1] == total) & jnp.all(lens >= 0) & (jnp.max(lens) <= max_seqlen)
 
 
 def _resolve(impl, interpret):
@@ -110,7 +110,8 @@ _history_attention_pallas.defvjp(_pallas_vjp_fwd, _pallas_vjp_bwd)
 def history_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = True, scale: float | None = None,
                       return_lse: bool = False, impl: str | None = None, interpret: bool | None = None,
                       block_sizes: BlockSizes | None = None):
-    """Packed jagged attention (contract of ``kernels.torch.history_attention``).
+    """Packed jagged attention, the contract of ``plum_kernels.torch.history_attention``
+    (docs/design.md, 'history_attention').
 
     q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (same dtype), cu_seqlens int32
     ``[B+1]`` (0, non-decreasing, ends at T). Returns ``out [T, Hq, D]`` or
@@ -118,81 +119,48 @@ def history_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = Tr
     and bf16/fp16/fp32; ``block_sizes`` overrides its tiles.
     """
     impl, interpret = _resolve(impl, interpret)
-    _check_rank("q", q, 3, "[T, Hq, D]")
-    _check_rank("k", k, 3, "[T, Hkv, D]")
-    _check_rank("v", v, 3, "[T, Hkv, D]")
-    _check_dtypes({"q": q, "k": k, "v": v})
-    T, Hq, D = q.shape
-    if k.shape != v.shape or k.shape[0] != T or k.shape[2] != D:
-        raise ValueError(f"k and v must have shape [T={T}, Hkv, D={D}], got {k.shape} and {v.shape}")
-    if k.shape[1] == 0 or Hq % k.shape[1]:
-        raise ValueError(f"Hq ({Hq}) must be a positive multiple of Hkv ({k.shape[1]})")
-    _check_rank("cu_seqlens", cu_seqlens, 1, "[B+1]")
-    if cu_seqlens.dtype != jnp.int32:
-        raise TypeError(f"cu_seqlens must be int32 [B+1], got {cu_seqlens.dtype}")
-    if cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must have shape [B+1] with B >= 1, got {cu_seqlens.shape}")
+    check_history(describe("q", q, "[T, Hq, D]"), describe("k", k, "[T, Hkv, D]"), describe("v", v, "[T, Hkv, D]"),
+                  describe("cu_seqlens", cu_seqlens, "[B+1]"), max_seqlen, impl)
+    T, D = q.shape[0], q.shape[2]
     cu = _concrete(cu_seqlens)
     if cu is not None:
-        lens = np.diff(cu)
-        if cu[0] != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {cu[0]}")
-        if (lens < 0).any():
-            raise ValueError("cu_seqlens must be non-decreasing")
-        if cu[-1] != T:
-            raise ValueError(f"cu_seqlens must end at T = {T} (tokens in q), got cu_seqlens[-1] = {cu[-1]}")
-        if lens.max() > max_seqlen:
-            raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence ({lens.max()})")
+        check_cu_seqlens_values(cu.tolist(), T, int(max_seqlen))
     if impl == "pallas":
-        if D not in _KERNEL_HEAD_DIMS:
-            raise ValueError(f"head dim D must be one of {_KERNEL_HEAD_DIMS} for impl='pallas', got {D}")
-        if q.dtype == jnp.float64:
-            raise TypeError("q must be bfloat16, float16 or float32 for impl='pallas', got float64")
         out, lse = _history_attention_pallas(q, k, v, cu_seqlens, bool(causal), resolve_scale(scale, D),
                                              block_sizes or BlockSizes(), interpret)
     else:
         out, lse = history_attention_reference(q, k, v, cu_seqlens, causal=causal, scale=resolve_scale(scale, D))
+    if cu is None:  # traced: a defined result (NaN) for invalid cu_seqlens
+        ok = _cu_seqlens_ok(cu_seqlens, T, int(max_seqlen))
+        out, lse = jnp.where(ok, out, jnp.nan).astype(out.dtype), jnp.where(ok, lse, jnp.nan)
     return (out, lse) if return_lse else out
 
 
 def beam_decode_attention(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, suffix_len: int, *,
                           scale: float | None = None, impl: str | None = None, interpret: bool | None = None,
                           block_sizes: BlockSizes | None = None):
-    """Beam decoding over a shared prefix (contract of
-    ``kernels.torch.beam_decode_attention``). Returns ``[B, W, Hq, D]``.
+    """Beam decoding over a shared prefix, the contract of
+    ``plum_kernels.torch.beam_decode_attention`` (docs/design.md,
+    'beam_decode_attention'). Returns ``[B, W, Hq, D]``.
     Forward only. ``impl="pallas"``: the prefix pass is a Pallas kernel that
     reads each user's prefix once for all beams (pallas_decode.py)."""
     impl, interpret = _resolve(impl, interpret)
-    _check_rank("q", q, 4, "[B, W, Hq, D]")
-    _check_rank("k_prefix", k_prefix, 4, "[B, S, Hkv, D]")
-    _check_rank("v_prefix", v_prefix, 4, "[B, S, Hkv, D]")
-    _check_rank("k_suffix", k_suffix, 5, "[B, W, s, Hkv, D]")
-    _check_rank("v_suffix", v_suffix, 5, "[B, W, s, Hkv, D]")
-    _check_dtypes({"q": q, "k_prefix": k_prefix, "v_prefix": v_prefix, "k_suffix": k_suffix, "v_suffix": v_suffix})
-    B, W, Hq, D = q.shape
-    if k_prefix.shape != v_prefix.shape or k_prefix.shape[0] != B or k_prefix.shape[3] != D:
-        raise ValueError(f"k_prefix and v_prefix must have shape [B={B}, S, Hkv, D={D}]")
-    S, Hkv = k_prefix.shape[1], k_prefix.shape[2]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"Hq ({Hq}) must be a positive multiple of Hkv ({Hkv})")
-    if tuple(k_suffix.shape) != (B, W, k_suffix.shape[2], Hkv, D) or k_suffix.shape != v_suffix.shape:
-        raise ValueError(f"k_suffix and v_suffix must have shape [B={B}, W={W}, s, Hkv={Hkv}, D={D}]")
-    _check_rank("prefix_lens", prefix_lens, 1, "[B]")
-    if prefix_lens.dtype != jnp.int32 or prefix_lens.shape[0] != B:
-        raise TypeError(f"prefix_lens must be int32 [B={B}], got {prefix_lens.dtype} {prefix_lens.shape}")
-    if not isinstance(suffix_len, int) or isinstance(suffix_len, bool) or not 0 <= suffix_len <= k_suffix.shape[2]:
-        raise ValueError(f"suffix_len must be an int in [0, s={k_suffix.shape[2]}], got {suffix_len!r}")
-    pl_ = _concrete(prefix_lens)
-    if pl_ is not None:
-        if ((pl_ < 0) | (pl_ > S)).any():
-            raise ValueError(f"prefix_lens must lie in [0, S={S}]")
-        if suffix_len == 0 and (pl_ == 0).any():
-            raise ValueError("every beam needs at least one key: prefix_lens has a 0 and suffix_len is 0")
+    check_decode(describe("q", q, "[B, W, Hq, D]"), describe("k_prefix", k_prefix, "[B, S, Hkv, D]"),
+                 describe("v_prefix", v_prefix, "[B, S, Hkv, D]"), describe("prefix_lens", prefix_lens, "[B]"),
+                 describe("k_suffix", k_suffix, "[B, W, s, Hkv, D]"),
+                 describe("v_suffix", v_suffix, "[B, W, s, Hkv, D]"), suffix_len, impl)
+    D, S = q.shape[3], k_prefix.shape[1]
+    plens = _concrete(prefix_lens)
+    if plens is not None:
+        check_prefix_lens_values(plens.tolist(), S, int(suffix_len))
     if impl == "pallas":
-        if D not in _KERNEL_HEAD_DIMS:
-            raise ValueError(f"head dim D must be one of {_KERNEL_HEAD_DIMS} for impl='pallas', got {D}")
-        return beam_decode_attention_pallas(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, suffix_len,
-                                            scale=resolve_scale(scale, D), blocks=block_sizes or BlockSizes(),
-                                            interpret=interpret)
-    return beam_decode_attention_reference(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, suffix_len,
-                                           scale=resolve_scale(scale, D))
+        out = beam_decode_attention_pallas(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, int(suffix_len),
+                                           scale=resolve_scale(scale, D), blocks=block_sizes or BlockSizes(),
+                                           interpret=interpret)
+    else:
+        out = beam_decode_attention_reference(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix,
+                                              int(suffix_len), scale=resolve_scale(scale, D))
+    if plens is None:  # traced: NaN rows for the users whose prefix length is invalid
+        bad = (prefix_lens < 0) | (prefix_lens > S) | ((prefix_lens == 0) & (int(suffix_len) == 0))
+        out = jnp.where(bad[:, None, None, None], jnp.nan, out).astype(out.dtype)
+    return out

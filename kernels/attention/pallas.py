@@ -40,9 +40,10 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tiles of the Pallas attention kernels (multiples of 128). Defaults
-    follow splash attention's 128 x 128 minimum; not tuned on a TPU (none was
-    available for this work)."""
+    """Tiles of the Pallas attention kernels (multiples of 128). The defaults
+    are splash attention's 128 x 128 minimum, chosen by that rule rather than
+    by timing; ``tests/kernels/attention/test_ops_jax.py`` lowers the forward, dK/dV and
+    dQ kernels with them for TPU through Mosaic."""
 
     block_q: int = 128
     block_kv: int = 128
@@ -98,6 +99,12 @@ def pack(cu_seqlens: jax.Array, total_tokens: int, blocks: BlockSizes, causal: b
         q_start = jnp.maximum(q_start, pos[::bkv])
     q_end = cu_ext[k_last + 1]
     q_lo, q_hi = q_start // bq, (q_end - 1) // bq
+    # Block indices within the arrays whatever the values of cu_seqlens (the op
+    # checks them when concrete; traced, invalid ones must not make a kernel
+    # fetch a block outside q / k / v).
+    nq, nk = t_pad // bq, t_pad // bkv
+    kv_lo, kv_hi = jnp.clip(kv_lo, 0, nk - 1), jnp.clip(kv_hi, 0, nk - 1)
+    q_lo, q_hi = jnp.clip(q_lo, 0, nq - 1), jnp.clip(q_hi, 0, nq - 1)
     return Packed(t_pad, jnp.broadcast_to(seg[:, None], (t_pad, NUM_LANES)),
                   jnp.broadcast_to(seg[None, :], (NUM_SUBLANES, t_pad)),
                   kv_lo.astype(jnp.int32), kv_hi.astype(jnp.int32), q_lo.astype(jnp.int32), q_hi.astype(jnp.int32))

@@ -21,8 +21,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.attention.pallas import (NUM_LANES, NUM_SUBLANES, BlockSizes, Packed, compiler_params, dot_precision,
-                                      interpret_params, lane_broadcast)
+from plum_kernels.attention.pallas import (
+    NUM_LANES,
+    NUM_SUBLANES,
+    BlockSizes,
+    Packed,
+    compiler_params,
+    dot_precision,
+    interpret_params,
+    lane_broadcast,
+)
 
 _NT = (((1,), (1,)), ((), ()))   # a @ b^T
 _NN = (((1,), (0,)), ((), ()))   # a @ b

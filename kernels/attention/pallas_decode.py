@@ -26,8 +26,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.attention.pallas import (MASK_VALUE, NUM_LANES, BlockSizes, compiler_params, dot_precision,
-                                      interpret_params, lane_broadcast)
+from plum_kernels.attention.pallas import (
+    MASK_VALUE,
+    NUM_LANES,
+    BlockSizes,
+    compiler_params,
+    dot_precision,
+    interpret_params,
+    lane_broadcast,
+)
 
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
@@ -82,8 +89,8 @@ def prefix_attention(q_rows, k_prefix, v_prefix, prefix_lens, *, scale: float, b
         k_prefix, v_prefix = jnp.pad(k_prefix, pad), jnp.pad(v_prefix, pad)
     nk = s_pad // bkv
 
-    def last_live(b, plens):
-        return jnp.maximum(lax.div(plens[b] + (bkv - 1), bkv) - 1, 0)
+    def last_live(b, plens):  # clamped to the blocks that exist, whatever plens holds
+        return jnp.clip(lax.div(plens[b] + (bkv - 1), bkv) - 1, 0, nk - 1)
 
     if D % NUM_LANES == 0:
         k_in, v_in = (x.reshape(B, s_pad, Hkv * D) for x in (k_prefix, v_prefix))

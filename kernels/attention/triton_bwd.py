@@ -1,22 +1,32 @@
-"""Triton backward of ``history_attention`` (FlashAttention-2 style, deterministic).
+"""Triton backward of ``history_attention`` (FlashAttention-2 style).
 
 Three kernels, then the launcher:
 
 1. ``_bwd_preprocess_kernel``: ``delta[h, t] = sum_d dO[t, h, d] * O[t, h, d]
    - dLSE[h, t]`` (float32 ``[Hq, T]``; the ``dLSE`` term is the gradient
    flowing into the returned log-sum-exp, zero when it is not used).
-2. ``history_attention_bwd_dkdv_kernel``: one program owns BLOCK_N1 keys of one
+2. ``history_attention_bwd_dkdv_kernel``: one program owns BLOCK_N keys of one
    KV head and loops over the ``Hq / Hkv`` query heads of its group and over
    the query blocks that can see those keys (from the diagonal down when
    causal), accumulating dK and dV in registers: the GQA reduction happens
    inside the program, so dK/dV need no atomics.
-3. ``history_attention_bwd_dq_kernel``: one program owns BLOCK_M2 queries of one
+3. ``history_attention_bwd_dq_kernel``: one program owns BLOCK_M queries of one
    query head and loops over their keys like the forward, accumulating dQ.
 
-No atomics anywhere: the backward is deterministic (bitwise reproducible run
-to run). Products run as ``s^T = K Q^T`` in the dK/dV kernel so that its
-matrices have BLOCK_N1 (>= 64) rows, which is what Hopper's wgmma needs.
-Both loops use the flattened (sequence, block) schedule of ``triton_common``.
+Two ways to get dQ:
+
+- deterministic (the default): kernel 3, which recomputes ``Q K^T`` and
+  ``dO V^T`` for its blocks: 7 block products per (query block, key block)
+  pair, 4 in kernel 2 (``K Q^T``, ``P^T dO``, ``V dO^T``, ``dS^T Q``) and 3 in
+  kernel 3 (``Q K^T``, ``dO V^T``, ``dS K``); bitwise reproducible;
+- ``deterministic=False``: kernel 2 also forms ``dS K`` for each pair and adds
+  it into a float32 ``[T, Hq, D]`` buffer with atomics, and kernel 3 does not
+  run: 5 products per pair instead of 7, but the order of the float32
+  additions, hence the last bits of dQ, varies from run to run.
+
+Products run as ``s^T = K Q^T`` in the dK/dV kernel so that its matrices have
+BLOCK_N (>= 64) rows, which is what Hopper's wgmma needs. Both loops use the
+longest-first (sequence, block) schedule of ``triton_common``.
 """
 from __future__ import annotations
 
@@ -24,9 +34,22 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.triton_common import (BWD_CONFIGS, BwdConfig, block_schedule, config_key, find_block, mma,
-                                             needs_upcast)
-from kernels.attention.triton_fwd import LOG2E, input_precision
+from plum_kernels.attention.triton_common import (
+    DKDV_ATOMIC_SPACES,
+    DKDV_SPACES,
+    DQ_SPACES,
+    TileConfig,
+    config_key,
+    find_block,
+    launch,
+    mma,
+    needs_upcast,
+    num_programs,
+    schedule_buffers,
+    seq_bounds,
+    tune_bucket,
+)
+from plum_kernels.attention.triton_fwd import LOG2E, input_precision
 
 
 @triton.jit
@@ -48,10 +71,10 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, total_tokens, num_heads,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                offs_n, offs_d, lo, hi, seqlen, qk_scale,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, stride_dqt,
+                offs_n, offs_d, lo, hi, seqlen, qk_scale, sm_scale,
                 BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
@@ -75,27 +98,36 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
             pT = tl.where(keep, pT, 0.0)
         dv += mma(pT.to(do.dtype), do, INPUT_PRECISION, UPCAST)
         dpT = mma(v, tl.trans(do), INPUT_PRECISION, UPCAST)
-        dsT = pT * (dpT - delta[None, :])
-        dk += mma(dsT.to(qT.dtype), tl.trans(qT), INPUT_PRECISION, UPCAST)
+        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+        dk += mma(dsT, tl.trans(qT), INPUT_PRECISION, UPCAST)
+        if ATOMIC_DQ:
+            # dQ[m] += scale * sum_n dS[m, n] K[n]: this block pair's share, added in float32
+            dq = mma(tl.trans(dsT), k, INPUT_PRECISION, UPCAST) * sm_scale
+            dq_ptrs = dq_base + offs_m[:, None].to(tl.int64) * stride_dqt + offs_d[None, :]
+            if MASK:
+                tl.atomic_add(dq_ptrs, dq, mask=q_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "total_tokens", "tune_len"])
 def history_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, blk_cu, num_seqs, total_tokens,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, cu_seqlens, blk_cu, seq_order, num_seqs, total_tokens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    qk_scale, sm_scale,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+    qk_scale, sm_scale, tune_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
+    """dK, dV of BLOCK_N keys of one KV head (and, with ``ATOMIC_DQ``, their
+    share of dQ added into the float32 ``DQ_ACC [T, Hq, D]``)."""
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq, blk = find_block(blk_cu, pid, num_seqs)
+    seq, blk = find_block(blk_cu, seq_order, pid, num_seqs, False)
     if seq < 0:
         return
-    seq_start = tl.load(cu_seqlens + seq)
-    seqlen = tl.load(cu_seqlens + seq + 1) - seq_start
+    seq_start, seqlen = seq_bounds(cu_seqlens, seq, total_tokens)
     tok0 = seq_start.to(tl.int64)
     start_n = blk * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -126,15 +158,16 @@ def history_attention_bwd_dkdv_kernel(
         do_base = DO + tok0 * stride_dot + head * stride_doh
         lse_base = LSE + head.to(tl.int64) * total_tokens + seq_start
         delta_base = DELTA + head.to(tl.int64) * total_tokens + seq_start
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                             offs_n, offs_d, lo, a_hi, seqlen, qk_scale,
-                             BLOCK_M, CAUSAL, True, INPUT_PRECISION, UPCAST)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                             offs_n, offs_d, a_hi, b_hi, seqlen, qk_scale,
-                             BLOCK_M, CAUSAL, False, INPUT_PRECISION, UPCAST)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                             offs_n, offs_d, b_hi, seqlen, seqlen, qk_scale,
-                             BLOCK_M, CAUSAL, True, INPUT_PRECISION, UPCAST)
+        dq_base = DQ_ACC + tok0 * stride_dqt + head * stride_dqh
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
+                             stride_dqt, offs_n, offs_d, lo, a_hi, seqlen, qk_scale, sm_scale,
+                             BLOCK_M, CAUSAL, True, INPUT_PRECISION, UPCAST, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
+                             stride_dqt, offs_n, offs_d, a_hi, b_hi, seqlen, qk_scale, sm_scale,
+                             BLOCK_M, CAUSAL, False, INPUT_PRECISION, UPCAST, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
+                             stride_dqt, offs_n, offs_d, b_hi, seqlen, seqlen, qk_scale, sm_scale,
+                             BLOCK_M, CAUSAL, True, INPUT_PRECISION, UPCAST, ATOMIC_DQ)
 
     dk *= sm_scale
     tl.store(DK + tok0 * stride_dkt + kv_head * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -170,22 +203,21 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "total_tokens", "tune_len"])
 def history_attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, blk_cu, num_seqs, total_tokens,
+    Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, blk_cu, seq_order, num_seqs, total_tokens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
-    qk_scale, sm_scale,
+    qk_scale, sm_scale, tune_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1)
-    seq, blk = find_block(blk_cu, pid, num_seqs)
+    seq, blk = find_block(blk_cu, seq_order, pid, num_seqs, True)
     if seq < 0:
         return
-    seq_start = tl.load(cu_seqlens + seq)
-    seqlen = tl.load(cu_seqlens + seq + 1) - seq_start
+    seq_start, seqlen = seq_bounds(cu_seqlens, seq, total_tokens)
     tok0 = seq_start.to(tl.int64)
     kv_head = head // GROUP
     start_m = blk * BLOCK_M
@@ -219,16 +251,20 @@ def history_attention_bwd_dq_kernel(
 
 def history_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           out: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
-                          cu_seqlens: torch.Tensor, *, causal: bool, scale: float,
-                          config: BwdConfig | None = None,
+                          cu_seqlens: torch.Tensor, *, causal: bool, scale: float, max_seqlen: int | None = None,
+                          deterministic: bool = True, dkdv_config: TileConfig | None = None,
+                          dq_config: TileConfig | None = None,
                           grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward. ``lse`` is the forward's ``[Hq, T]`` float32
     log-sum-exp, ``dlse`` its incoming gradient or None. Returns
-    ``(dq, dk, dv)`` in the input dtype, written into ``grads`` when given."""
+    ``(dq, dk, dv)`` in the input dtype, written into ``grads`` when given.
+    ``deterministic=False`` accumulates dQ with float32 atomics in the dK/dV
+    kernel instead of running the dQ kernel (see the module docstring).
+    ``dkdv_config`` / ``dq_config`` fix the tiles (else autotuned on a GPU,
+    the defaults elsewhere)."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    cfg = config or BWD_CONFIGS[config_key(q)]
     dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     if T == 0:
         return dq, dk, dv
@@ -239,19 +275,34 @@ def history_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         out, do, dlse if dlse is not None else lse, delta, T, Hq,
         out.stride(0), out.stride(1), do.stride(0), do.stride(1),
         HEAD_DIM=D, BLOCK_T=block_t, HAS_DLSE=dlse is not None)
-    common = dict(GROUP=Hq // Hkv, HEAD_DIM=D, CAUSAL=bool(causal), INPUT_PRECISION=input_precision(q.dtype),
-                  UPCAST=needs_upcast(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    qk_scale = float(scale) * LOG2E
-    blk_cu, n_prog = block_schedule(cu_seqlens, T, cfg.block_n1)
-    history_attention_bwd_dkdv_kernel[(n_prog, Hkv)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, blk_cu, num_seqs, T,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), qk_scale, float(scale),
-        BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, **common)
-    blk_cu, n_prog = block_schedule(cu_seqlens, T, cfg.block_m2)
-    history_attention_bwd_dq_kernel[(n_prog, Hq)](
-        q, k, v, do, lse, delta, dq, cu_seqlens, blk_cu, num_seqs, T,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1), qk_scale, float(scale),
-        BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, **common)
+    key = config_key(q)
+    meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, CAUSAL=bool(causal), INPUT_PRECISION=input_precision(q.dtype),
+                UPCAST=needs_upcast(q))
+    tune_key = ("tune_len", "GROUP", "HEAD_DIM", "CAUSAL")
+    qk_scale, tune_len = float(scale) * LOG2E, tune_bucket(max_seqlen or T)
+    blk_cu, seq_order = schedule_buffers(cu_seqlens)
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if not deterministic else dk
+    launch(history_attention_bwd_dkdv_kernel,
+           name=f"history_attention_bwd_dkdv{key}{'' if deterministic else '-atomic'}",
+           space=(DKDV_SPACES if deterministic else DKDV_ATOMIC_SPACES)[key], config=dkdv_config,
+           schedule_on="BLOCK_N",
+           cu_seqlens=cu_seqlens,
+           grid=lambda block: (num_programs(T, num_seqs, block), Hkv),
+           args=(q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens, blk_cu, seq_order, num_seqs, T,
+                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
+                 do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0),
+                 dq_acc.stride(1), qk_scale, float(scale), tune_len),
+           meta=dict(meta, ATOMIC_DQ=not deterministic), tune_key=tune_key,
+           reset_to_zero=() if deterministic else ("DQ_ACC",))
+    if not deterministic:
+        dq.copy_(dq_acc)
+        return dq, dk, dv
+    launch(history_attention_bwd_dq_kernel, name=f"history_attention_bwd_dq{key}",
+           space=DQ_SPACES[key], config=dq_config, schedule_on="BLOCK_M",
+           cu_seqlens=cu_seqlens,
+           grid=lambda block: (num_programs(T, num_seqs, block), Hq),
+           args=(q, k, v, do, lse, delta, dq, cu_seqlens, blk_cu, seq_order, num_seqs, T,
+                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
+                 do.stride(1), dq.stride(0), dq.stride(1), qk_scale, float(scale), tune_len),
+           meta=meta, tune_key=tune_key)
     return dq, dk, dv

@@ -27,15 +27,20 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.triton_common import _check_block, mma, needs_upcast
-from kernels.attention.triton_fwd import LOG2E, input_precision
+from plum_kernels.attention.triton_common import _check_block, mma, needs_upcast
+from plum_kernels.attention.triton_fwd import LOG2E, input_precision
+from plum_kernels.hopper import compiled_blocks_per_sm
 
-# Programs to aim for when choosing num_splits (2 waves of an H100's 132 SMs).
-TARGET_PROGRAMS = 264
+# Multiprocessors assumed off-GPU (the interpreter): an H100 / H200's 132, one
+# block each; on a GPU the wave is read from the device and the compiled kernel.
+DEFAULT_WAVE = 132
+_waves: dict = {}
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
+    """Tiles of the two decode kernels (``block_r`` >= 64: wgmma rows)."""
+
     block_r: int     # query rows (beams x heads of a group) per program
     block_n: int     # prefix keys per step
     block_s: int     # suffix keys per step of the merge kernel
@@ -50,17 +55,21 @@ class DecodeConfig:
             raise ValueError(f"num_warps must be 4 or 8, got {self.num_warps}")
 
 
-# Shipped configurations, keyed by (head_dim, element size, block_r); each is
-# compiled for sm_90 in tests/test_attention_aot.py. Not yet tuned on a GPU.
+# Shipped configurations, keyed by (head_dim, element size, 64 when the W x G
+# query rows of a KV head are <= 64, else 128). Each is compiled for sm_90 in
+# tests/kernels/attention/test_aot.py from a recorded launch: no spills, shared memory
+# within the limit, wgmma for 16-bit inputs. fp32 at D = 128 steps over 16 keys,
+# unpipelined (its tf32x3 products spill with 32 keys or a second stage). The merge kernel's 8 suffix keys per step
+# cover PLUM's SID lengths in one step (16 spilled at D = 128).
 DECODE_CONFIGS: dict[tuple[int, int, int], DecodeConfig] = {
-    (64, 2, 64): DecodeConfig(64, 128, 16, num_warps=4, num_stages=3),
-    (64, 2, 128): DecodeConfig(128, 64, 16, num_warps=8, num_stages=3),
-    (128, 2, 64): DecodeConfig(64, 64, 16, num_warps=4, num_stages=3),
-    (128, 2, 128): DecodeConfig(128, 64, 16, num_warps=8, num_stages=3),
-    (64, 4, 64): DecodeConfig(64, 64, 16, num_warps=4, num_stages=2),
-    (64, 4, 128): DecodeConfig(128, 32, 16, num_warps=8, num_stages=2),
-    (128, 4, 64): DecodeConfig(64, 32, 16, num_warps=4, num_stages=2),
-    (128, 4, 128): DecodeConfig(128, 32, 16, num_warps=8, num_stages=2),
+    (64, 2, 64): DecodeConfig(64, 128, 8, num_warps=4, num_stages=3),
+    (64, 2, 128): DecodeConfig(128, 64, 8, num_warps=8, num_stages=3),
+    (128, 2, 64): DecodeConfig(64, 64, 8, num_warps=4, num_stages=3),
+    (128, 2, 128): DecodeConfig(128, 64, 8, num_warps=8, num_stages=3),
+    (64, 4, 64): DecodeConfig(64, 64, 8, num_warps=4, num_stages=2),
+    (64, 4, 128): DecodeConfig(128, 32, 8, num_warps=8, num_stages=2),
+    (128, 4, 64): DecodeConfig(64, 16, 8, num_warps=4, num_stages=1),
+    (128, 4, 128): DecodeConfig(64, 16, 8, num_warps=4, num_stages=1),
 }
 
 
@@ -70,7 +79,7 @@ def decode_config(head_dim: int, element_size: int, rows: int) -> DecodeConfig:
 
 @triton.jit
 def beam_decode_prefix_kernel(
-    Q, K, V, prefix_lens, O_PART, L_PART, num_rows, num_row_blocks, split_size, num_splits,
+    Q, K, V, prefix_lens, O_PART, L_PART, num_rows, num_row_blocks, split_size, num_splits, prefix_capacity,
     stride_qb, stride_qw, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -88,7 +97,8 @@ def beam_decode_prefix_kernel(
     q = tl.load(Q + b * stride_qb + beam[:, None] * stride_qw + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
 
-    plen = tl.load(prefix_lens + b)
+    # clamped to the cache capacity: keys are addressed in [0, S) whatever prefix_lens holds
+    plen = tl.minimum(tl.maximum(tl.load(prefix_lens + b), 0), prefix_capacity)
     start = split * split_size
     end = tl.minimum(start + split_size, plen)
     k_base = K + b * stride_kb + kv_head * stride_kh
@@ -177,14 +187,32 @@ def beam_decode_merge_kernel(
              out.to(OUT.dtype.element_ty), mask=g_ok[:, None])
 
 
-def choose_splits(batch: int, kv_heads: int, row_blocks: int, prefix_capacity: int, block_n: int) -> tuple[int, int]:
-    """``(num_splits, split_size)``: enough programs to fill the GPU, each
+def choose_splits(batch: int, kv_heads: int, row_blocks: int, prefix_capacity: int, block_n: int,
+                  wave: int = DEFAULT_WAVE) -> tuple[int, int]:
+    """``(num_splits, split_size)``: enough prefix splits that the grid fills
+    at least one ``wave`` (programs resident at once on the whole GPU), each
     split a multiple of ``block_n`` keys."""
     progs = max(batch * kv_heads * row_blocks, 1)
     max_splits = max(triton.cdiv(prefix_capacity, block_n), 1)
-    splits = max(1, min(max_splits, triton.cdiv(TARGET_PROGRAMS, progs)))
+    splits = max(1, min(max_splits, triton.cdiv(wave, progs)))
     split_size = triton.cdiv(triton.cdiv(max(prefix_capacity, 1), splits), block_n) * block_n
     return triton.cdiv(max(prefix_capacity, 1), split_size), split_size
+
+
+def prefix_wave(device: torch.device, cfg: DecodeConfig, args: tuple, meta: dict) -> int:
+    """Programs of ``beam_decode_prefix_kernel`` resident at once: multiprocessors
+    x blocks per multiprocessor of the kernel as compiled (its registers and
+    shared memory; one compile per configuration and process). ``DEFAULT_WAVE``
+    off-GPU."""
+    if device.type != "cuda":
+        return DEFAULT_WAVE
+    key = (device.index, cfg, tuple(sorted(meta.items())))
+    if key not in _waves:
+        compiled = beam_decode_prefix_kernel.warmup(*args, grid=(1,), **meta, num_warps=cfg.num_warps,
+                                                    num_stages=cfg.num_stages)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        _waves[key] = sms * compiled_blocks_per_sm(compiled, cfg.num_warps)
+    return _waves[key]
 
 
 def beam_decode_attention_fwd(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
@@ -200,19 +228,28 @@ def beam_decode_attention_fwd(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix:
     rows = W * group
     cfg = config or decode_config(D, q.element_size(), rows)
     row_blocks = triton.cdiv(rows, cfg.block_r)
-    splits, split_size = choose_splits(B, Hkv, row_blocks, S, cfg.block_n)
+    meta = dict(GROUP=group, HEAD_DIM=D, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n,
+                INPUT_PRECISION=input_precision(q.dtype), UPCAST=needs_upcast(q))
+
+    def prefix_args(splits: int, split_size: int, o_part, l_part) -> tuple:
+        return (q, k_prefix, v_prefix, prefix_lens, o_part, l_part, rows, row_blocks, split_size, splits, S,
+                q.stride(0), q.stride(1), q.stride(2), k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2),
+                v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), float(scale) * LOG2E)
+
     if num_splits is not None:
         split_size = triton.cdiv(triton.cdiv(max(S, 1), num_splits), cfg.block_n) * cfg.block_n
         splits = triton.cdiv(max(S, 1), split_size)
+    else:
+        splits, split_size = choose_splits(B, Hkv, row_blocks, S, cfg.block_n)
+        if q.device.type == "cuda":
+            probe = torch.empty(1, device=q.device, dtype=torch.float32)
+            wave = prefix_wave(q.device, cfg, prefix_args(splits, split_size, probe, probe), meta)
+            splits, split_size = choose_splits(B, Hkv, row_blocks, S, cfg.block_n, wave)
     out = torch.empty_like(q) if out is None else out
     o_part = torch.empty((B, Hkv, splits, rows, D), device=q.device, dtype=torch.float32)
     l_part = torch.empty((B, Hkv, splits, rows), device=q.device, dtype=torch.float32)
     beam_decode_prefix_kernel[(splits, Hkv * row_blocks, B)](
-        q, k_prefix, v_prefix, prefix_lens, o_part, l_part, rows, row_blocks, split_size, splits,
-        q.stride(0), q.stride(1), q.stride(2), k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2),
-        v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), float(scale) * LOG2E,
-        GROUP=group, HEAD_DIM=D, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n,
-        INPUT_PRECISION=input_precision(q.dtype), UPCAST=needs_upcast(q),
+        *prefix_args(splits, split_size, o_part, l_part), **meta,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     beam_decode_merge_kernel[(W, Hkv, B)](
         q, k_suffix, v_suffix, o_part, l_part, out, int(suffix_len), Hkv, splits, float(scale),

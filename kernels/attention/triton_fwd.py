@@ -2,8 +2,9 @@
 sequences, GQA, optional causal mask; writes the output and the log-sum-exp.
 
 Kernel, then launcher. One program computes BLOCK_M query rows of one query
-head; ``grid = (cdiv(T, BLOCK_M) + B, Hq)`` over the flattened (sequence,
-q-block) schedule of ``triton_common``. Key blocks strictly below the diagonal
+head; ``grid = (cdiv(T, BLOCK_M) + B, Hq)`` over the longest-first (sequence,
+q-block) schedule of ``triton_common`` (a causal sequence's last query block,
+the most expensive, first). Key blocks strictly below the diagonal
 (and inside the sequence) run without masks; only the diagonal / ragged tail
 blocks pay for the mask; blocks above the diagonal are never visited. Query
 head ``h`` reads key/value head ``h // (Hq // Hkv)``. Softmax runs in base 2
@@ -12,13 +13,23 @@ natural-log units, shape ``[Hq, T]`` float32.
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.triton_common import (FWD_CONFIGS, FwdConfig, block_schedule, config_key, find_block, mma,
-                                             needs_upcast)
+from plum_kernels.attention.triton_common import (
+    FWD_SPACES,
+    TileConfig,
+    config_key,
+    find_block,
+    launch,
+    mma,
+    needs_upcast,
+    num_programs,
+    schedule_buffers,
+    seq_bounds,
+    tune_bucket,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -53,21 +64,20 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "total_tokens", "tune_len"])
 def history_attention_fwd_kernel(
-    Q, K, V, O, LSE, cu_seqlens, blk_cu, num_seqs, total_tokens,
+    Q, K, V, O, LSE, cu_seqlens, blk_cu, seq_order, num_seqs, total_tokens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    qk_scale,
+    qk_scale, tune_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1)
-    seq, blk = find_block(blk_cu, pid, num_seqs)
+    seq, blk = find_block(blk_cu, seq_order, pid, num_seqs, True)
     if seq < 0:
         return
-    seq_start = tl.load(cu_seqlens + seq)
-    seqlen = tl.load(cu_seqlens + seq + 1) - seq_start
+    seq_start, seqlen = seq_bounds(cu_seqlens, seq, total_tokens)
     kv_head = head // GROUP
     start_m = blk * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -113,30 +123,33 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 def history_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                          *, causal: bool, scale: float, config: FwdConfig | None = None,
-                          out: torch.Tensor | None = None, lse: torch.Tensor | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          *, causal: bool, scale: float, max_seqlen: int | None = None,
+                          config: TileConfig | None = None, out: torch.Tensor | None = None,
+                          lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. Inputs are validated by the caller (ops_torch);
     q/k/v must have a contiguous last dim. Returns ``(out [T, Hq, D],
     lse [Hq, T] float32)``, written into ``out`` / ``lse`` when given
-    (contiguous buffers; the tests pass NaN-poisoned ones)."""
+    (contiguous buffers; the tests pass NaN-poisoned ones).
+
+    ``config`` fixes the tiles; otherwise they are autotuned on a GPU (keyed
+    by ``max_seqlen`` rounded up to a power of two, the head dims, causality
+    and dtype) or the default runs (``triton_common``)."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    cfg = config or FWD_CONFIGS[config_key(q)]
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty((Hq, T), device=q.device, dtype=torch.float32) if lse is None else lse
     if T == 0:
         return out, lse
     num_seqs = cu_seqlens.shape[0] - 1
-    blk_cu, n_prog = block_schedule(cu_seqlens, T, cfg.block_m)
-    history_attention_fwd_kernel[(n_prog, Hq)](
-        q, k, v, out, lse, cu_seqlens, blk_cu, num_seqs, T,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        float(scale) * LOG2E,
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=bool(causal), INPUT_PRECISION=input_precision(q.dtype), UPCAST=needs_upcast(q),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    blk_cu, seq_order = schedule_buffers(cu_seqlens)
+    launch(history_attention_fwd_kernel, name=f"history_attention_fwd{config_key(q)}",
+           space=FWD_SPACES[config_key(q)], config=config, schedule_on="BLOCK_M",
+           cu_seqlens=cu_seqlens,
+           grid=lambda block: (num_programs(T, num_seqs, block), Hq),
+           args=(q, k, v, out, lse, cu_seqlens, blk_cu, seq_order, num_seqs, T,
+                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                 out.stride(0), out.stride(1), float(scale) * LOG2E, tune_bucket(max_seqlen or T)),
+           meta=dict(GROUP=Hq // Hkv, HEAD_DIM=D, CAUSAL=bool(causal), INPUT_PRECISION=input_precision(q.dtype),
+                     UPCAST=needs_upcast(q)),
+           tune_key=("tune_len", "GROUP", "HEAD_DIM", "CAUSAL"))
     return out, lse
-

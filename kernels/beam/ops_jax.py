@@ -1,13 +1,14 @@
 """JAX trie-constrained beam search: validation and dispatch.
 
-Public functions (re-exported by ``kernels.jax``):
+Public functions (re-exported by ``plum_kernels.jax``):
 
 - ``constrained_beam_step(logits, beam_scores, nodes, trie, level, W, *,
   normalize="codebook", vocab_offset=None, max_children=None, impl=None,
-  interpret=None, validate=True)`` (contract 4; semantics in
-  ``kernels/beam/reference.py``)
+  interpret=None, validate=True)`` (docs/design.md, 'constrained_beam_step';
+  semantics in ``kernels/beam/reference.py``)
 - ``constrained_beam_search(step_fn, trie, *, batch_size, beam_width,
-  normalize="codebook", impl=None, interpret=None)`` (contract 5)
+  normalize="codebook", impl=None, interpret=None)`` (docs/design.md,
+  'constrained_beam_search')
 
 No ``custom_vjp``: beam search is not differentiated. ``trie`` is the
 ``TrieArrays`` of ``SIDTrie.to_jax()``. Integer outputs are int32 (JAX
@@ -26,9 +27,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._checks import describe
 from .._dispatch import resolve_interpret, resolve_jax_impl
 from . import reference_jax as ref
-from .checks import check_search_args, check_step_args
+from .checks import (
+    DEFAULT_EPS,
+    ITEM_ARRAYS,
+    check_aggregate_args,
+    check_aggregate_values,
+    check_edge_bias,
+    check_node_values,
+    check_search_args,
+    check_step_args,
+    item_arrays,
+)
 
 _BOUNDS_CACHE: dict[int, tuple] = {}
 
@@ -67,7 +79,8 @@ def _check_trie(trie) -> None:
         raise TypeError("trie arrays must be jax arrays: use SIDTrie.to_jax(), not to_torch()")
 
 
-def _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, max_children) -> int:
+def _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, max_children,
+                edge_bias=None) -> int:
     _check_trie(trie)
     nodes_dt = jnp.dtype(getattr(nodes, "dtype", None) or np.float64)
     if nodes_dt.kind != "i":
@@ -81,42 +94,35 @@ def _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_off
     if max_children is not None and (isinstance(max_children, bool) or not isinstance(max_children, int)
                                      or not 1 <= max_children <= V):
         raise ValueError(f"max_children must be an int in [1, V_{level} = {V}], got {max_children!r}")
+    check_edge_bias(None if edge_bias is None else describe("edge_bias", edge_bias), int(trie.num_edges), None)
     return off
-
-
-def _check_node_values(nodes, trie, level: int) -> None:
-    nodes = np.asarray(nodes, dtype=np.int64)
-    I, E = int(trie.num_internal), int(trie.num_edges)
-    level_ptr = np.asarray(trie.level_ptr, dtype=np.int64)
-    edge_level_ptr = np.asarray(trie.edge_level_ptr, dtype=np.int64)
-    lo_n, hi_n = int(level_ptr[level]), int(level_ptr[level + 1])
-    ok = (nodes == -1) | ((nodes >= lo_n) & (nodes < hi_n)) | (
-        (nodes >= I) & (nodes < I + E) & (nodes - I < edge_level_ptr[level]))
-    if not ok.all():
-        b, w = np.argwhere(~ok)[0]
-        raise ValueError(f"nodes[{b}, {w}] = {nodes[b, w]} is not a trie state at level {level}: expected -1, an "
-                         f"internal node in [{lo_n}, {hi_n}) or a chain state in [{I}, {I + edge_level_ptr[level]})")
 
 
 def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, W: int, *, normalize: str = "codebook",
                           vocab_offset: Optional[int] = None, max_children: Optional[int] = None,
-                          impl: Optional[str] = None, interpret: Optional[bool] = None,
+                          edge_bias=None, impl: Optional[str] = None, interpret: Optional[bool] = None,
                           validate: bool = True) -> BeamStep:
-    """One step of beam search restricted to the SID trie (contract 4); the
-    arguments and results of ``kernels.torch.constrained_beam_step``, plus:
+    """One step of beam search restricted to the SID trie (docs/design.md,
+    'constrained_beam_step'); the arguments and results of
+    ``plum_kernels.torch.constrained_beam_step``, plus:
 
+    ``edge_bias``: optional float32 ``[E]``, added to each candidate's score
+    after the normalisation (the Pallas kernel takes it gathered per candidate).
     ``max_children``: static bound on any state's child count at ``level``
     (``children_bounds(trie)[level]``); ``None`` computes it from the trie
     when its arrays are concrete, else uses the codebook size.
     ``impl``: ``None`` (Pallas on TPU, jnp reference elsewhere),
     ``"reference"`` or ``"pallas"``. ``interpret``: ``None`` = TPU interpret
     mode exactly when the default backend is not a TPU.
-    ``validate``: check the values of ``nodes`` when they are concrete.
+    ``validate``: check the values of ``nodes`` when they are concrete; under
+    ``jax.jit`` (or with False) bad states give undefined results, never an
+    out-of-range access (XLA clamps every gather).
     """
     impl = resolve_jax_impl(impl)
-    off = _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, max_children)
+    off = _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, max_children, edge_bias)
     if validate and _concrete(nodes):
-        _check_node_values(nodes, trie, level)
+        check_node_values(np.asarray(nodes), np.asarray(trie.level_ptr), np.asarray(trie.edge_level_ptr),
+                          trie.num_internal, trie.num_edges, level)
     if max_children is None:
         max_children = (children_bounds(trie)[level] if _concrete(trie.child_ptr)
                         else int(trie.codebook_sizes[level]))
@@ -124,36 +130,39 @@ def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, W: int, 
                     trie.shift, trie.mask, codebook_sizes=tuple(int(v) for v in trie.codebook_sizes),
                     num_internal=int(trie.num_internal), num_edges=int(trie.num_edges), level=level, W=W,
                     normalize=normalize, off=off, C=int(max_children), impl=impl,
-                    interpret=resolve_interpret(interpret) if impl == "pallas" else True)
+                    interpret=resolve_interpret(interpret) if impl == "pallas" else True, edge_bias=edge_bias)
     return BeamStep(*out)
 
 
 @functools.partial(jax.jit, static_argnames=("codebook_sizes", "num_internal", "num_edges", "level", "W",
                                              "normalize", "off", "C", "impl", "interpret"))
 def _step_jit(logits, beam_scores, nodes, child_ptr, child_token, edge_word, shift, mask, *, codebook_sizes,
-              num_internal, num_edges, level, W, normalize, off, C, impl, interpret):
+              num_internal, num_edges, level, W, normalize, off, C, impl, interpret, edge_bias=None):
     trie = SimpleNamespace(child_ptr=child_ptr, child_token=child_token, edge_word=edge_word, shift=shift,
                            mask=mask, codebook_sizes=codebook_sizes, num_internal=num_internal,
                            num_edges=num_edges)
     if impl == "reference":
         return ref.constrained_beam_step(logits, beam_scores, nodes, trie, level, W, normalize=normalize,
-                                         vocab_offset=off, max_children=C)
+                                         vocab_offset=off, max_children=C, edge_bias=edge_bias)
     from . import pallas as pallas_beam
 
     x, token, nxt, _, cl = ref.candidate_logits(logits, beam_scores, nodes, trie, level, C, off)
-    top, flat = pallas_beam.beam_select(x, cl, beam_scores, W=W, normalize=normalize, interpret=interpret)
+    cb = None if edge_bias is None else ref.candidate_bias(nodes, beam_scores, trie, edge_bias, C)
+    top, flat = pallas_beam.beam_select(x, cl, beam_scores, cb, W=W, normalize=normalize, interpret=interpret)
     return ref.decode(flat, top, token, nxt, C)
 
 
 def constrained_beam_search(step_fn: Callable, trie, *, batch_size: int, beam_width: int,
-                            normalize: str = "codebook", impl: Optional[str] = None,
+                            normalize: str = "codebook", edge_bias=None, impl: Optional[str] = None,
                             interpret: Optional[bool] = None):
-    """Beam search over the SIDs of ``trie`` (contract 5); see
-    ``kernels.torch.constrained_beam_search``. ``step_fn(level, tokens [B, W,
+    """Beam search over the SIDs of ``trie`` (docs/design.md, 'constrained_beam_search'); see
+    ``plum_kernels.torch.constrained_beam_search``. ``step_fn(level, tokens [B, W,
     level] int32, parent [B, W] int32) -> logits [B, W, V_level]``. Returns
-    ``(codes [B, W, L] int32, scores [B, W] float32)``."""
+    ``(codes [B, W, L] int32, scores [B, W] float32)``; ``edge_bias`` (optional
+    float32 ``[E]``) is passed to every step."""
     _check_trie(trie)
     check_search_args(batch_size, beam_width)
+    check_edge_bias(None if edge_bias is None else describe("edge_bias", edge_bias), int(trie.num_edges), None)
     B, W = batch_size, beam_width
     L = len(trie.codebook_sizes)
     bounds = children_bounds(trie) if _concrete(trie.child_ptr) else tuple(int(v) for v in trie.codebook_sizes)
@@ -165,9 +174,68 @@ def constrained_beam_search(step_fn: Callable, trie, *, batch_size: int, beam_wi
     for level in range(L):
         logits = step_fn(level, tokens, parent)
         scores, nodes, parent, token = constrained_beam_step(
-            logits, scores, nodes, trie, level, W, normalize=normalize, max_children=bounds[level], impl=impl,
-            interpret=interpret, validate=False)
+            logits, scores, nodes, trie, level, W, normalize=normalize, max_children=bounds[level],
+            edge_bias=edge_bias, impl=impl, interpret=interpret, validate=False)
         prefix = jnp.take_along_axis(tokens, parent[..., None], axis=1) if level else tokens
         tokens = jnp.concatenate([prefix, token[..., None].astype(jnp.int32)], axis=2)
-    codes = jnp.where((scores > -jnp.inf)[..., None], tokens, -1)
+    codes = jnp.where((scores != -jnp.inf)[..., None], tokens, -1)
     return codes, scores
+
+
+# ============================================================================= trie_aggregate
+
+
+class TrieAggregate(NamedTuple):
+    node_mass: jax.Array   # [I] float32 mass below each internal node
+    edge_mass: jax.Array   # [E] float32 mass below each edge
+    edge_bias: jax.Array   # [E] float32 smoothed log-ratio of each edge
+
+
+def _index_array(a, name: str):
+    """An item array, int64 host values narrowed to int32 without ``jax_enable_x64``."""
+    if isinstance(a, np.ndarray) and a.dtype == np.int64 and not jax.config.jax_enable_x64:
+        if a.size and (int(a.max()) >= 2**31 or int(a.min()) < -(2**31)):
+            raise ValueError(f"items.{name} needs int64; enable jax_enable_x64")
+        a = a.astype(np.int32)
+    return a
+
+
+def trie_aggregate(item_mass, trie, items, *, eps: float = DEFAULT_EPS, impl: Optional[str] = None,
+                   interpret: Optional[bool] = None) -> TrieAggregate:
+    """Bottom-up sums of per-item masses over the SID trie and the per-edge
+    log-ratio bias (docs/design.md, 'trie_aggregate'); the arguments and
+    results of ``plum_kernels.torch.trie_aggregate`` (float32 only), plus
+    ``interpret``. ``items``: an object with ``edge_item``, ``dup_ptr``,
+    ``dup_items`` (numpy or jax arrays; a ``SIDTrie``). Concrete values are
+    checked (masses >= 0 or NaN, ids < N); under ``jax.jit`` an id outside
+    ``[0, N)`` reads a clamped address and a negative mass gives a NaN bias.
+    The segmented sums run in XLA (``L`` rounds over every edge, no host
+    read), the ``"pallas"`` log-ratio in a Pallas kernel."""
+    _check_trie(trie)
+    impl = resolve_jax_impl(impl)
+    edge_item, dup_ptr, dup_items = (_index_array(a, n) for a, n in zip(item_arrays(items), ITEM_ARRAYS))
+    eps = check_aggregate_args(mass=describe("item_mass", item_mass), edge_item=describe("edge_item", edge_item),
+                               dup_ptr=describe("dup_ptr", dup_ptr), dup_items=describe("dup_items", dup_items),
+                               num_edges=int(trie.num_edges), eps=eps, impl="jax", trie_device=None)
+    if _concrete(item_mass, edge_item, dup_ptr, dup_items):
+        check_aggregate_values(*(np.asarray(a) for a in (item_mass, edge_item, dup_ptr, dup_items)))
+    out = _aggregate_jit(jnp.asarray(item_mass), trie.child_ptr, trie.edge_word, jnp.asarray(edge_item),
+                         jnp.asarray(dup_ptr), jnp.asarray(dup_items), num_levels=len(trie.codebook_sizes),
+                         eps=eps, impl=impl, interpret=resolve_interpret(interpret) if impl == "pallas" else True)
+    return TrieAggregate(*out)
+
+
+@functools.partial(jax.jit, static_argnames=("num_levels", "eps", "impl", "interpret"))
+def _aggregate_jit(item_mass, child_ptr, edge_word, edge_item, dup_ptr, dup_items, *, num_levels, eps, impl,
+                   interpret):
+    trie = SimpleNamespace(child_ptr=child_ptr, edge_word=edge_word, num_internal=child_ptr.shape[0] - 1,
+                           num_edges=edge_word.shape[0], codebook_sizes=(0,) * num_levels)
+    if impl == "reference":
+        return ref.trie_aggregate(item_mass, trie, edge_item, dup_ptr, dup_items, eps)
+    from . import pallas as pallas_beam
+
+    node_mass, node_count, edge_mass, edge_count, parent = ref.aggregate_masses(item_mass, trie, edge_item, dup_ptr,
+                                                                                dup_items)
+    bias = pallas_beam.log_ratio(edge_mass, edge_count, node_mass[parent], node_count[parent], eps=eps,
+                                 interpret=interpret)
+    return node_mass, edge_mass, bias

@@ -20,7 +20,13 @@ Keys. ``key = (ord(score) << 32) + (2**32 - 1 - (parent << 23 | p))`` with
 position among its node's token-sorted edges, so a larger key is exactly
 "higher score, then lower parent, then lower token" (the documented order).
 ``SENTINEL = -2**63`` marks no candidate. Hence ``W_in <= 512`` and
-``V <= 2**23``, validated by the caller.
+``V <= 2**23``, validated by the caller. A NaN score is kept with the key
+``_NAN_ORD``, below every number (reference.py, semantics 5).
+
+Memory safety: every edge index and code read from ``nodes`` or the trie is
+clamped into its array (``_edge``, ``_code``) before it forms an address, so
+unchecked bad states (``validate=False``) give undefined results but never an
+out-of-range access.
 """
 from __future__ import annotations
 
@@ -36,6 +42,10 @@ POS_BITS = 23         # child position takes the other 23
 MAX_CHILDREN = 1 << POS_BITS
 SENTINEL = -(2**63)
 _SENT = tl.constexpr(SENTINEL)   # the same, usable inside kernels
+# Ordered value of every NaN score: ord(-inf) - 1, below every number (-inf
+# candidates are dropped, so nothing kept ranks lower); it decodes back to a
+# NaN (bits 0xFF800001).
+_NAN_ORD = tl.constexpr(-2139095042)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +57,12 @@ class BeamBlocks:
     ``group``: sorted lists merged per iteration of the select kernel;
     ``None`` picks ``max(2, min(16, 4096 // KP))`` (at most 4096 keys, 32 KiB,
     in registers). ``num_warps``: ``None`` picks 4 up to ``KP = 128`` and 8
-    above. Not tuned on hardware yet (no GPU in the build machine).
+    above.
+
+    The defaults at every shipped ``KP`` (``SHIPPED_KP``) are compiled for
+    sm_90 from recorded launches by ``tests/kernels/beam/test_aot.py``: no
+    register spills (at most 74 registers per thread) and shared memory
+    within the limit. They are chosen to fit, not by timing.
     """
 
     block_v: int = 1024
@@ -82,11 +97,26 @@ SHIPPED_KP = (16, 32, 64, 128, 256, 512)
 
 @triton.jit
 def _make_key(score, parent, pos):
-    """int64 key, larger = better (score desc, parent asc, pos asc)."""
+    """int64 key, larger = better (score desc, parent asc, pos asc); every
+    NaN gets ``_NAN_ORD``, below every number (reference.py, semantics 5)."""
     bits = score.to(tl.int32, bitcast=True)
     ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    ordered = tl.where(score != score, _NAN_ORD, ordered)
     idx = parent.to(tl.int64) * (1 << 23) + pos.to(tl.int64)
     return (ordered.to(tl.int64) << 32) + (0xFFFFFFFF - idx)
+
+
+@triton.jit
+def _edge(e, num_edges):
+    """Edge index clamped into ``[0, E)``: an address in the edge arrays
+    whatever an unchecked state or a damaged trie holds."""
+    return tl.maximum(tl.minimum(e, num_edges - 1), 0)
+
+
+@triton.jit
+def _code(tok, V):
+    """Code clamped into ``[0, V)``: an address in the level's logits."""
+    return tl.maximum(tl.minimum(tok, V - 1), 0)
 
 
 @triton.jit
@@ -168,10 +198,10 @@ def _row_lse(row_ptr, V, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _expand_kernel(logits_ptr, stride_lb, stride_lw, scores_ptr, nodes_ptr,
-                   child_ptr_ptr, child_token_ptr, edge_word_ptr, keys_ptr,
-                   W_in, V, vocab_offset, num_internal, shift, mask,
+                   child_ptr_ptr, child_token_ptr, edge_word_ptr, bias_ptr, keys_ptr,
+                   W_in, V, vocab_offset, num_internal, num_edges, shift, mask,
                    KP: tl.constexpr, LOG_KP: tl.constexpr, BLOCK_V: tl.constexpr,
-                   CHILDREN_NORM: tl.constexpr):
+                   CHILDREN_NORM: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // W_in
     w = pid % W_in
@@ -180,19 +210,19 @@ def _expand_kernel(logits_ptr, stride_lb, stride_lw, scores_ptr, nodes_ptr,
     row = logits_ptr + b.to(tl.int64) * stride_lb + w.to(tl.int64) * stride_lw + vocab_offset
     j = tl.arange(0, KP)
     best = tl.full([KP], _SENT, tl.int64)
-    if (s >= 0) & (beam > -float("inf")):
+    if (s >= 0) & (beam != -float("inf")):   # a NaN beam is live
         if s >= num_internal:
             # compressed chain: exactly one child, decoded from the packed word
-            word = tl.load(edge_word_ptr + (s - num_internal))
+            word = tl.load(edge_word_ptr + _edge(s - num_internal, num_edges))
             tok = (word >> shift) & mask
-            x = tl.load(row + tok).to(tl.float32)
+            x = tl.load(row + _code(tok, V)).to(tl.float32)
             if CHILDREN_NORM:
                 lse = x
             else:
                 lse = _row_lse(row, V, BLOCK_V)
             sc = beam + (x - lse)
             key = tl.where(j == 0, _make_key(sc, w, j), _SENT)
-            best = tl.where(sc > -float("inf"), key, _SENT)
+            best = tl.where(sc != -float("inf"), key, _SENT)
         else:
             lo = tl.load(child_ptr_ptr + s)
             n = tl.load(child_ptr_ptr + s + 1) - lo
@@ -202,8 +232,8 @@ def _expand_kernel(logits_ptr, stride_lb, stride_lw, scores_ptr, nodes_ptr,
                 for start in range(0, n, KP):
                     p = start + j
                     ok = p < n
-                    tok = tl.load(child_token_ptr + lo + p, mask=ok, other=0).to(tl.int32)
-                    x = tl.load(row + tok, mask=ok, other=-float("inf")).to(tl.float32)
+                    tok = tl.load(child_token_ptr + _edge(lo + p, num_edges), mask=ok, other=0).to(tl.int32)
+                    x = tl.load(row + _code(tok, V), mask=ok, other=-float("inf")).to(tl.float32)
                     m_new = tl.maximum(m_i, tl.max(x, 0))
                     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
                     l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
@@ -214,10 +244,12 @@ def _expand_kernel(logits_ptr, stride_lb, stride_lw, scores_ptr, nodes_ptr,
             for start in range(0, n, KP):
                 p = start + j
                 ok = p < n
-                tok = tl.load(child_token_ptr + lo + p, mask=ok, other=0).to(tl.int32)
-                x = tl.load(row + tok, mask=ok, other=-float("inf")).to(tl.float32)
+                tok = tl.load(child_token_ptr + _edge(lo + p, num_edges), mask=ok, other=0).to(tl.int32)
+                x = tl.load(row + _code(tok, V), mask=ok, other=-float("inf")).to(tl.float32)
                 sc = beam + (x - lse)
-                key = tl.where(ok & (sc > -float("inf")), _make_key(sc, w, p), _SENT)
+                if HAS_BIAS:   # one gather per candidate, after the normalisation
+                    sc = sc + tl.load(bias_ptr + _edge(lo + p, num_edges), mask=ok, other=0.0)
+                key = tl.where(ok & (sc != -float("inf")), _make_key(sc, w, p), _SENT)
                 best = _merge_into(best, tl.sort(key), KP, LOG_KP, 0)
     tl.store(keys_ptr + pid.to(tl.int64) * KP + j, best)
 
@@ -225,7 +257,7 @@ def _expand_kernel(logits_ptr, stride_lb, stride_lw, scores_ptr, nodes_ptr,
 @triton.jit
 def _select_kernel(keys_ptr, nodes_ptr, child_ptr_ptr, child_token_ptr, edge_word_ptr,
                    out_score_ptr, out_node_ptr, out_parent_ptr, out_token_ptr,
-                   W_in, W, num_internal, shift, mask,
+                   W_in, W, num_internal, num_edges, shift, mask,
                    KP: tl.constexpr, LOG_KP: tl.constexpr, GROUP: tl.constexpr, LOG_GROUP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, KP)
@@ -249,8 +281,8 @@ def _select_kernel(keys_ptr, nodes_ptr, child_ptr_ptr, child_token_ptr, edge_wor
     pos = idx & ((1 << 23) - 1)
     s = tl.load(nodes_ptr + b * W_in + parent, mask=ok, other=0)
     chain = s >= num_internal
-    word_c = tl.load(edge_word_ptr + (s - num_internal), mask=ok & chain, other=0)
-    e = tl.load(child_ptr_ptr + s, mask=ok & ~chain, other=0) + pos
+    word_c = tl.load(edge_word_ptr + _edge(s - num_internal, num_edges), mask=ok & chain, other=0)
+    e = _edge(tl.load(child_ptr_ptr + s, mask=ok & ~chain, other=0) + pos, num_edges)
     tok_i = tl.load(child_token_ptr + e, mask=ok & ~chain, other=0).to(tl.int64)
     word_i = tl.load(edge_word_ptr + e, mask=ok & ~chain, other=0)
     tok = tl.where(chain, ((word_c >> shift) & mask).to(tl.int64), tok_i)
@@ -265,10 +297,13 @@ def _select_kernel(keys_ptr, nodes_ptr, child_ptr_ptr, child_token_ptr, edge_wor
 
 
 def beam_step(logits: torch.Tensor, beam_scores: torch.Tensor, nodes: torch.Tensor, trie, level: int, W: int,
-              normalize: str, vocab_offset: int, blocks: BeamBlocks = DEFAULT_BLOCKS, out=None):
+              normalize: str, vocab_offset: int, blocks: BeamBlocks = DEFAULT_BLOCKS, out=None,
+              edge_bias: torch.Tensor | None = None):
     """Launch both kernels. Inputs are validated by ``ops_torch``; ``logits``
     must have a unit stride on its last dim. ``out``: optional preallocated
-    ``(scores, nodes, parent, token)``, every element of which is written."""
+    ``(scores, nodes, parent, token)``, every element of which is written.
+    ``edge_bias``: optional float32 ``[E]`` added to each candidate of an
+    internal node (``HAS_BIAS``; without it the kernel has no extra load)."""
     B, W_in = nodes.shape
     dev = logits.device
     V = int(trie.codebook_sizes[level])
@@ -283,19 +318,116 @@ def beam_step(logits: torch.Tensor, beam_scores: torch.Tensor, nodes: torch.Tens
     scores, new_nodes, parent, token = out
     if B == 0:
         return scores, new_nodes, parent, token
+    if int(trie.num_edges) == 0:   # a trie without edges has no candidates (and nothing to address)
+        scores.fill_(float("-inf")), new_nodes.fill_(-1), parent.fill_(0), token.fill_(-1)
+        return scores, new_nodes, parent, token
     nodes = nodes.contiguous()
     beam_scores = beam_scores.contiguous()
     shift, mask = int(trie.shift[level]), int(trie.mask[level])   # host ints: no device sync
-    I = int(trie.num_internal)
+    I, E = int(trie.num_internal), int(trie.num_edges)
     _expand_kernel[(B * W_in,)](
         logits, logits.stride(0), logits.stride(1), beam_scores, nodes,
-        trie.child_ptr, trie.child_token, trie.edge_word, keys,
-        W_in, V, int(vocab_offset), I, shift, mask,
+        trie.child_ptr, trie.child_token, trie.edge_word, beam_scores if edge_bias is None else edge_bias, keys,
+        W_in, V, int(vocab_offset), I, E, shift, mask,
         KP=KP, LOG_KP=LOG_KP, BLOCK_V=blocks.block_v, CHILDREN_NORM=normalize == "children",
-        num_warps=warps)
+        HAS_BIAS=edge_bias is not None, num_warps=warps)
     _select_kernel[(B,)](
         keys, nodes, trie.child_ptr, trie.child_token, trie.edge_word,
         scores, new_nodes, parent, token,
-        W_in, W, I, shift, mask,
+        W_in, W, I, E, shift, mask,
         KP=KP, LOG_KP=LOG_KP, GROUP=G, LOG_GROUP=G.bit_length() - 1, num_warps=warps)
     return scores, new_nodes, parent, token
+
+
+# ----------------------------------------------------------------------------- trie_aggregate
+# Bottom-up, no atomics: ``_sid_mass_kernel`` gives every chain edge its SID's mass (one item, or the sum
+# over its collision group), then ``_level_kernel`` runs once per depth, deepest first, one lane per
+# internal node: it sums its children's masses and SID counts in edge order (an internal child's from the
+# level below, a chain child's from the first kernel), then writes its internal edges' masses and every
+# child edge's log-ratio. Deterministic; one host read of ``level_ptr`` / ``child_ptr`` at the level bounds.
+
+AGG_BLOCK = 128       # edges or nodes per program
+
+
+@triton.jit
+def _sid_mass_kernel(item_mass_ptr, edge_word_ptr, edge_item_ptr, dup_ptr_ptr, dup_items_ptr, edge_mass_ptr,
+                     E, N, G, D, BLOCK: tl.constexpr):
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < E
+    w = tl.load(edge_word_ptr + e, mask=ok, other=-1)
+    it = tl.load(edge_item_ptr + e, mask=ok, other=-1).to(tl.int64)
+    single = ok & (w >= 0) & (it >= 0)
+    grp = ok & (w >= 0) & (it <= -2)
+    m = tl.load(item_mass_ptr + tl.maximum(tl.minimum(it, N - 1), 0), mask=single, other=0.0).to(tl.float32)
+    g = tl.maximum(tl.minimum(-it - 2, G - 1), 0)
+    lo = tl.load(dup_ptr_ptr + g, mask=grp, other=0)
+    n = tl.where(grp, tl.load(dup_ptr_ptr + g + 1, mask=grp, other=0) - lo, 0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in range(0, tl.max(n, 0)):   # a collision group's items, in group order
+        take = k < n
+        item = tl.load(dup_items_ptr + tl.maximum(tl.minimum(lo + k, D - 1), 0), mask=take, other=0).to(tl.int64)
+        acc += tl.load(item_mass_ptr + tl.maximum(tl.minimum(item, N - 1), 0), mask=take, other=0.0)
+    tl.store(edge_mass_ptr + e, tl.where(grp, acc, m), mask=ok)
+
+
+@triton.jit
+def _child_mass(edge_word_ptr, edge_mass_ptr, node_mass_ptr, node_count_ptr, e, take, I):
+    """(mass, SID count) of the subtree edge ``e`` leads into, where ``take``."""
+    w = tl.load(edge_word_ptr + e, mask=take, other=0)
+    inner = take & (w < 0)
+    child = tl.maximum(tl.minimum(~w, I - 1), 0)
+    m = tl.where(inner, tl.load(node_mass_ptr + child, mask=inner, other=0.0),
+                 tl.load(edge_mass_ptr + e, mask=take & ~inner, other=0.0))
+    c = tl.where(inner, tl.load(node_count_ptr + child, mask=inner, other=0), 1)
+    return tl.where(take, m, 0.0), tl.where(take, c, 0), inner
+
+
+@triton.jit
+def _level_kernel(child_ptr_ptr, edge_word_ptr, edge_mass_ptr, node_mass_ptr, node_count_ptr, bias_ptr,
+                  node_lo, node_hi, I, E, eps, BLOCK: tl.constexpr):
+    n = node_lo + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = n < node_hi
+    lo = tl.load(child_ptr_ptr + n, mask=ok, other=0)
+    cnt = tl.where(ok, tl.load(child_ptr_ptr + n + 1, mask=ok, other=0) - lo, 0)
+    m = tl.zeros([BLOCK], tl.float32)
+    c = tl.zeros([BLOCK], tl.int32)
+    for j in range(0, tl.max(cnt, 0)):
+        cm, cc, _ = _child_mass(edge_word_ptr, edge_mass_ptr, node_mass_ptr, node_count_ptr,
+                                _edge(lo + j, E), j < cnt, I)
+        m += cm
+        c += cc
+    tl.store(node_mass_ptr + n, m, mask=ok)
+    tl.store(node_count_ptr + n, c, mask=ok)
+    log_parent = tl.log(tl.where(ok, m + eps * c.to(tl.float32), 1.0))
+    for j in range(0, tl.max(cnt, 0)):   # the node's edges: internal edges' masses, every edge's log-ratio
+        take = j < cnt
+        e = _edge(lo + j, E)
+        cm, cc, inner = _child_mass(edge_word_ptr, edge_mass_ptr, node_mass_ptr, node_count_ptr, e, take, I)
+        tl.store(edge_mass_ptr + e, cm, mask=inner)
+        tl.store(bias_ptr + e, tl.log(tl.where(take, cm + eps * cc.to(tl.float32), 1.0)) - log_parent, mask=take)
+
+
+def trie_aggregate(item_mass: torch.Tensor, trie, edge_item: torch.Tensor, dup_ptr: torch.Tensor,
+                   dup_items: torch.Tensor, eps: float):
+    """Launch the aggregation (semantics: ``reference.trie_aggregate``); inputs
+    validated by ``ops_torch``. Returns ``(node_mass [I], edge_mass [E],
+    edge_bias [E])`` float32."""
+    dev = item_mass.device
+    I, E = int(trie.num_internal), int(trie.num_edges)
+    node_mass = torch.empty(I, dtype=torch.float32, device=dev)
+    node_count = torch.empty(I, dtype=torch.int32, device=dev)
+    edge_mass = torch.empty(E, dtype=torch.float32, device=dev)
+    bias = torch.empty(E, dtype=torch.float32, device=dev)
+    if dup_items.numel() == 0:   # a valid address for the (never taken) group loads
+        dup_items = torch.zeros(1, dtype=torch.int64, device=dev)
+    _sid_mass_kernel[(triton.cdiv(E, AGG_BLOCK),)](
+        item_mass.contiguous(), trie.edge_word, edge_item.contiguous(), dup_ptr.contiguous(), dup_items.contiguous(),
+        edge_mass, E, item_mass.shape[0], max(dup_ptr.shape[0] - 1, 1), dup_items.shape[0], BLOCK=AGG_BLOCK)
+    bounds = [int(v) for v in trie.level_ptr.tolist()]   # one host read
+    for d in reversed(range(len(bounds) - 1)):
+        lo, hi = bounds[d], bounds[d + 1]
+        if hi > lo:
+            _level_kernel[(triton.cdiv(hi - lo, AGG_BLOCK),)](
+                trie.child_ptr, trie.edge_word, edge_mass, node_mass, node_count, bias, lo, hi, I, E, float(eps),
+                BLOCK=AGG_BLOCK)
+    return node_mass, edge_mass, bias

@@ -1,5 +1,5 @@
 """JAX MoE ops: validation, dispatch and ``jax.custom_vjp`` (re-exported by
-``kernels.jax``).
+``plum_kernels.jax``).
 
 - ``grouped_matmul``: ``impl="pallas"`` runs the Pallas TPU ``gmm`` forward and
   ``gmm`` (transposed weight) / ``tgmm`` backward under one ``custom_vjp``;
@@ -12,6 +12,9 @@
 
 ``impl=None`` picks Pallas when the default backend is a TPU; ``interpret=None``
 means TPU interpret mode exactly when the default backend is not a TPU.
+The argument checks are ``checks.py``'s, shared with the torch ops; value
+checks (ids, indices, group sizes) raise on concrete arrays (eager calls) and
+are replaced under ``jax.jit`` by the defined results each op documents.
 Semantics: ``kernels/moe/reference.py``.
 """
 from __future__ import annotations
@@ -21,12 +24,30 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from .._checks import describe
 from .._dispatch import resolve_interpret, resolve_jax_impl
 from . import reference_jax as ref
+from .checks import (
+    check_expert_ids_values,
+    check_group_sizes_values,
+    check_grouped_matmul,
+    check_mlp,
+    check_permute,
+    check_route,
+    check_unpermute,
+    check_unpermute_values,
+)
 from .pallas_gmm import DEFAULT_TILES, GmmTiles, gmm, tgmm
 
-_SCORES = ("softmax", "sigmoid")
+
+def _concrete(x) -> np.ndarray | None:
+    """Host copy of a concrete array; ``None`` for a traced one (under ``jax.jit``)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 # ----------------------------------------------------------------------------- grouped matmul (custom_vjp)
@@ -60,22 +81,25 @@ def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, impl: str | 
     """Grouped (ragged) matmul: ``x [M, K]`` rows sorted by group, ``w [E, K, N]``
     (``[E, N, K]`` read transposed when ``transpose_w``), ``group_sizes [E]``
     int32 summing to ``M`` -> ``[M, N]`` in ``x.dtype`` (float32 accumulation).
-    Differentiable w.r.t. ``x`` and ``w``. The group sizes are traced values,
-    so their sum cannot be checked here; rows beyond the sum are left unset
-    by the Pallas kernel and zero in the reference."""
-    if x.ndim != 2 or w.ndim != 3:
-        raise ValueError(f"x must be [M, K] and w [E, K, N], got shapes {x.shape} and {w.shape}")
-    K = x.shape[1]
-    if (w.shape[2] if transpose_w else w.shape[1]) != K:
-        raise ValueError(f"w must be [E, K={K}, N]{' (transposed: [E, N, K])' if transpose_w else ''}, "
-                         f"got {w.shape}")
-    if w.dtype != x.dtype:
-        raise TypeError(f"w has dtype {w.dtype} but x has {x.dtype}; they must match")
-    if group_sizes.shape != (w.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be an integer [E={w.shape[0]}] array, got {group_sizes.dtype}"
-                         f"{list(group_sizes.shape)}")
+    Differentiable w.r.t. ``x`` and ``w``. Concrete group sizes are checked
+    as in torch (non-negative, summing to M). Traced ones (under ``jax.jit``)
+    cannot be: negative sizes count as 0 and rows beyond the sum are left
+    unset by the Pallas kernel (its row ranges are clamped into ``[0, M)``, so
+    no block outside ``x`` is read) and zero in the reference."""
+    impl = resolve_jax_impl(impl)
+    check_grouped_matmul(describe("x", x, "[M, K]"), describe("w", w, "[E, K, N]"),
+                         describe("group_sizes", group_sizes, "[E]"), bool(transpose_w), impl)
+    sizes = _concrete(group_sizes)
+    if sizes is not None:
+        check_group_sizes_values(sizes.tolist(), x.shape[0])
+    return _gmm_dispatch(x, w, group_sizes, transpose_w, impl, interpret, tiles)
+
+
+def _gmm_dispatch(x, w, group_sizes, transpose_w, impl, interpret, tiles):
+    """``grouped_matmul`` after its checks (``moe_mlp`` calls it directly: its
+    sizes come from ``moe_permute``, and an eager layer must not sync)."""
     group_sizes = group_sizes.astype(jnp.int32)
-    if resolve_jax_impl(impl) == "reference":
+    if impl == "reference":
         return ref.grouped_matmul(x, w, group_sizes, transpose_w)
     return _gmm_pallas(x, w, group_sizes, bool(transpose_w), tiles or DEFAULT_TILES, resolve_interpret(interpret))
 
@@ -92,37 +116,43 @@ class RouteOutput(NamedTuple):
 
 def moe_route(router_logits, top_k: int, *, score: str = "softmax", bias=None, renormalize: bool = True,
               impl: str | None = None) -> RouteOutput:
-    """Top-k routing; see ``kernels.torch.moe_route`` for the full contract.
+    """Top-k routing; the contract of ``plum_kernels.torch.moe_route``
+    (docs/design.md, 'moe_route').
     ``[T, E]`` -> ``RouteOutput(weights [T, k] f32, expert_ids [T, k] int32,
     load_balance_loss, z_loss)``."""
-    if router_logits.ndim != 2 or 0 in router_logits.shape:
-        raise ValueError(f"router_logits must be [T >= 1, E >= 1], got shape {router_logits.shape}")
-    E = router_logits.shape[1]
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
-    if score not in _SCORES:
-        raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
-    if bias is not None and bias.shape != (E,):
-        raise ValueError(f"bias must be [E={E}], got shape {bias.shape}")
-    resolve_jax_impl(impl)
+    check_route(describe("router_logits", router_logits, "[T, E]"), top_k, score,
+                None if bias is None else describe("bias", bias, "[E]"), resolve_jax_impl(impl))
     return RouteOutput(*ref.route(router_logits, top_k, score, bias, renormalize))
 
 
 def moe_permute(x, expert_ids, num_experts: int, *, impl: str | None = None):
-    """-> ``(x_sorted [T*k, d], group_sizes [E] int32, permutation, inverse)``."""
-    if x.ndim != 2 or expert_ids.ndim != 2 or expert_ids.shape[0] != x.shape[0]:
-        raise ValueError(f"x must be [T, d] and expert_ids [T, k], got {x.shape} and {expert_ids.shape}")
-    if not jnp.issubdtype(expert_ids.dtype, jnp.integer):
-        raise TypeError(f"expert_ids must be integer, got {expert_ids.dtype}")
+    """-> ``(x_sorted [T*k, d], group_sizes [E] int32, permutation, inverse)``;
+    the contract of ``plum_kernels.torch.moe_permute`` (docs/design.md,
+    'moe_permute'). Concrete ids are checked to lie in ``[0, num_experts)``;
+    traced ones cannot be: a copy with an id outside that range belongs to no
+    group (``group_sizes`` then sums to less than ``T*k``)."""
+    check_permute(describe("x", x, "[T, d]"), describe("expert_ids", expert_ids, "[T, k]"), num_experts)
     resolve_jax_impl(impl)
-    return ref.permute(x, expert_ids, num_experts)
+    ids = _concrete(expert_ids)
+    if ids is not None and ids.size:
+        check_expert_ids_values(int(ids.min()), int(ids.max()), num_experts)
+    return ref.permute(x, expert_ids, int(num_experts))
 
 
 def moe_unpermute(y, weights, permutation, inverse, *, impl: str | None = None):
-    """``out[t] = sum_j weights[t, j] * y[inverse[t*k + j]]`` -> ``[T, d]``."""
-    if y.ndim != 2 or weights.ndim != 2 or weights.size != y.shape[0]:
-        raise ValueError(f"y must be [T*k, d] and weights [T, k], got {y.shape} and {weights.shape}")
+    """``out[t] = sum_j weights[t, j] * y[inverse[t*k + j]]`` -> ``[T, d]``;
+    the contract of ``plum_kernels.torch.moe_unpermute`` (docs/design.md,
+    'moe_unpermute'). Concrete ``permutation`` / ``inverse`` are checked as in
+    torch (in range, inverse of each other); traced ones cannot be: a copy
+    whose ``inverse`` index is out of range contributes NaN to its token."""
+    check_unpermute(describe("y", y, "[T*k, d]"), describe("weights", weights, "[T, k]"),
+                    describe("permutation", permutation, "[T*k]"), describe("inverse", inverse, "[T*k]"))
     resolve_jax_impl(impl)
+    perm, inv = _concrete(permutation), _concrete(inverse)
+    if perm is not None and inv is not None and perm.size:
+        M = perm.shape[0]
+        consistent = bool((perm[np.clip(inv, 0, M - 1)] == np.arange(M)).all())
+        check_unpermute_values(M, (int(perm.min()), int(perm.max())), (int(inv.min()), int(inv.max())), consistent)
     return ref.unpermute(y, weights, permutation, inverse)
 
 
@@ -138,25 +168,17 @@ class MoEOutput(NamedTuple):
 def moe_mlp(x, router_logits, w_gate_up, w_down, top_k: int, *, score: str = "softmax", bias=None,
             renormalize: bool = True, impl: str | None = None, interpret: bool | None = None,
             tiles: GmmTiles | None = None) -> MoEOutput:
-    """Dropless SwiGLU MoE layer, same contract as ``kernels.torch.moe_mlp``:
+    """Dropless SwiGLU MoE layer, the contract of ``plum_kernels.torch.moe_mlp``
+    (docs/design.md, 'moe_mlp'):
     ``x [T, d]``, ``router_logits [T, E]``, ``w_gate_up [E, d, 2f]`` (gate,
     then up), ``w_down [E, f, d]`` -> ``MoEOutput(out [T, d], load_balance_loss,
     z_loss)``."""
-    if x.ndim != 2 or w_gate_up.ndim != 3 or w_down.ndim != 3:
-        raise ValueError("x must be [T, d], w_gate_up [E, d, 2f] and w_down [E, f, d]")
-    T, d = x.shape
-    E, f = w_down.shape[0], w_down.shape[1]
-    if w_gate_up.shape != (E, d, 2 * f) or w_down.shape != (E, f, d):
-        raise ValueError(f"w_gate_up must be [E, d={d}, 2f] and w_down [E, f, d={d}] with matching E and f, "
-                         f"got {w_gate_up.shape} and {w_down.shape}")
-    if router_logits.shape != (T, E):
-        raise ValueError(f"router_logits must be [T={T}, E={E}], got {router_logits.shape}")
-    for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
+    impl = resolve_jax_impl(impl)
+    check_mlp(describe("x", x, "[T, d]"), describe("router_logits", router_logits, "[T, E]"),
+              describe("w_gate_up", w_gate_up, "[E, d, 2f]"), describe("w_down", w_down, "[E, f, d]"), impl)
+    E = w_down.shape[0]
     r = moe_route(router_logits, top_k, score=score, bias=bias, renormalize=renormalize, impl=impl)
     xs, group_sizes, perm, inverse = ref.permute(x, r.expert_ids, E)
-    gmm_ = functools.partial(grouped_matmul, impl=impl, interpret=interpret, tiles=tiles)
-    h = gmm_(xs, w_gate_up, group_sizes)
-    y = gmm_(ref.swiglu(h), w_down, group_sizes)
+    h = _gmm_dispatch(xs, w_gate_up, group_sizes, False, impl, interpret, tiles)
+    y = _gmm_dispatch(ref.swiglu(h), w_down, group_sizes, False, impl, interpret, tiles)
     return MoEOutput(ref.unpermute(y, r.weights, perm, inverse), r.load_balance_loss, r.z_loss)

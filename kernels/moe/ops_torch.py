@@ -1,29 +1,34 @@
 """PyTorch MoE ops: validation, dispatch and ``torch.library`` registration.
 
-Public functions (re-exported by ``kernels.torch``):
+Public functions (re-exported by ``plum_kernels.torch``):
 
 - ``moe_route(router_logits, top_k, *, score, bias, renormalize, impl)``
 - ``moe_permute(x, expert_ids, num_experts, *, impl, validate)``
-- ``moe_unpermute(y, weights, permutation, inverse, *, impl)``
+- ``moe_unpermute(y, weights, permutation, inverse, *, impl, validate)``
 - ``grouped_matmul(x, w, group_sizes, *, transpose_w, impl, validate)``
 - ``moe_mlp(x, router_logits, w_gate_up, w_down, top_k, *, score, bias,
   renormalize, impl)``
 
-Each wraps a ``plum_moe::*`` custom op that carries ``impl`` as a string
+Each wraps a ``plum_kernels::*`` custom op that carries ``impl`` as a string
 argument, so ``impl="reference"`` and ``impl="triton"`` go through the same
 registration (fake tensors for ``torch.compile``, ``register_autograd`` for
 the backward, itself another custom op). ``impl=None`` picks Triton for CUDA
 tensors and the reference otherwise; ``impl="triton"`` on CPU tensors runs the
-Triton interpreter (the caller sets ``TRITON_INTERPRET=1``). Semantics:
+Triton interpreter (the caller sets ``TRITON_INTERPRET=1``). Contracts:
+docs/design.md, 'moe_route' .. 'moe_mlp'; exact semantics:
 ``kernels/moe/reference.py``.
 
 Host synchronisation: none inside the ops on CUDA. On CPU tensors the
 reference grouped matmuls run one product per expert (``*_segments`` in the
 reference: the group sizes are read on the host, which costs nothing there).
-The public ``moe_permute`` and
-``grouped_matmul`` check the *values* of ``expert_ids`` / ``group_sizes``
-(range, sum) when ``validate=True`` (the default), which reads them back once;
-``moe_mlp`` builds them itself and skips that.
+The public ``moe_permute``, ``moe_unpermute`` and ``grouped_matmul`` check
+the *values* of ``expert_ids`` / ``permutation`` and ``inverse`` /
+``group_sizes`` (ranges, consistency, sum) when ``validate=True`` (the
+default), which reads them back once per call; ``moe_mlp`` builds them itself
+and skips that. The argument checks are ``checks.py``'s, shared with the JAX
+ops. Without the value checks the results are undefined for bad values, but
+no kernel reads or writes outside its tensors (the Triton kernels clamp every
+row index they compute an address from).
 """
 from __future__ import annotations
 
@@ -32,15 +37,23 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .._checks import describe
 from .._dispatch import resolve_torch_impl
 from . import reference as ref
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SCORES = ("softmax", "sigmoid")
+from .checks import (
+    check_expert_ids_values,
+    check_group_sizes_values,
+    check_grouped_matmul,
+    check_mlp,
+    check_permute,
+    check_route,
+    check_unpermute,
+    check_unpermute_values,
+)
 
 
 def _triton():
-    # Imported lazily: importing kernels.torch must not import triton.
+    # Imported lazily: importing plum_kernels.torch must not import triton.
     from . import triton_gmm, triton_permute, triton_route
     return triton_gmm, triton_permute, triton_route
 
@@ -52,7 +65,7 @@ def _route_dtype(dtype: torch.dtype) -> torch.dtype:
 # ============================================================================= route
 
 
-@torch.library.custom_op("plum_moe::route", mutates_args=())
+@torch.library.custom_op("plum_kernels::moe_route", mutates_args=())
 def _route_op(logits: Tensor, top_k: int, score: str, bias: Optional[Tensor], renormalize: bool,
               impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if impl == "triton":
@@ -71,7 +84,7 @@ def _(logits, top_k, score, bias, renormalize, impl):
             logits.new_empty((), dtype=dt), logits.new_empty((), dtype=dt), logits.new_empty(T, dtype=dt))
 
 
-@torch.library.custom_op("plum_moe::route_backward", mutates_args=())
+@torch.library.custom_op("plum_kernels::moe_route_backward", mutates_args=())
 def _route_backward_op(logits: Tensor, ids: Tensor, lse: Tensor, bias: Optional[Tensor], top_k: int,
                        score: str, renormalize: bool, grad_weights: Tensor, grad_lb: Tensor,
                        grad_z: Tensor, impl: str) -> Tensor:
@@ -133,28 +146,9 @@ def moe_route(router_logits: Tensor, top_k: int, *, score: str = "softmax", bias
     differentiable w.r.t. ``router_logits``. See ``kernels/moe/reference.py``
     for the exact formulas.
     """
-    if not isinstance(router_logits, Tensor) or router_logits.dim() != 2:
-        raise ValueError(f"router_logits must be a [T, E] tensor, got shape "
-                         f"{getattr(router_logits, 'shape', type(router_logits))}")
-    if not router_logits.is_floating_point():
-        raise TypeError(f"router_logits must be floating point, got {router_logits.dtype}")
-    T, E = router_logits.shape
-    if T == 0 or E == 0:
-        raise ValueError(f"router_logits must have T >= 1 tokens and E >= 1 experts, got shape {tuple(router_logits.shape)}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
-    if score not in _SCORES:
-        raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
-    if bias is not None:
-        if not isinstance(bias, Tensor) or tuple(bias.shape) != (E,):
-            raise ValueError(f"bias must be a [E={E}] tensor, got shape {getattr(bias, 'shape', None)}")
-        if not bias.is_floating_point():
-            raise TypeError(f"bias must be floating point, got {bias.dtype}")
-        if bias.device != router_logits.device:
-            raise ValueError(f"bias is on device {bias.device} but router_logits on {router_logits.device}")
-    impl = resolve_torch_impl(impl, router_logits.device)
-    if impl == "triton" and router_logits.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"impl='triton' takes router_logits in {_KERNEL_DTYPES}, got {router_logits.dtype}")
+    impl = resolve_torch_impl(impl, getattr(router_logits, "device", "cpu"))
+    check_route(describe("router_logits", router_logits, "[T, E]"), top_k, score,
+                None if bias is None else describe("bias", bias, "[E]"), impl)
     w, ids, lb, z, _ = _route_op(router_logits, top_k, score, bias, bool(renormalize), impl)
     return RouteOutput(w, ids, lb, z)
 
@@ -162,7 +156,7 @@ def moe_route(router_logits: Tensor, top_k: int, *, score: str = "softmax", bias
 # ============================================================================= permute / unpermute
 
 
-@torch.library.custom_op("plum_moe::combine", mutates_args=())
+@torch.library.custom_op("plum_kernels::moe_combine", mutates_args=())
 def _combine_op(y: Tensor, weights: Optional[Tensor], inverse: Tensor, k: int, impl: str) -> Tensor:
     if impl == "triton":
         return _triton()[1].combine(y, weights, inverse, k)
@@ -174,7 +168,7 @@ def _(y, weights, inverse, k, impl):
     return y.new_empty(inverse.shape[0] // k, y.shape[1])
 
 
-@torch.library.custom_op("plum_moe::permute", mutates_args=())
+@torch.library.custom_op("plum_kernels::moe_permute", mutates_args=())
 def _permute_op(x: Tensor, expert_ids: Tensor, num_experts: int, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     group_sizes, perm, inverse = ref.permute_indices(expert_ids, num_experts)
     k = expert_ids.shape[1]
@@ -207,7 +201,7 @@ def _permute_backward(ctx, gxs, ggs, gperm, ginv):
 _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 
-@torch.library.custom_op("plum_moe::unpermute", mutates_args=())
+@torch.library.custom_op("plum_kernels::moe_unpermute", mutates_args=())
 def _unpermute_op(y: Tensor, weights: Tensor, permutation: Tensor, inverse: Tensor, impl: str) -> Tensor:
     return _combine_op(y, weights, inverse, weights.shape[1], impl)
 
@@ -217,7 +211,7 @@ def _(y, weights, permutation, inverse, impl):
     return y.new_empty(weights.shape[0], y.shape[1])
 
 
-@torch.library.custom_op("plum_moe::unpermute_backward", mutates_args=())
+@torch.library.custom_op("plum_kernels::moe_unpermute_backward", mutates_args=())
 def _unpermute_backward_op(grad_out: Tensor, y: Tensor, weights: Tensor, permutation: Tensor,
                            impl: str) -> tuple[Tensor, Tensor]:
     if impl == "triton":
@@ -245,22 +239,6 @@ def _unpermute_backward(ctx, grad_out):
 _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
 
-def _check_index(name: str, t, shape: tuple, device) -> None:
-    if not isinstance(t, Tensor) or tuple(t.shape) != shape:
-        raise ValueError(f"{name} must be a {list(shape)} integer tensor, got shape {getattr(t, 'shape', type(t))}")
-    if t.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on device {t.device}, expected {device}")
-
-
-def _check_rows(name: str, t) -> None:
-    if not isinstance(t, Tensor) or t.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D [rows, features] tensor, got shape {getattr(t, 'shape', type(t))}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {t.dtype}")
-
-
 def moe_permute(x: Tensor, expert_ids: Tensor, num_experts: int, *, impl: str | None = None,
                 validate: bool = True):
     """Sort the ``k`` copies of every token stably by expert.
@@ -270,42 +248,51 @@ def moe_permute(x: Tensor, expert_ids: Tensor, num_experts: int, *, impl: str | 
       expert_ids: ``[T, k]`` int32/int64 in ``[0, num_experts)`` (``moe_route``'s).
       num_experts: ``E >= 1``.
       validate: check that every id is in range (one read-back to the host).
+        Without it, ids outside ``[0, num_experts)`` give undefined
+        ``group_sizes`` and a permutation that mixes those copies into the
+        first or last group (memory-safe).
 
     Returns ``(x_sorted [T*k, d], group_sizes [E] int32, permutation [T*k]
     int32, inverse [T*k] int32)``: sorted row ``p`` is copy
     ``permutation[p] = t*k + j`` of token ``t``; ``inverse`` is the inverse
     permutation. Differentiable w.r.t. ``x`` (the backward sums each token's
     ``k`` copies)."""
-    _check_rows("x", x)
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-    if not isinstance(expert_ids, Tensor) or expert_ids.dim() != 2 or expert_ids.shape[0] != x.shape[0]:
-        raise ValueError(f"expert_ids must be [T={x.shape[0]}, k], got shape {getattr(expert_ids, 'shape', None)}")
-    _check_index("expert_ids", expert_ids, tuple(expert_ids.shape), x.device)
+    check_permute(describe("x", x, "[T, d]"), describe("expert_ids", expert_ids, "[T, k]"), num_experts)
     if validate and expert_ids.numel():
-        lo, hi = int(expert_ids.min()), int(expert_ids.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"expert_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+        lo, hi = torch.stack([expert_ids.min(), expert_ids.max()]).tolist()
+        check_expert_ids_values(lo, hi, num_experts)
     impl = resolve_torch_impl(impl, x.device)
-    return _permute_op(x, expert_ids, num_experts, impl)
+    return _permute_op(x, expert_ids, int(num_experts), impl)
+
+
+def _unpermute_summary(permutation: Tensor, inverse: Tensor) -> tuple:
+    """``((min, max) of permutation, (min, max) of inverse, consistent)`` in
+    one read-back (the consistency gather clamps its indices)."""
+    M = inverse.shape[0]
+    perm, inv = permutation.long(), inverse.long()
+    back = perm[inv.clamp(0, M - 1)]
+    ok = (back == torch.arange(M, device=inv.device)).all()
+    vals = torch.stack([perm.min(), perm.max(), inv.min(), inv.max(), ok.long()]).tolist()
+    return (vals[0], vals[1]), (vals[2], vals[3]), bool(vals[4])
 
 
 def moe_unpermute(y: Tensor, weights: Tensor, permutation: Tensor, inverse: Tensor, *,
-                  impl: str | None = None) -> Tensor:
+                  impl: str | None = None, validate: bool = True) -> Tensor:
     """Weighted combine back to token order: ``out[t] = sum_j weights[t, j] *
     y[inverse[t*k + j]]`` (float32 accumulation), ``y [T*k, d]`` sorted by
     expert, ``weights [T, k]`` -> ``[T, d]`` in ``y.dtype``. Differentiable
-    w.r.t. ``y`` and ``weights``."""
-    _check_rows("y", y)
-    if not isinstance(weights, Tensor) or weights.dim() != 2 or weights.numel() != y.shape[0]:
-        raise ValueError(f"weights must be [T, k] with T*k = {y.shape[0]} rows of y, got shape "
-                         f"{getattr(weights, 'shape', None)}")
-    if not weights.is_floating_point():
-        raise TypeError(f"weights must be floating point, got {weights.dtype}")
-    if weights.device != y.device:
-        raise ValueError(f"weights is on device {weights.device} but y on {y.device}")
-    _check_index("permutation", permutation, (y.shape[0],), y.device)
-    _check_index("inverse", inverse, (y.shape[0],), y.device)
+    w.r.t. ``y`` and ``weights`` (the backward reads ``permutation``).
+
+    ``validate``: check that ``permutation`` and ``inverse`` lie in ``[0,
+    T*k)`` and are inverse permutations of each other, as ``moe_permute``
+    returns them (one read-back to the host). Without it, bad indices give
+    undefined values (and an ``IndexError`` from the reference); the Triton
+    kernels clamp every row index into ``[0, T*k)`` and never read or write
+    outside their tensors."""
+    check_unpermute(describe("y", y, "[T*k, d]"), describe("weights", weights, "[T, k]"),
+                    describe("permutation", permutation, "[T*k]"), describe("inverse", inverse, "[T*k]"))
+    if validate and y.shape[0]:
+        check_unpermute_values(y.shape[0], *_unpermute_summary(permutation, inverse))
     impl = resolve_torch_impl(impl, y.device)
     return _unpermute_op(y, weights, permutation, inverse, impl)
 
@@ -313,7 +300,7 @@ def moe_unpermute(y: Tensor, weights: Tensor, permutation: Tensor, inverse: Tens
 # ============================================================================= grouped matmul
 
 
-@torch.library.custom_op("plum_moe::grouped_matmul", mutates_args=())
+@torch.library.custom_op("plum_kernels::grouped_matmul", mutates_args=())
 def _gmm_op(x: Tensor, w: Tensor, group_sizes: Tensor, transpose_w: bool, impl: str) -> Tensor:
     if impl == "triton":
         return _triton()[0].gmm(x, w, group_sizes, transpose_w=transpose_w)
@@ -327,7 +314,7 @@ def _(x, w, group_sizes, transpose_w, impl):
     return x.new_empty(x.shape[0], w.shape[1] if transpose_w else w.shape[2])
 
 
-@torch.library.custom_op("plum_moe::grouped_matmul_dw", mutates_args=())
+@torch.library.custom_op("plum_kernels::grouped_matmul_dw", mutates_args=())
 def _gmm_dw_op(x: Tensor, dy: Tensor, group_sizes: Tensor, impl: str) -> Tensor:
     if impl == "triton":
         return _triton()[0].tgmm(x, dy, group_sizes)
@@ -376,33 +363,18 @@ def grouped_matmul(x: Tensor, w: Tensor, group_sizes: Tensor, *, transpose_w: bo
         rows of group ``e`` are ``offsets[e] : offsets[e+1]``. Empty groups are
         allowed (their ``dw`` is zero).
       validate: check non-negativity and the sum (one read-back to the host).
+        Without it, negative sizes or a sum other than ``M`` give undefined
+        rows; the Triton kernels clamp the groups' row ranges into ``[0, M)``
+        and never read or write outside ``x`` and the output.
 
     Returns ``[M, N]`` in ``x.dtype`` (float32 accumulation; float32 inputs
     use exact float32 products in the Triton kernel, not tf32).
     Differentiable w.r.t. ``x`` and ``w``."""
-    _check_rows("x", x)
-    if not isinstance(w, Tensor) or w.dim() != 3:
-        raise ValueError(f"w must be a 3-D [E, K, N] tensor, got shape {getattr(w, 'shape', type(w))}")
-    E = w.shape[0]
-    K = x.shape[1]
-    wk = w.shape[2] if transpose_w else w.shape[1]
-    if wk != K:
-        raise ValueError(f"w must be [E, K={K}, N]{' (transposed: [E, N, K])' if transpose_w else ''} "
-                         f"to match x [M, {K}], got shape {tuple(w.shape)}")
-    if w.dtype != x.dtype:
-        raise TypeError(f"w has dtype {w.dtype} but x has {x.dtype}; they must match")
-    if w.device != x.device:
-        raise ValueError(f"w is on device {w.device} but x on {x.device}")
-    _check_index("group_sizes", group_sizes, (E,), x.device)
+    impl = resolve_torch_impl(impl, getattr(x, "device", "cpu"))
+    check_grouped_matmul(describe("x", x, "[M, K]"), describe("w", w, "[E, K, N]"),
+                         describe("group_sizes", group_sizes, "[E]"), bool(transpose_w), impl)
     if validate:
-        if E and int(group_sizes.min()) < 0:
-            raise ValueError(f"group_sizes must be non-negative, got {group_sizes.tolist()}")
-        total = int(group_sizes.sum())
-        if total != x.shape[0]:
-            raise ValueError(f"group_sizes must sum to M = x.shape[0] = {x.shape[0]}, got {total}")
-    impl = resolve_torch_impl(impl, x.device)
-    if impl == "triton" and x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"impl='triton' takes x and w in {_KERNEL_DTYPES}, got {x.dtype}")
+        check_group_sizes_values(group_sizes.tolist(), x.shape[0])
     return _gmm_op(x, w, group_sizes.to(torch.int32), bool(transpose_w), impl)
 
 
@@ -436,27 +408,10 @@ def moe_mlp(x: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor,
 
     Returns ``MoEOutput(out [T, d], load_balance_loss, z_loss)``; all
     differentiable w.r.t. ``x``, ``router_logits`` and both weights."""
-    _check_rows("x", x)
-    if not isinstance(w_gate_up, Tensor) or w_gate_up.dim() != 3 or not isinstance(w_down, Tensor) or w_down.dim() != 3:
-        raise ValueError("w_gate_up must be [E, d, 2f] and w_down [E, f, d]")
-    T, d = x.shape
-    E, f = w_down.shape[0], w_down.shape[1]
-    if tuple(w_gate_up.shape) != (E, d, 2 * f):
-        raise ValueError(f"w_gate_up must be [E={E}, d={d}, 2f={2 * f}] to match x [T, {d}] and w_down "
-                         f"{tuple(w_down.shape)}, got {tuple(w_gate_up.shape)}")
-    if tuple(w_down.shape) != (E, f, d):
-        raise ValueError(f"w_down must be [E, f, d={d}], got {tuple(w_down.shape)}")
-    if not isinstance(router_logits, Tensor) or tuple(router_logits.shape) != (T, E):
-        raise ValueError(f"router_logits must be [T={T}, E={E}], got shape {getattr(router_logits, 'shape', None)}")
-    for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
-    for name, t in (("router_logits", router_logits), ("w_gate_up", w_gate_up), ("w_down", w_down)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on device {t.device} but x on {x.device}")
-    impl = resolve_torch_impl(impl, x.device)
-    if impl == "triton" and x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"impl='triton' takes x and the weights in {_KERNEL_DTYPES}, got {x.dtype}")
+    impl = resolve_torch_impl(impl, getattr(x, "device", "cpu"))
+    check_mlp(describe("x", x, "[T, d]"), describe("router_logits", router_logits, "[T, E]"),
+              describe("w_gate_up", w_gate_up, "[E, d, 2f]"), describe("w_down", w_down, "[E, f, d]"), impl)
+    E = w_down.shape[0]
     r = moe_route(router_logits, top_k, score=score, bias=bias, renormalize=renormalize, impl=impl)
     xs, group_sizes, perm, inverse = _permute_op(x, r.expert_ids, E, impl)
     h = _gmm_op(xs, w_gate_up, group_sizes, False, impl)

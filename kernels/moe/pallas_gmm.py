@@ -31,8 +31,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 @dataclasses.dataclass(frozen=True)
 class GmmTiles:
-    """``(tm, tk, tn)`` of both kernels. Default 128 x 128 x 128 (megablox's
-    default tiling); untuned (no TPU here)."""
+    """``(tm, tk, tn)`` of both kernels. Default 128 x 128 x 128, megablox's
+    default tiling, chosen by that rule rather than by timing;
+    ``tests/kernels/moe/test_ops_jax.py`` lowers ``gmm`` and ``tgmm`` with it for TPU
+    through Mosaic."""
 
     tm: int = 128
     tk: int = 128
@@ -58,8 +60,12 @@ def group_metadata(group_sizes, m: int, tm: int):
     """-> ``(offsets [g+1], group_ids [V], m_tile_ids [V], num_visits [1])``,
     ``V = cdiv(m, tm) + g - 1`` static; spare visits repeat the last real one."""
     g = group_sizes.shape[0]
-    gs = group_sizes.astype(jnp.int32)
-    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(gs)])
+    # Offsets clamped into [0, m] (negative sizes count as 0, rows past m are
+    # dropped): whatever the traced sizes hold, every visit is a real M-tile
+    # and no block index leaves the arrays.
+    offsets = jnp.minimum(jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                           jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0))]), m)
+    gs = offsets[1:] - offsets[:-1]
     first = offsets[:-1] // tm
     last = jnp.maximum(offsets[1:] - 1, 0) // tm
     visits = jnp.where(gs > 0, last - first + 1, 0)
@@ -68,7 +74,7 @@ def group_metadata(group_sizes, m: int, tm: int):
     V = pl.cdiv(m, tm) + g - 1
     i = jnp.minimum(jnp.arange(V, dtype=jnp.int32), jnp.maximum(total - 1, 0))
     gid = jnp.minimum(jnp.searchsorted(ends, i, side="right"), g - 1).astype(jnp.int32)
-    mtile = (first[gid] + i - (ends[gid] - visits[gid])).astype(jnp.int32)
+    mtile = jnp.clip(first[gid] + i - (ends[gid] - visits[gid]), 0, max(pl.cdiv(m, tm) - 1, 0)).astype(jnp.int32)
     return offsets, gid, mtile, total.reshape(1).astype(jnp.int32)
 
 
@@ -112,7 +118,6 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiles: GmmTiles =
     """``lhs [m, k] @ rhs[g]`` per group -> ``[m, n]`` in ``lhs.dtype``;
     ``rhs [g, k, n]`` or ``[g, n, k]`` read transposed when ``transpose_rhs``."""
     m, k = lhs.shape
-    g = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tk, tn = tiles.tm, tiles.tk, tiles.tn
     lhs_p = _pad_to(_pad_to(lhs, 0, tm), 1, tk)

@@ -1,4 +1,4 @@
-"""PyTorch reference of the MoE ops (contract 3 of the design): the contract.
+"""PyTorch reference of the MoE ops: the contract (docs/design.md, 'moe_route' .. 'moe_mlp').
 
 Plain torch ops, float32 accumulation (float64 when given float64), no host
 synchronisation and no data-dependent shapes, so that every function here also
@@ -228,7 +228,7 @@ def grouped_matmul_segments(x: torch.Tensor, w: torch.Tensor, group_sizes: torch
     Same result (float32 accumulation, float64 when given float64), ``1/E``
     of the FLOPs and no ``[M, E, N]`` temporary, but it reads ``group_sizes``
     on the host and slices by it (data-dependent shapes): the CPU path of the
-    ``plum_moe::grouped_matmul`` op, whose body ``torch.compile`` does not trace."""
+    ``plum_kernels::grouped_matmul`` op, whose body ``torch.compile`` does not trace."""
     acc = _acc_dtype(x.dtype)
     N = w.shape[1] if transpose_w else w.shape[2]
     out = torch.zeros(x.shape[0], N, dtype=acc, device=x.device)

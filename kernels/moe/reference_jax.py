@@ -38,15 +38,20 @@ def permute(x, expert_ids, num_experts: int):
     k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1)
     perm = jnp.argsort(flat, stable=True).astype(jnp.int32)
-    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+    # an id outside [0, E) (possible only unchecked, under jit) belongs to no group
+    valid = (flat >= 0) & (flat < num_experts)
+    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[jnp.where(valid, flat, num_experts)].add(1, mode="drop")
     inverse = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
     return x[perm // k], group_sizes, perm, inverse
 
 
 def unpermute(y, weights, permutation, inverse):
-    """``out[t] = sum_j weights[t, j] * y[inverse[t*k + j]]`` (float32 accumulation)."""
+    """``out[t] = sum_j weights[t, j] * y[inverse[t*k + j]]`` (float32 accumulation).
+    An out-of-range ``inverse`` entry (possible only unchecked, under jit) reads a NaN row."""
     T, k = weights.shape
-    rows = y[inverse].astype(jnp.float32).reshape(T, k, y.shape[1])
+    M = y.shape[0]
+    idx = jnp.where((inverse >= 0) & (inverse < M), inverse, M)
+    rows = y.at[idx].get(mode="fill", fill_value=jnp.nan).astype(jnp.float32).reshape(T, k, y.shape[1])
     return jnp.sum(rows * weights.astype(jnp.float32)[..., None], axis=1).astype(y.dtype)
 
 

@@ -14,7 +14,10 @@ The sort itself is ``torch.sort(stable=True)`` on the device
   ``dw[a] = <dout[t], y[p]>``, both in one pass.
 
 All are memory-bound row copies: ``BLOCK_R`` rows per program, the feature
-dimension in ``BLOCK_D`` chunks.
+dimension in ``BLOCK_D`` chunks. Every row index read from ``permutation`` /
+``inverse`` is clamped into ``[0, T*k)`` before it forms an address, so
+unchecked bad indices (``validate=False``) give undefined values but never an
+access outside the tensors.
 """
 from __future__ import annotations
 
@@ -29,9 +32,15 @@ from .triton_gmm import cpu_interpreter, to_store
 
 @dataclasses.dataclass(frozen=True)
 class RowBlockSizes:
-    """Rows per program and feature chunk of the row-moving kernels. Defaults:
-    16 rows x 256 features (16 B vectors of bf16 per thread over 4 warps);
-    untuned (no GPU here)."""
+    """Rows per program and feature chunk of the row-moving kernels: a program
+    moves ``block_rows`` rows, ``block_d`` features at a time, over
+    ``num_warps`` warps. The defaults, 16 rows x 256 features over 4 warps,
+    give each thread 32 values per chunk (four 16-byte vectors of bf16).
+    These kernels are memory-bound copies; the sm_90 builds of the defaults
+    with bf16 rows (fp16 is the same code), compiled from recorded launches by
+    ``tests/support/moe_aot.py``, have no register spills (at most 90 registers per
+    thread) and no shared-memory staging. The sizes are chosen to move whole
+    16-byte vectors, not by timing."""
 
     block_rows: int = 16
     block_d: int = 256
@@ -54,7 +63,8 @@ def _gather_rows_kernel(x_ptr, out_ptr, perm_ptr, M, D, k, stride_x, stride_o,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rp = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rp < M
-    src = (tl.load(perm_ptr + rp, mask=r_mask, other=0) // k).to(tl.int64)
+    # the address is clamped (perm in [0, M), M = T * k): any permutation value reads a row of x
+    src = (tl.minimum(tl.maximum(tl.load(perm_ptr + rp, mask=r_mask, other=0), 0), M - 1) // k).to(tl.int64)
     rd = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         mask = r_mask[:, None] & (d0 + rd < D)[None, :]
@@ -73,7 +83,8 @@ def _combine_kernel(y_ptr, w_ptr, inv_ptr, out_ptr, T, D, k, stride_y, stride_o,
     rt64 = rt.to(tl.int64)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for j in range(k):
-        row = tl.load(inv_ptr + rt64 * k + j, mask=t_mask, other=0).to(tl.int64)
+        row = tl.load(inv_ptr + rt64 * k + j, mask=t_mask, other=0)
+        row = tl.minimum(tl.maximum(row, 0), T * k - 1).to(tl.int64)   # a row of y whatever inverse holds
         v = tl.load(y_ptr + row[:, None] * stride_y + rd[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_W:
             v *= tl.load(w_ptr + rt64 * k + j, mask=t_mask, other=0.0).to(tl.float32)[:, None]
@@ -88,7 +99,7 @@ def _unpermute_bwd_kernel(dout_ptr, y_ptr, w_ptr, perm_ptr, dy_ptr, dw_ptr, M, D
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, CPU_INTERP: tl.constexpr = False):
     rp = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rp < M
-    a = tl.load(perm_ptr + rp, mask=r_mask, other=0)
+    a = tl.minimum(tl.maximum(tl.load(perm_ptr + rp, mask=r_mask, other=0), 0), M - 1)   # a copy in [0, T*k)
     t = (a // k).to(tl.int64)
     w = tl.load(w_ptr + a, mask=r_mask, other=0.0).to(tl.float32)
     rp64 = rp.to(tl.int64)

@@ -3,12 +3,26 @@ and the per-block partial sums behind the auxiliary losses (forward and
 backward). Semantics: ``kernels/moe/reference.py``.
 
 One program owns ``BLOCK_T`` tokens and all ``E`` experts (``E`` padded to a
-power of two), so a token's softmax, top-k and renormalisation never leave
-registers. Top-k is ``k`` rounds of ``argmax`` (ties go to the lower expert
-id) over ``s + bias``, knocking the winner out each round. The losses'
-reductions over tokens are deterministic: each program writes its partial
-column sums of ``p`` and its expert counts into a ``[num_blocks, E]`` buffer,
-which torch sums (no atomics).
+power of two, ``BLOCK_E``), so a token's softmax, top-k and renormalisation
+never leave registers. Top-k is ``k`` rounds of ``argmax`` (ties go to the
+lower expert id) over ``s + bias``, knocking the winner out each round. The
+losses' reductions over tokens are deterministic: each program writes its
+partial column sums of ``p`` into a ``[num_blocks, E]`` buffer, which torch
+sums (no atomics); the expert counts come from the ids (integer counts,
+exact in any order).
+
+Tile rule (``RouteBlockSizes``): ``BLOCK_T = clamp(tile_elems // BLOCK_E,
+1, 128)`` and ``num_warps = clamp(BLOCK_T * BLOCK_E // (32 *
+values_per_thread), 4, 16)``: with the defaults (2048, 16) a program holds
+128 tokens at ``E <= 16``, 8 at ``E = 256``, one at ``E >= 2048`` (8 warps at
+4096), and every ``[BLOCK_T, BLOCK_E]`` float32 array of a program is at most
+16 values per thread at any ``E``. The kernels keep a few such arrays live
+(the scores and the knocked-out selection scores in the forward; the scores,
+the scattered weight gradient and its products in the backward), so the
+sm_90 builds need at most 160 registers per thread and never spill for
+``E <= 256`` (``tests/support/moe_aot.py`` compiles one case per tile the rule gives
+there, forward and backward). Twice the values per thread (4096-value tiles
+over 4 warps) puts the backward at the 255-register cap.
 """
 from __future__ import annotations
 
@@ -24,24 +38,41 @@ from .triton_gmm import cpu_interpreter, to_store
 MAX_EXPERTS = 4096
 
 
+def _check_pow2(name: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RouteBlockSizes:
-    """``tokens_per_block_elems``: the register tile ``BLOCK_T * BLOCK_E`` (tokens
-    x padded experts) a program holds; 4096 float32 over 4 warps is 32 values
-    per thread. Untuned (no GPU here); the router is memory-bound and tiny
-    next to the expert GEMMs."""
+    """Register tile of the router kernels: a program holds ``BLOCK_T`` tokens
+    by ``BLOCK_E`` (``E`` padded to a power of two) scores.
 
-    tile_elems: int = 4096
-    num_warps: int = 4
+    ``tile_elems``: the target ``BLOCK_T * BLOCK_E``; ``BLOCK_T`` is
+    ``tile_elems // BLOCK_E`` clamped to [1, 128] (at ``E > tile_elems`` a
+    program holds one token, all its experts).
+    ``values_per_thread``: float32 values of one ``[BLOCK_T, BLOCK_E]`` array
+    per thread, which sets the warps (4 to 16). With 16 the sm_90 builds use
+    at most 160 of the 255 registers a thread may have and never spill for
+    ``E <= 256``, as ``tests/support/moe_aot.py`` verifies for every tile this rule
+    gives there (see the module docstring). The router is memory-bound and
+    small next to the expert GEMMs: these sizes are chosen to fit the
+    register file, not by timing.
+    """
+
+    tile_elems: int = 2048
+    values_per_thread: int = 16
 
     def __post_init__(self):
-        if not isinstance(self.tile_elems, int) or self.tile_elems < 16 or self.tile_elems & (self.tile_elems - 1):
-            raise ValueError(f"tile_elems must be a power of two >= 16, got {self.tile_elems!r}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps!r}")
+        _check_pow2("tile_elems", self.tile_elems, 16, MAX_EXPERTS)
+        _check_pow2("values_per_thread", self.values_per_thread, 1, 64)
 
     def block_t(self, E: int) -> int:
         return max(1, min(128, self.tile_elems // triton.next_power_of_2(E)))
+
+    def num_warps(self, E: int) -> int:
+        tile = self.block_t(E) * triton.next_power_of_2(E)
+        return max(4, min(16, tile // (32 * self.values_per_thread)))
 
 
 DEFAULT_ROUTE_BLOCKS = RouteBlockSizes()
@@ -66,7 +97,7 @@ def _scores(l, col_mask, SIGMOID: tl.constexpr):
 
 
 @triton.jit
-def _route_fwd_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, lse_ptr, psum_ptr, cnt_ptr,
+def _route_fwd_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, lse_ptr, psum_ptr,
                       T, E, k, stride_lt,
                       HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr,
                       EPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -82,6 +113,9 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, lse_ptr, psum_ptr, c
                 mask=t_mask[:, None] & col_mask, other=float("-inf")).to(tl.float32)
     l = tl.where(t_mask[:, None] & col_mask, l, tl.where(col_mask, 0.0, float("-inf")))
     s, p, q, lse = _scores(l, col_mask, SIGMOID)
+    # the loss partials first: p is dead before the top-k loop
+    tl.store(lse_ptr + rt, lse, mask=t_mask)
+    tl.store(psum_ptr + pid * E + re, tl.sum(tl.where(t_mask[:, None], p, 0.0), axis=0), mask=e_mask)
 
     sel = s
     if HAS_BIAS:
@@ -89,14 +123,16 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, lse_ptr, psum_ptr, c
     sel = tl.where(col_mask, sel, float("-inf"))
     w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
-    picked = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     for j in range(k):
-        best = tl.argmax(sel, axis=1, tie_break_left=True).to(tl.int32)
+        # ties go to the lower expert id; without a bias sel is s on the real
+        # experts, so the maximum is the winner's score exactly
+        val, best = tl.max(sel, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        best = best.to(tl.int32)
         hit = re[None, :] == best[:, None]
-        val = tl.sum(tl.where(hit, s, 0.0), axis=1)
+        if HAS_BIAS:
+            val = tl.sum(tl.where(hit, s, 0.0), axis=1)
         w = tl.where(rk[None, :] == j, val[:, None], w)
         ids = tl.where(rk[None, :] == j, best[:, None], ids)
-        picked += tl.where(hit, 1.0, 0.0)
         sel = tl.where(hit, float("-inf"), sel)
     if RENORM:
         w = w / (tl.sum(w, axis=1)[:, None] + EPS)
@@ -104,10 +140,6 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, lse_ptr, psum_ptr, c
     out_off = rt.to(tl.int64)[:, None] * k + rk[None, :]
     tl.store(w_ptr + out_off, w, mask=out_mask)
     tl.store(ids_ptr + out_off, ids, mask=out_mask)
-    tl.store(lse_ptr + rt, lse, mask=t_mask)
-    row_ok = t_mask[:, None]
-    tl.store(psum_ptr + pid * E + re, tl.sum(tl.where(row_ok, p, 0.0), axis=0), mask=e_mask)
-    tl.store(cnt_ptr + pid * E + re, tl.sum(tl.where(row_ok, picked, 0.0), axis=0), mask=e_mask)
 
 
 @triton.jit
@@ -170,28 +202,44 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, gw_ptr, c_ptr, lse_ptr, dl_ptr,
 
 def _route_meta(E: int, k: int, block_sizes: RouteBlockSizes | None):
     bs = block_sizes or DEFAULT_ROUTE_BLOCKS
-    return bs, bs.block_t(E), triton.next_power_of_2(E), triton.next_power_of_2(max(k, 1))
+    return bs.block_t(E), triton.next_power_of_2(E), triton.next_power_of_2(max(k, 1)), bs.num_warps(E)
 
 
-def route_forward(logits: torch.Tensor, top_k: int, score: str, bias: torch.Tensor | None,
-                  renormalize: bool, *, block_sizes: RouteBlockSizes | None = None):
-    """-> ``(weights [T, k] f32, ids [T, k] int32, lse [T] f32, load_balance, z_loss)``."""
+def expert_counts(ids: torch.Tensor, E: int) -> torch.Tensor:
+    """Copies routed to each expert, float32 ``[E]`` (integer counts: exact and
+    the same in any summation order; device ops, no host sync)."""
+    flat = ids.reshape(-1).long()
+    counts = torch.zeros(E, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones(flat.shape, dtype=torch.int32, device=ids.device))
+    return counts.float()
+
+
+def launch_route_forward(logits: torch.Tensor, top_k: int, score: str, bias: torch.Tensor | None,
+                         renormalize: bool, block_sizes: RouteBlockSizes | None = None):
+    """The forward kernel alone -> ``(weights, ids, lse, psum [num_blocks, E])``."""
     T, E = logits.shape
-    bs, BT, BE, BK = _route_meta(E, top_k, block_sizes)
-    logits = logits.contiguous() if logits.stride(1) != 1 else logits
+    BT, BE, BK, warps = _route_meta(E, top_k, block_sizes)
     dev = logits.device
     w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
     lse = torch.empty(T, dtype=torch.float32, device=dev)
     nb = triton.cdiv(T, BT)
     psum = torch.empty(nb, E, dtype=torch.float32, device=dev)
-    cnt = torch.empty(nb, E, dtype=torch.float32, device=dev)
     if T > 0:
-        _route_fwd_kernel[(nb,)](logits, bias if bias is not None else logits, w, ids, lse, psum, cnt,
+        _route_fwd_kernel[(nb,)](logits, bias if bias is not None else logits, w, ids, lse, psum,
                                  T, E, top_k, logits.stride(0),
                                  HAS_BIAS=bias is not None, SIGMOID=score == "sigmoid", RENORM=renormalize,
-                                 EPS=RENORM_EPS, BLOCK_T=BT, BLOCK_E=BE, BLOCK_K=BK, num_warps=bs.num_warps)
-    f = cnt.sum(0) / (T * top_k)
+                                 EPS=RENORM_EPS, BLOCK_T=BT, BLOCK_E=BE, BLOCK_K=BK, num_warps=warps)
+    return w, ids, lse, psum
+
+
+def route_forward(logits: torch.Tensor, top_k: int, score: str, bias: torch.Tensor | None,
+                  renormalize: bool, *, block_sizes: RouteBlockSizes | None = None):
+    """-> ``(weights [T, k] f32, ids [T, k] int32, lse [T] f32, load_balance, z_loss)``."""
+    T, E = logits.shape
+    logits = logits.contiguous() if logits.stride(1) != 1 else logits
+    w, ids, lse, psum = launch_route_forward(logits, top_k, score, bias, renormalize, block_sizes)
+    f = expert_counts(ids, E) / (T * top_k)
     lb = E * (f * psum.sum(0) / T).sum()
     z = lse.square().mean()
     return w, ids, lse, lb, z
@@ -202,11 +250,9 @@ def route_backward(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, s
                    grad_z: torch.Tensor, *, block_sizes: RouteBlockSizes | None = None) -> torch.Tensor:
     T, E = logits.shape
     k = ids.shape[1]
-    bs, BT, BE, BK = _route_meta(E, k, block_sizes)
+    BT, BE, BK, warps = _route_meta(E, k, block_sizes)
     logits = logits.contiguous() if logits.stride(1) != 1 else logits
-    counts = torch.zeros(E, dtype=torch.float32, device=logits.device).scatter_add_(
-        0, ids.reshape(-1).long(), torch.ones(ids.numel(), dtype=torch.float32, device=logits.device))
-    c = (grad_lb.float() * E / T) * (counts / (T * k))
+    c = (grad_lb.float() * E / T) * (expert_counts(ids, E) / (T * k))
     gz_scale = (grad_z.float() * 2.0 / T).reshape(1)
     dl = torch.empty(T, E, dtype=logits.dtype, device=logits.device)
     if T > 0:
@@ -214,5 +260,5 @@ def route_backward(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, s
             logits, ids.contiguous(), grad_weights.float().contiguous(), c, lse, dl,
             T, E, k, logits.stride(0), dl.stride(0), gz_scale,
             SIGMOID=score == "sigmoid", RENORM=renormalize, EPS=RENORM_EPS,
-            BLOCK_T=BT, BLOCK_E=BE, BLOCK_K=BK, CPU_INTERP=cpu_interpreter(logits), num_warps=bs.num_warps)
+            BLOCK_T=BT, BLOCK_E=BE, BLOCK_K=BK, CPU_INTERP=cpu_interpreter(logits), num_warps=warps)
     return dl

@@ -5,7 +5,7 @@ position of the training sequences (RecBole's CE variant of SASRec, which
 beats the original negative-sampling loss).
 
 Packed like the LM (no padding): a batch is item sequences back to back with
-``cu_seqlens``; attention is ``kernels.torch.history_attention``. Scores of a
+``cu_seqlens``; attention is ``plum_kernels.torch.history_attention``. Scores of a
 position are ``h @ item_embedding.T`` (tied input/output table).
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels.torch as K
-from plum.model.model import cu_seqlens_from_lengths, positions_from_cu_seqlens
-from plum.retrieval.metrics import drop_history, evaluate_lists, topk_from_scores
-from plum.train.corpus import Example, PackedBatch, check_histories
+import plum_kernels.torch as K
+from plumrec.metrics import drop_history, evaluate_lists, topk_from_scores
+from plumrec.model.model import cu_seqlens_from_lengths, positions_from_cu_seqlens
+from plumrec.sequences import Example, PackedBatch, check_histories
 
 __all__ = ["SASRecConfig", "SASRec", "SequenceDataset", "sasrec_loss"]
 
@@ -93,7 +93,7 @@ class SASRec(nn.Module):
     def item_embeddings(self) -> np.ndarray:
         """The trained item table ``[num_items, hidden_size]`` float32, a copy on the CPU: a
         collaborative item embedding (items bought in the same contexts lie close), e.g. a
-        second input of the SID tokenizer (:meth:`plum.sid.SemanticIdTokenizer.fit`)."""
+        second input of the SID tokenizer (:meth:`plumrec.sid.SemanticIdTokenizer.fit`)."""
         return self.item_embedding.weight.detach().float().cpu().numpy().copy()
 
     @torch.no_grad()
@@ -102,7 +102,7 @@ class SASRec(nn.Module):
         """Top-``k`` item indices per history (best first, ties: lower index).
 
         With ``exclude_history`` the items of each (whole, untruncated) history are never returned:
-        their scores are set to -inf before the top-k (see :mod:`plum.retrieval.metrics`).
+        their scores are set to -inf before the top-k (see :mod:`plumrec.metrics`).
         """
         check_histories(histories, self.config.num_items, "histories")
         was = self.training

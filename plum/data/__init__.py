@@ -8,10 +8,9 @@
 - :func:`make_synthetic_catalogue`: the seeded synthetic catalogue used by the
   demo and the tests (``synthetic.py``).
 - :func:`embed_texts`: cached sentence embeddings from a local BERT
-  sentence-transformers directory (``text.py``; imported lazily because it
-  needs the ``tokenizers`` package).
+  sentence-transformers directory (``text.py``).
 """
-from plum.data.formats import (
+from plumrec.data.formats import (
     load_dataset,
     load_inter_json,
     load_interaction_table,
@@ -19,9 +18,10 @@ from plum.data.formats import (
     load_items_json,
     load_sequences_txt,
 )
-from plum.data.interactions import InteractionData, cooccurrence_pairs, item_text
-from plum.data.splits import EvalSet, LeaveOneOutSplit, leave_one_out
-from plum.data.synthetic import SyntheticCatalogue, SyntheticConfig, make_synthetic_catalogue
+from plumrec.data.interactions import InteractionData, cooccurrence_pairs, item_text
+from plumrec.data.splits import EvalSet, LeaveOneOutSplit, leave_one_out
+from plumrec.data.synthetic import SyntheticCatalogue, SyntheticConfig, make_synthetic_catalogue
+from plumrec.data.text import TextEmbedder, embed_texts
 
 __all__ = [
     "InteractionData",
@@ -43,10 +43,3 @@ __all__ = [
     "TextEmbedder",
 ]
 
-
-def __getattr__(name):  # lazy: the text model path needs `tokenizers`
-    if name in ("embed_texts", "TextEmbedder"):
-        from plum.data import text
-
-        return getattr(text, name)
-    raise AttributeError(f"module 'plum.data' has no attribute {name!r}")

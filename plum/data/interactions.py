@@ -1,6 +1,6 @@
 """The in-memory form of a recommendation dataset.
 
-Every loader in :mod:`plum.data.formats` and the synthetic catalogue return an
+Every loader in :mod:`plumrec.data.formats` and the synthetic catalogue return an
 :class:`InteractionData`: per-user item sequences in time order over a dense
 item index ``0 .. num_items - 1``, the raw user and item IDs of the source
 files, and optional per-item metadata (title, description, categories, ...).
@@ -128,7 +128,7 @@ def cooccurrence_pairs(
     after it (``window=1``: consecutive items). Self pairs (the same item
     twice in a row) are dropped; repeated pairs are kept, so a pair's
     multiplicity is its weight. This is the ``cooccurrence`` input of
-    :meth:`plum.sid.SemanticIdTokenizer.fit` and of the quality report.
+    :meth:`plumrec.sid.SemanticIdTokenizer.fit` and of the quality report.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from plum.data.interactions import InteractionData
+from plumrec.data.interactions import InteractionData
 
 __all__ = ["EvalSet", "LeaveOneOutSplit", "leave_one_out"]
 

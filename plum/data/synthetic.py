@@ -20,7 +20,7 @@ Generative story (all draws from ``numpy.random.default_rng(seed)``):
 
 So the next item depends strongly on the previous item's topic and on the
 user's topics, which a model can learn and which global popularity cannot
-capture (``tests/test_data_synthetic.py`` checks that a topic-aware predictor
+capture (``tests/plum/data/test_synthetic.py`` checks that a topic-aware predictor
 beats popularity by a wide margin).
 
 Two cheap content embeddings come with it, so the SID tokenizer and the demo
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from plum.data.interactions import InteractionData
+from plumrec.data.interactions import InteractionData
 
 __all__ = ["SyntheticConfig", "SyntheticCatalogue", "make_synthetic_catalogue"]
 
@@ -147,9 +147,31 @@ def make_synthetic_catalogue(config: SyntheticConfig | None = None, **overrides)
     pop = 1.0 / (ranks + 1.0) ** c.zipf_exponent
     pop /= pop.sum()
 
+    items = _item_metadata(rng, topics, sub % S, topic_words, sub_words)
+    theta, sequences = _sessions(rng, c, topics, sub, pop)
+    text, meta_emb = _content_embeddings(rng, c, items, sorted(taken), topics, sub)
+    data = InteractionData(
+        sequences=tuple(sequences),
+        user_ids=tuple(f"user_{u}" for u in range(c.num_users)),
+        item_ids=tuple(f"item_{i}" for i in range(N)),
+        items=tuple(items),
+    )
+    return SyntheticCatalogue(
+        config=c,
+        data=data,
+        topics=topics,
+        subtopics=sub,
+        popularity=pop,
+        user_topics=theta,
+        embeddings={"text": text.astype(np.float32), "meta": meta_emb.astype(np.float32)},
+    )
+
+
+def _item_metadata(rng, topics: np.ndarray, subtopic: np.ndarray, topic_words, sub_words) -> list[dict]:
+    """Every item's title (subtopic word, topic word, generic word, number), description and categories."""
     items = []
-    for i in range(N):
-        t, s = int(topics[i]), int(sub[i] % S)
+    for i in range(len(topics)):
+        t, s = int(topics[i]), int(subtopic[i])
         tw, sw = topic_words[t], sub_words[t][s]
         title = " ".join([
             sw[rng.integers(len(sw))].capitalize(),
@@ -167,8 +189,13 @@ def make_synthetic_catalogue(config: SyntheticConfig | None = None, **overrides)
             "description": " ".join(desc_words).capitalize() + ".",
             "categories": [[f"topic {t}", f"subtopic {t}.{s}"]],
         })
+    return items
 
-    # Sessions.
+
+def _sessions(rng, c: SyntheticConfig, topics: np.ndarray, sub: np.ndarray,
+              pop: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(theta [U, T], sequences)``: each user's topic mixture and item sequence (module docstring)."""
+    T, S = c.num_topics, c.subtopics_per_topic
     by_topic = [np.flatnonzero(topics == t) for t in range(T)]
     by_sub = [np.flatnonzero(sub == g) for g in range(T * S)]
     cum_topic = [np.cumsum(pop[ix]) for ix in by_topic]
@@ -193,9 +220,14 @@ def make_synthetic_catalogue(config: SyntheticConfig | None = None, **overrides)
                 item = _weighted_pick(rng, by_topic[t], cum_topic[t], prev)
             seq[k] = prev = item
         sequences.append(seq)
+    return theta, sequences
 
-    # Content embeddings.
-    vocab = sorted(taken)
+
+def _content_embeddings(rng, c: SyntheticConfig, items: list[dict], vocab: list[str], topics: np.ndarray,
+                        sub: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(text [N, text_dim], meta [N, meta_dim])``: a random projection of each item's bag of words,
+    L2-normalised, and a noisy point near its topic's and subtopic's centres."""
+    N, T, S = len(items), c.num_topics, c.subtopics_per_topic
     word_id = {w: j for j, w in enumerate(vocab)}
     bow = np.zeros((N, len(vocab)))
     for i, meta in enumerate(items):
@@ -208,19 +240,4 @@ def make_synthetic_catalogue(config: SyntheticConfig | None = None, **overrides)
     centres = rng.standard_normal((T, c.meta_dim))
     offsets = 0.5 * rng.standard_normal((T * S, c.meta_dim))
     meta_emb = centres[topics] + offsets[sub] + 0.3 * rng.standard_normal((N, c.meta_dim))
-
-    data = InteractionData(
-        sequences=tuple(sequences),
-        user_ids=tuple(f"user_{u}" for u in range(c.num_users)),
-        item_ids=tuple(f"item_{i}" for i in range(N)),
-        items=tuple(items),
-    )
-    return SyntheticCatalogue(
-        config=c,
-        data=data,
-        topics=topics,
-        subtopics=sub,
-        popularity=pop,
-        user_topics=theta,
-        embeddings={"text": text.astype(np.float32), "meta": meta_emb.astype(np.float32)},
-    )
+    return text, meta_emb

@@ -16,7 +16,6 @@ file read.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plum.io import atomic_path
+from plumrec.io import atomic_path, read_json, read_npy, read_tensors
 
 __all__ = [
     "BertConfig",
@@ -76,7 +75,9 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "BertConfig":
-        raw = json.loads(Path(path).read_text())
+        raw = read_json(path)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object of BERT config fields")
         if raw.get("model_type", "bert") != "bert":
             raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not a BERT model")
         if raw.get("position_embedding_type", "absolute") != "absolute":
@@ -84,7 +85,10 @@ class BertConfig:
         if raw.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"{path}: hidden_act {raw.get('hidden_act')!r} unsupported (gelu only)")
         names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in names})
+        except TypeError as e:
+            raise ValueError(f"{path}: not a BERT config ({e})") from None
 
 
 class _Embeddings(nn.Module):
@@ -193,11 +197,12 @@ class BertEncoder(nn.Module):
 
 def _load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     if (model_dir / "model.safetensors").exists():
-        from safetensors.torch import load_file
-
-        state = load_file(str(model_dir / "model.safetensors"))
+        state = read_tensors(model_dir / "model.safetensors")
     elif (model_dir / "pytorch_model.bin").exists():
-        state = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and torch errors: name the file
+            raise ValueError(f"{model_dir / 'pytorch_model.bin'}: not a readable PyTorch state dict ({e})") from None
     else:
         raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor pytorch_model.bin")
     # Checkpoints saved from BertForX carry a "bert." prefix; the pooler and
@@ -225,17 +230,23 @@ class TextEmbedder:
             raise FileNotFoundError(f"model_dir {self.model_dir} has no config.json")
         self.config = BertConfig.from_json(self.model_dir / "config.json")
         pooling = self.model_dir / "1_Pooling" / "config.json"
-        if pooling.exists() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", True):
+        if pooling.exists() and not _json_object(pooling).get("pooling_mode_mean_tokens", True):
             raise ValueError(f"{pooling}: only mean pooling is supported")
         if max_seq_length is None:
             st = self.model_dir / "sentence_bert_config.json"
-            max_seq_length = json.loads(st.read_text()).get("max_seq_length", 512) if st.exists() else 512
+            max_seq_length = _json_object(st).get("max_seq_length", 512) if st.exists() else 512
         self.max_seq_length = int(min(max_seq_length, self.config.max_position_embeddings))
         self.device = torch.device(device)
         self.model = BertEncoder(self.config)
-        self.model.load_state_dict(_load_state_dict(self.model_dir), strict=True)
+        try:
+            self.model.load_state_dict(_load_state_dict(self.model_dir), strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{self.model_dir}: the weights do not match config.json ({e})") from None
         self.model.eval().to(self.device)
-        self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library's own error: name the file
+            raise ValueError(f"{self.model_dir / 'tokenizer.json'}: not a readable tokenizers file ({e})") from None
         self.tokenizer.enable_truncation(max_length=self.max_seq_length)
         self.tokenizer.no_padding()
 
@@ -270,6 +281,13 @@ class TextEmbedder:
             pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
             out[idx] = F.normalize(pooled, p=2, dim=1).cpu().numpy()
         return out
+
+
+def _json_object(path: Path) -> dict:
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return raw
 
 
 _FINGERPRINTS: dict[tuple, str] = {}
@@ -327,8 +345,11 @@ def embed_texts(
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = cache / f"{embedding_cache_key(texts, model_dir, max_seq_length)}.npy"
         if path.exists():
-            arr = np.load(path)
-            if arr.shape[0] == len(texts):
+            try:
+                arr = read_npy(path)
+            except ValueError:  # a damaged cache entry is recomputed and replaced
+                arr = None
+            if arr is not None and arr.ndim == 2 and arr.shape[0] == len(texts):
                 return arr
     emb = TextEmbedder(model_dir, device=device, max_seq_length=max_seq_length).encode(
         texts, batch_size=batch_size, progress=progress

@@ -10,9 +10,9 @@ it has a dense SwiGLU FFN of width ``intermediate_size``.
 Presets (:func:`preset`): ``tiny`` for the tests and ``plum demo``; ``small``
 (``tiny`` twice as wide, dropout 0.1), ``medium`` (three times as wide,
 dropout 0.2) and ``medium-deep`` (``medium`` with a third layer, a second
-MoE layer), the CPU models of the Amazon Beauty benchmark
-(``benchmarks/bench_retrieval.py``, default ``medium-deep``; chosen on
-Beauty's validation split, benchmarks/RESULTS.md); and three sizes near the activated sizes of
+MoE layer), the CPU models of ``plum run`` on Amazon Beauty (default
+``medium-deep``, ``plumrec/configs/amazon.toml``; chosen on Beauty's
+validation split); and three sizes near the activated sizes of
 PLUM's scaling study. "Activated" counts the
 parameters a token touches: attention, router, the ``top_k`` experts (or the
 dense FFN), norms and the LM head; the input embedding lookup is excluded
@@ -29,7 +29,7 @@ plum-900m  1536    22      16    4 x 128   64  8    640     934M       4.57B
 
 The large presets keep Qwen3's text vocabulary (151,936 tokens) plus PLUM's
 SID tokens (2048 + 1024 + 512 + 256) and the special tokens; their
-``vocab_size`` is a placeholder that :func:`plum.model.vocab.extend_vocabulary`
+``vocab_size`` is a placeholder that :func:`plumrec.model.vocab.extend_vocabulary`
 or the checkpoint loader replaces.
 """
 from __future__ import annotations
@@ -46,10 +46,10 @@ _KERNEL_HEAD_DIMS = (64, 128)  # head dims the Triton attention kernels take
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of :class:`plum.model.PlumLM` (validated on creation).
+    """Hyper-parameters of :class:`plumrec.model.PlumLM` (validated on creation).
 
     Field names follow Hugging Face's ``Qwen3MoeConfig`` so that a
-    ``config.json`` maps one to one (see :mod:`plum.model.hf`).
+    ``config.json`` maps one to one (see :mod:`plumrec.model.hf`).
     """
 
     vocab_size: int = 1024
@@ -73,7 +73,7 @@ class ModelConfig:
     router_z_loss_coef: float = 1e-3      # router z-loss weight
     initializer_range: float = 0.02
     hidden_dropout: float = 0.0           # dropout on the embeddings and each residual branch (training only)
-    kernel_impl: str | None = None        # impl= passed to kernels.torch (None: fastest available)
+    kernel_impl: str | None = None        # impl= passed to plum_kernels.torch (None: fastest available)
 
     def __post_init__(self):
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
@@ -192,18 +192,18 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                         num_key_value_heads=1, head_dim=64, intermediate_size=256, moe_intermediate_size=128,
                         num_experts=4, num_experts_per_tok=2, mlp_only_layers=(0,), max_position_embeddings=2048),
-    # bench_retrieval on Amazon Beauty (2.75M parameters with Beauty's 4,583-token vocabulary): width alone
-    # overfits there, width with dropout 0.1 beat tiny on the validation split.
+    # Amazon Beauty (2.75M parameters with Beauty's 4,583-token vocabulary): width alone overfits there,
+    # width with dropout 0.1 beats tiny on the validation split.
     "small": ModelConfig(vocab_size=1024, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=64, intermediate_size=512, moe_intermediate_size=256,
                          num_experts=4, num_experts_per_tok=2, mlp_only_layers=(0,), max_position_embeddings=2048,
                          hidden_dropout=0.1),
-    # bench_retrieval's default until its fifteenth run (5.30M parameters on Amazon Beauty): tiny at three times
-    # the width with dropout 0.2; beat small on the validation split at 16 and at 32 SFT epochs.
+    # Amazon Beauty (5.30M parameters): tiny at three times the width with dropout 0.2; beats small on the
+    # validation split at 16 and at 32 SFT epochs.
     "medium": _MEDIUM,
-    # bench_retrieval's default on Amazon Beauty (7.77M parameters, 6.00M activated, with its 5,239-token
-    # vocabulary): medium with a third layer (dense, MoE, MoE); beat medium on the validation split over three
-    # seeds at 3,200 SFT steps (RESULTS.md, fifteenth run).
+    # `plum run`'s default on Amazon Beauty (7.77M parameters, 6.00M activated, with its 5,239-token
+    # vocabulary): medium with a third layer (dense, MoE, MoE); beats medium on the validation split over
+    # three seeds at 3,200 SFT steps.
     "medium-deep": _MEDIUM.replace(num_hidden_layers=3),
     "plum-110m": ModelConfig(vocab_size=_LARGE_VOCAB, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
                              num_key_value_heads=4, head_dim=64, intermediate_size=2048, moe_intermediate_size=320,

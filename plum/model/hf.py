@@ -17,19 +17,20 @@ Weight mapping (``model.`` prefix dropped, ``lm_head.weight`` kept):
 
 Only what the model implements is accepted: ``model_type`` ``qwen3`` or
 ``qwen3_moe``, default RoPE, no attention bias, no sliding window. Anything
-else, or a missing/unexpected tensor, raises a ``ValueError`` naming it.
+else, or a missing/unexpected tensor, raises a ``ValueError`` naming it; so does
+a damaged file (truncated, not JSON, not safetensors), naming the file.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from plum.model.config import ModelConfig
-from plum.model.model import PlumLM
-from plum.model.vocab import TextTokenizer
+from plumrec.io import MissingFileError, read_json, read_tensors, require_file
+from plumrec.model.config import ModelConfig
+from plumrec.model.model import PlumLM
+from plumrec.model.vocab import TextTokenizer
 
 __all__ = ["load_hf_config", "load_hf_model", "load_tokenizer", "SUPPORTED_MODEL_TYPES"]
 
@@ -37,11 +38,10 @@ SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: a Hugging Face checkpoint directory needs it") from None
+    raw = read_json(require_file(path, "a Hugging Face checkpoint directory needs it"))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def load_hf_config(path: str | os.PathLike, **overrides) -> ModelConfig:
@@ -59,11 +59,22 @@ def load_hf_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"checkpoint {path} has hidden_act {hf.get('hidden_act')!r}; only 'silu' is supported")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{path / 'config.json'}: rope_parameters / rope_scaling must be an object, got {rope!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ValueError(f"checkpoint {path} uses RoPE scaling {rope_type!r}; only default RoPE is supported")
+    try:
+        return _config_fields(hf, rope, mt == "qwen3_moe", overrides)
+    except KeyError as e:
+        raise ValueError(f"{path / 'config.json'} lacks the field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        given = f" with the overrides {sorted(overrides)}" if overrides else ""
+        raise ValueError(f"{path / 'config.json'}{given}: {e}") from None
+
+
+def _config_fields(hf: dict, rope: dict, moe: bool, overrides: dict) -> ModelConfig:
     theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-    moe = mt == "qwen3_moe"
     experts = int(hf.get("num_experts", hf.get("num_local_experts", 0))) if moe else 0
     fields = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=hf["num_hidden_layers"],
@@ -88,19 +99,20 @@ def load_hf_config(path: str | os.PathLike, **overrides) -> ModelConfig:
 
 
 def _open_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.exists():
-        return load_file(str(single))
+        return read_tensors(single)
     if index.exists():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and Path(v).name == v
+                                                       for v in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard files in {path}")
         out: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            out.update(load_file(str(path / shard)))
+        for shard in sorted(set(weight_map.values())):
+            out.update(read_tensors(require_file(path / shard, f"{index} lists it")))
         return out
-    raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    raise MissingFileError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
 
 
 def _map_state_dict(raw: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
@@ -167,6 +179,5 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
     """The checkpoint's ``tokenizer.json`` through the ``tokenizers`` library."""
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.exists():
-        raise FileNotFoundError(f"{file} not found: the checkpoint needs a tokenizer.json (tokenizers format)")
+    require_file(file, "the checkpoint needs a tokenizer.json (tokenizers format)")
     return TextTokenizer.load(str(file))

@@ -2,9 +2,9 @@
 
 Every batch is *packed*: the tokens of B sequences lie back to back in one
 ``[T]`` vector delimited by ``cu_seqlens`` int32 ``[B+1]`` (no padding), and
-attention is ``kernels.torch.history_attention`` over those jagged sequences.
+attention is ``plum_kernels.torch.history_attention`` over those jagged sequences.
 Feed-forward layers are either a dense SwiGLU FFN or a dropless mixture of
-SwiGLU experts through ``kernels.torch.moe_mlp`` (top-k softmax router).
+SwiGLU experts through ``plum_kernels.torch.moe_mlp`` (top-k softmax router).
 
 Layer (pre-norm, Qwen3)::
 
@@ -23,14 +23,14 @@ Serving (generative retrieval) uses two more entry points:
   :meth:`PlumLM.prefix_cache` builds a ``[B, S, Hkv, D]`` cache per layer,
   stored once per user;
 - :meth:`PlumLM.decode_step` advances W beams per user by one token with
-  ``kernels.torch.beam_decode_attention``, reading that shared prefix once
+  ``plum_kernels.torch.beam_decode_attention``, reading that shared prefix once
   for all beams and each beam's few generated tokens from a ``[B, W, s, Hkv,
   D]`` suffix cache (:class:`BeamCache`).
 
 Parameter names follow Hugging Face's Qwen3 / Qwen3-MoE modules
 (``layers.{i}.self_attn.q_proj.weight`` ...) except the experts, stored as
 ``mlp.w_gate_up [E, d, 2f]`` and ``mlp.w_down [E, f, d]`` (the layout of
-``moe_mlp``); :mod:`plum.model.hf` does the mapping.
+``moe_mlp``); :mod:`plumrec.model.hf` does the mapping.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels.torch as K
-from plum.model.config import ModelConfig
+import plum_kernels.torch as K
+from plumrec.model.config import ModelConfig
 
 __all__ = ["PlumLM", "LMOutput", "BeamCache", "RMSNorm", "cu_seqlens_from_lengths", "positions_from_cu_seqlens"]
 
@@ -69,8 +69,8 @@ def positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
 def _check_cu_seqlens(cu_seqlens, total: int) -> None:
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
             or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be an int32 tensor [B+1] with B >= 1, got "
-                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} {tuple(getattr(cu_seqlens, 'shape', ()))}")
+        got = f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} {tuple(getattr(cu_seqlens, 'shape', ()))}"
+        raise ValueError(f"cu_seqlens must be an int32 tensor [B+1] with B >= 1, got {got}")
     cu = cu_seqlens.tolist()
     if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu[:-1], cu[1:])):
         raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T = {total} "
@@ -191,7 +191,7 @@ class DenseMLP(nn.Module):
 
 
 class MoEMLP(nn.Module):
-    """Top-k softmax router + dropless SwiGLU experts through ``kernels.torch.moe_mlp``."""
+    """Top-k softmax router + dropless SwiGLU experts through ``plum_kernels.torch.moe_mlp``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -331,7 +331,8 @@ class PlumLM(nn.Module):
     # -- forward ---------------------------------------------------------------------
     def _check_ids(self, input_ids: Tensor) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be an int64/int32 tensor [T], got {getattr(input_ids, 'dtype', input_ids)}")
+            raise TypeError("input_ids must be an int64/int32 tensor [T], got "
+                            f"{getattr(input_ids, 'dtype', input_ids)}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got range "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")

@@ -22,7 +22,7 @@ to the SID rows: each code's codeword through a fixed random projection, so
 that codes the tokenizer put close together start close in the model too.
 
 Text tokenizers (:class:`TextTokenizer`) wrap a ``tokenizers.Tokenizer``:
-either a checkpoint's ``tokenizer.json`` (:func:`plum.model.hf.load_tokenizer`)
+either a checkpoint's ``tokenizer.json`` (:func:`plumrec.model.hf.load_tokenizer`)
 or, when training from scratch, a word-level tokenizer fitted on the
 catalogue text (:func:`train_word_tokenizer`).
 """
@@ -34,6 +34,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from plumrec.io import atomic_path, require_file
 
 __all__ = ["SIDVocab", "SPECIAL_TOKENS", "TextTokenizer", "extend_vocabulary", "init_sid_embeddings",
            "train_word_tokenizer"]
@@ -151,13 +153,31 @@ class SIDVocab:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SIDVocab":
-        return cls(int(d["base_size"]), tuple(d["codebook_sizes"]), tuple(d["special_tokens"]),
-                   tuple(d.get("feature_tokens", ())))
+        """The inverse of :meth:`to_dict`; a missing or malformed field is a ``ValueError`` naming it."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a SIDVocab dict must be a mapping, got {type(d).__name__}")
+        d = {"feature_tokens": [], **d}
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_list(v, of) -> bool:
+            return isinstance(v, (list, tuple)) and all(of(x) for x in v)
+
+        for name, ok, want in (("base_size", is_int(d.get("base_size")), "an int"),
+                               ("codebook_sizes", is_list(d.get("codebook_sizes"), is_int), "a list of ints"),
+                               ("special_tokens", is_list(d.get("special_tokens"), lambda x: isinstance(x, str)),
+                                "a list of strings"),
+                               ("feature_tokens", is_list(d["feature_tokens"], lambda x: isinstance(x, str)),
+                                "a list of strings")):
+            if not ok:
+                raise ValueError(f"SIDVocab field {name!r} must be {want}, got {d.get(name)!r}")
+        return cls(d["base_size"], tuple(d["codebook_sizes"]), tuple(d["special_tokens"]), tuple(d["feature_tokens"]))
 
 
 @torch.no_grad()
 def extend_vocabulary(model, vocab: SIDVocab, *, noise_scale: float = 0.1, seed: int = 0):
-    """Grow ``model`` (a :class:`plum.model.PlumLM`) from ``vocab.base_size`` to ``vocab.size`` tokens.
+    """Grow ``model`` (a :class:`plumrec.model.PlumLM`) from ``vocab.base_size`` to ``vocab.size`` tokens.
 
     The model's current vocabulary must be exactly the base (text) vocabulary.
     New embedding rows (and untied LM-head rows) are ``mean + noise_scale *
@@ -203,10 +223,10 @@ def init_sid_embeddings(model, vocab: SIDVocab, codewords: Sequence, *, scale: f
     starts to favour codes near the one the hidden state points at.
 
     Args:
-        model: a :class:`plum.model.PlumLM` whose vocabulary is ``vocab.size``.
+        model: a :class:`plumrec.model.PlumLM` whose vocabulary is ``vocab.size``.
         vocab: the SID vocabulary (its ``codebook_sizes`` must match ``codewords``).
         codewords: one ``[V_l, D]`` array per level
-            (:attr:`plum.sid.SemanticIdTokenizer.codewords`).
+            (:attr:`plumrec.sid.SemanticIdTokenizer.codewords`).
         scale: mean L2 norm of the added rows per level, > 0 (an initialised row
             of ``hidden_size`` 384 and ``initializer_range`` 0.02 has norm ~0.39).
         seed: seed of the projections.
@@ -258,13 +278,20 @@ class TextTokenizer:
         return self.tokenizer.decode(list(ids))
 
     def save(self, path: str) -> None:
-        self.tokenizer.save(str(path))
+        """Write the ``tokenizer.json`` file ``path`` atomically."""
+        with atomic_path(path) as tmp:
+            self.tokenizer.save(str(tmp))
 
     @classmethod
     def load(cls, path: str) -> "TextTokenizer":
+        """A ``tokenizer.json`` file; a missing or unreadable one is a ``ValueError`` naming it."""
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(path)))
+        path = require_file(path, "a text tokenizer (tokenizers' tokenizer.json)")
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as e:  # the tokenizers library's own error
+            raise ValueError(f"{path}: not a readable tokenizers file ({e}); it may be truncated or damaged") from None
 
     @classmethod
     def from_json(cls, text: str) -> "TextTokenizer":

@@ -6,7 +6,7 @@ For a batch of B users:
    without padding, through ``history_attention``; keep each layer's keys and
    values as a prefix cache ``[B, S, Hkv, D]`` stored once per user, and the
    level-0 logits at each prompt's last token.
-2. **Constrained beam search** (``kernels.torch.constrained_beam_search``) over
+2. **Constrained beam search** (``plum_kernels.torch.constrained_beam_search``) over
    the L SID levels with W beams per user: the step function reorders the
    per-beam suffix cache by the beams' parents, feeds each beam's newest code
    through :meth:`PlumLM.decode_step` (``beam_decode_attention``: the W beams
@@ -16,32 +16,54 @@ For a batch of B users:
 3. **Items**: beams best first, each SID's items from the trie (collisions
    keep all their items, in trie order), without the user's history items if
    ``exclude_history`` (then the W beams must leave K others: W > K), cut to K.
+4. **Non-finite scores**: a user whose beams score NaN or ``inf`` (the model produced a
+   non-finite logit for it; the search keeps such beams, it never empties them) raises a
+   ``ValueError`` naming the users, or with ``on_nonfinite="skip"`` gets an empty list and is
+   counted in ``nonfinite`` (``evaluate`` reports that count).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
 
-import kernels.torch as K
-from plum.model.model import PlumLM, cu_seqlens_from_lengths
-from plum.model.vocab import SIDVocab
-from plum.retrieval.metrics import drop_history, evaluate_lists
-from plum.sid.trie import SIDTrie
-from plum.train.corpus import check_histories, history_tokens
+import plum_kernels.torch as K
+from plumrec.metrics import drop_history, evaluate_lists
+from plumrec.model.model import PlumLM, cu_seqlens_from_lengths
+from plumrec.model.vocab import SIDVocab
+from plumrec.sequences import check_histories, history_tokens
+from plumrec.sid.trie import SIDTrie
 
-__all__ = ["GenerativeRetriever", "Recommendations"]
+__all__ = ["GenerativeRetriever", "Recommendations", "nonfinite_users"]
+
+
+NONFINITE = ("raise", "skip")
 
 
 @dataclass
 class Recommendations:
-    items: list[np.ndarray]   # per user, ranked item indices (<= k)
+    items: list[np.ndarray]   # per user, ranked item indices (<= k); empty for a skipped non-finite user
     codes: np.ndarray         # [U, W, L] generated SIDs, best first (-1 in dead slots)
-    scores: np.ndarray        # [U, W] log-probabilities (-inf in dead slots)
+    scores: np.ndarray        # [U, W] log-probabilities (-inf in dead slots, NaN where the model's scores were)
     invalid: int              # finite-score beams whose SID is not in the trie
-    beams: int                # finite-score beams
+    beams: int                # finite-score beams of the users with finite scores
+    nonfinite: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # users with non-finite scores
+
+
+def nonfinite_users(scores: np.ndarray) -> np.ndarray:
+    """Rows of ``scores [U, W]`` holding a NaN or ``+inf`` (``-inf`` marks an empty slot)."""
+    bad = np.isnan(scores) | np.isposinf(scores)
+    return np.flatnonzero(bad.any(axis=1)).astype(np.int64)
+
+
+def _nonfinite_error(users: np.ndarray, first: int) -> ValueError:
+    shown = ", ".join(str(int(u)) for u in users[:10]) + (", ..." if len(users) > 10 else "")
+    return ValueError(f"the model's scores are not finite (NaN or inf) for {len(users)} user(s) of the batch starting "
+                      f"at history {first}: histories [{shown}] (indices into histories; the search stops at the "
+                      "first such batch). A NaN weight or activation in the model is the usual cause. Pass "
+                      "on_nonfinite='skip' to give these users empty lists and count them in nonfinite")
 
 
 class GenerativeRetriever:
@@ -50,12 +72,12 @@ class GenerativeRetriever:
     Args:
         model: the LM (its vocabulary must be ``vocab``).
         vocab: token layout; its codebooks must be the trie's.
-        trie: SIDs of the catalogue (:func:`plum.sid.build_trie` over ``codes``).
+        trie: SIDs of the catalogue (:func:`plumrec.sid.build_trie` over ``codes``).
         codes: ``[num_items, L]`` SIDs of the items (builds the prompts).
         beam_width: W beams per user (>= the largest K asked for).
         batch_size: users per beam search.
         max_items: prompt history window (the last ``max_items`` items).
-        impl: ``kernels.torch`` implementation of the constrained beam search
+        impl: ``plum_kernels.torch`` implementation of the constrained beam search
             (None, ``"reference"`` or ``"triton"``); default the model's
             ``config.kernel_impl``, so a model set to the reference ops decodes
             with them too.
@@ -108,50 +130,77 @@ class GenerativeRetriever:
             self._trie_arrays = self.trie.to_torch(dev)
         return K.constrained_beam_search(step_fn, self._trie_arrays, batch_size=B, beam_width=W, impl=self.impl)
 
-    def recommend(self, histories: Sequence[np.ndarray], k: int = 10, *,
-                  exclude_history: bool = False) -> Recommendations:
+    def recommend(self, histories: Sequence[np.ndarray], k: int = 10, *, exclude_history: bool = False,
+                  on_nonfinite: str = "raise") -> Recommendations:
         """Top-``k`` items for each history (item indices of the catalogue).
 
         With ``exclude_history`` the items of the history are dropped from the beams' items before
-        the cut to ``k`` (see :mod:`plum.retrieval.metrics`); a list is shorter than ``k`` only if
+        the cut to ``k`` (see :mod:`plumrec.metrics`); a list is shorter than ``k`` only if
         the ``beam_width`` beams hold fewer than ``k`` other items. ``codes`` / ``scores`` are the
         beams either way.
+
+        Non-finite scores (NaN or ``inf`` in a user's beams: the model produced a NaN or an
+        infinite logit for that user) are never taken for empty slots. ``on_nonfinite="raise"``
+        (the default) raises a ``ValueError`` naming the users of the first batch that has any;
+        ``"skip"`` gives those users empty lists, leaves their beams out of ``invalid`` / ``beams``
+        and lists them in ``nonfinite``.
         """
         check_histories(histories, self.num_items, "histories")
         if any(len(h) == 0 for h in histories):
             raise ValueError("every history needs at least one item")
         if not 1 <= k:
             raise ValueError(f"k must be >= 1, got {k}")
+        if on_nonfinite not in NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
         was_training = self.model.training
         self.model.eval()
-        all_codes, all_scores, items = [], [], []
+        all_codes, all_scores, items, skipped = [], [], [], []
         invalid = beams = 0
         try:
             for s in range(0, len(histories), self.batch_size):
                 codes, scores = self._search(histories[s:s + self.batch_size])
                 codes, scores = codes.cpu().numpy(), scores.cpu().numpy()
+                bad = nonfinite_users(scores)
+                if len(bad) and on_nonfinite == "raise":
+                    raise _nonfinite_error(bad + s, s)
+                skipped.extend((bad + s).tolist())
                 all_codes.append(codes)
                 all_scores.append(scores)
-                for c, sc, h in zip(codes, scores, histories[s:s + self.batch_size]):
-                    live = np.isfinite(sc)
-                    flat, offs = self.trie.items_flat(np.where(live[:, None], c, 0).astype(np.int64))
-                    present = np.diff(offs) > 0
-                    beams += int(live.sum())
-                    invalid += int((live & ~present).sum())
-                    ranked = [flat[offs[w]:offs[w + 1]] for w in np.flatnonzero(live & present)]
-                    ranked = np.concatenate(ranked).astype(np.int64) if ranked else np.zeros(0, np.int64)
+                for u, (c, sc, h) in enumerate(zip(codes, scores, histories[s:s + self.batch_size])):
+                    if u in bad:
+                        items.append(np.zeros(0, np.int64))
+                        continue
+                    ranked, n_live, n_invalid = self._beam_items(c, sc)
+                    beams += n_live
+                    invalid += n_invalid
                     items.append((drop_history(ranked, h) if exclude_history else ranked)[:k])
         finally:
             self.model.train(was_training)
-        return Recommendations(items, np.concatenate(all_codes), np.concatenate(all_scores), invalid, beams)
+        return Recommendations(items, np.concatenate(all_codes), np.concatenate(all_scores), invalid, beams,
+                               np.asarray(skipped, np.int64))
+
+    def _beam_items(self, codes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """One user's beams (finite scores) -> ``(items best first, live beams, live beams not in the trie)``."""
+        live = np.isfinite(scores)
+        flat, offs = self.trie.items_flat(np.where(live[:, None], codes, 0).astype(np.int64))
+        present = np.diff(offs) > 0
+        ranked = [flat[offs[w]:offs[w + 1]] for w in np.flatnonzero(live & present)]
+        ranked = np.concatenate(ranked).astype(np.int64) if ranked else np.zeros(0, np.int64)
+        return ranked, int(live.sum()), int((live & ~present).sum())
 
     def evaluate(self, histories: Sequence[np.ndarray], targets, ks: Sequence[int] = (5, 10), *,
-                 exclude_history: bool = False, return_ranks: bool = False):
+                 exclude_history: bool = False, return_ranks: bool = False, on_nonfinite: str = "raise"):
         """Recall/NDCG/coverage@K over all items plus the invalid-SID rate (``exclude_history``: see
         :meth:`recommend`). ``return_ranks``: also each user's target rank in its top ``max(ks)``
-        (``(metrics, ranks)``, see :func:`~plum.retrieval.metrics.target_ranks`)."""
+        (``(metrics, ranks)``, see :func:`~plumrec.metrics.target_ranks`).
+
+        ``nonfinite`` counts the users whose scores are not finite. With ``on_nonfinite="raise"``
+        (the default) any such user raises (see :meth:`recommend`), so it is 0; with ``"skip"`` they
+        count as misses in every metric, and ``invalid_rate`` is over the other users' beams (NaN
+        when no user is left)."""
         if max(ks) > self.beam_width:
             raise ValueError(f"beam_width ({self.beam_width}) must be >= the largest K ({max(ks)})")
-        rec = self.recommend(histories, max(ks), exclude_history=exclude_history)
-        return evaluate_lists(rec.items, targets, self.num_items, ks, invalid_rate=rec.invalid / max(rec.beams, 1),
-                              return_ranks=return_ranks)
+        rec = self.recommend(histories, max(ks), exclude_history=exclude_history, on_nonfinite=on_nonfinite)
+        invalid_rate = rec.invalid / rec.beams if rec.beams else (float("nan") if len(rec.nonfinite) else 0.0)
+        return evaluate_lists(rec.items, targets, self.num_items, ks, invalid_rate=invalid_rate,
+                              nonfinite=len(rec.nonfinite), return_ranks=return_ranks)

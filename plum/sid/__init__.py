@@ -1,25 +1,7 @@
-"""Semantic IDs: the SID trie (C++) and the SID tokenizer (SIDv2 RQ-VAE).
+"""Semantic IDs: the SID trie (C++) and the SID tokenizer (SIDv2 RQ-VAE) with its quality report."""
+from plumrec.sid.quality import SIDQuality, sid_quality
+from plumrec.sid.tokenizer import TIGER_CODEBOOKS, SemanticIdTokenizer, SIDConfig, multi_resolution_codebooks
+from plumrec.sid.trie import SIDTrie, TrieArrays, build_trie
 
-The trie needs only numpy; the tokenizer and its quality report (torch) are
-imported on first use, so ``from plum.sid import build_trie`` stays light.
-"""
-from plum.sid.trie import SIDTrie, TrieArrays, build_trie
-
-_LAZY = {
-    "SemanticIdTokenizer": "plum.sid.tokenizer",
-    "SIDConfig": "plum.sid.tokenizer",
-    "TIGER_CODEBOOKS": "plum.sid.tokenizer",
-    "multi_resolution_codebooks": "plum.sid.tokenizer",
-    "SIDQuality": "plum.sid.quality",
-    "sid_quality": "plum.sid.quality",
-}
-
-__all__ = ["SIDTrie", "TrieArrays", "build_trie", *_LAZY]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'plum.sid' has no attribute {name!r}")
+__all__ = ["SIDTrie", "TrieArrays", "build_trie", "SemanticIdTokenizer", "SIDConfig", "TIGER_CODEBOOKS",
+           "multi_resolution_codebooks", "SIDQuality", "sid_quality"]

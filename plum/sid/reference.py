@@ -1,6 +1,6 @@
 """Reference builders of the SID trie, for tests and benchmarks.
 
-Both produce exactly the arrays of the physical format in :mod:`plum.sid.trie`
+Both produce exactly the arrays of the physical format in :mod:`plumrec.sid.trie`
 (same numbering, same dtypes) from the same inputs as :func:`build_trie`:
 
 - :func:`build_python`: plain Python, a dict-of-dicts trie compressed by a
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from plum.sid.trie import _ARRAYS, SIDTrie, _check_codebook_sizes, _check_codes, level_layout
+from plumrec.sid.trie import _ARRAYS, SIDTrie, _check_codebook_sizes, _check_codes, level_layout
 
 
 def _chain_min_depth(shift: np.ndarray) -> int:

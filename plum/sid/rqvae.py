@@ -12,7 +12,7 @@ Shapes: N items, M content embeddings ("modalities") per item with widths
     z_q = q_0 + ... + q_{L-1} --> decoder_m (MLP) --> x_hat_m [N, d_m]
 
 The training loop, losses and the public API live in
-:mod:`plum.sid.tokenizer`; this module is the model it trains.
+:mod:`plumrec.sid.tokenizer`; this module is the model it trains.
 """
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ class RQVAE(nn.Module):
         self.latent_dim = int(latent_dim)
         hidden = list(hidden_dims)
         self.encoders = nn.ModuleList(mlp([d, *hidden, latent_dim]) for d in self.input_dims)
-        self.fuse = nn.Linear(len(self.input_dims) * latent_dim, latent_dim) if len(self.input_dims) > 1 else nn.Identity()
+        n_inputs = len(self.input_dims)
+        self.fuse = nn.Linear(n_inputs * latent_dim, latent_dim) if n_inputs > 1 else nn.Identity()
         self.decoders = nn.ModuleList(mlp([latent_dim, *hidden[::-1], d]) for d in self.input_dims)
         self.codebooks = nn.ParameterList(
             nn.Parameter(torch.randn(v, latent_dim) * 0.1) for v in self.codebook_sizes
@@ -105,6 +106,28 @@ class RQVAE(nn.Module):
         for m, d in enumerate(self.input_dims):
             self.register_buffer(f"in_mean_{m}", torch.zeros(d))
             self.register_buffer(f"in_scale_{m}", torch.ones(()))
+
+    @staticmethod
+    def state_shapes(input_dims: Sequence[int], latent_dim: int, hidden_dims: Sequence[int],
+                     codebook_sizes: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of the state dict of ``RQVAE(input_dims, ...)``, computed without building it (a
+        saved state is checked against its config before anything is allocated)."""
+        out: dict[str, tuple[int, ...]] = {}
+
+        def mlp_shapes(prefix: str, dims: list[int]) -> None:
+            for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):  # Linear layers at 0, 2, ... (SiLU between)
+                out[f"{prefix}.{2 * i}.weight"], out[f"{prefix}.{2 * i}.bias"] = (b, a), (b,)
+
+        dims, hidden, latent = [int(d) for d in input_dims], [int(h) for h in hidden_dims], int(latent_dim)
+        for m, d in enumerate(dims):
+            mlp_shapes(f"encoders.{m}", [d, *hidden, latent])
+            mlp_shapes(f"decoders.{m}", [latent, *hidden[::-1], d])
+            out[f"in_mean_{m}"], out[f"in_scale_{m}"] = (d,), ()
+        if len(dims) > 1:
+            out["fuse.weight"], out["fuse.bias"] = (latent, len(dims) * latent), (latent,)
+        for l, v in enumerate(codebook_sizes):
+            out[f"codebooks.{l}"] = (int(v), latent)
+        return out
 
     @property
     def num_levels(self) -> int:

@@ -34,7 +34,6 @@ draw; parameters are initialised under a forked, seeded RNG).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,14 +42,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from plum.sid.quality import SIDQuality, sid_quality
-from plum.sid.rqvae import RQVAE, kmeans
+from plumrec.sid.quality import SIDQuality, sid_quality
+from plumrec.sid.rqvae import RQVAE, kmeans
+from plumrec.sid.saved import build_rqvae, read_tokenizer, write_tokenizer
 
 __all__ = ["SIDConfig", "SemanticIdTokenizer", "multi_resolution_codebooks", "TIGER_CODEBOOKS"]
 
 TIGER_CODEBOOKS = (256, 256, 256)
-_FORMAT = "plum.sid.SemanticIdTokenizer"
-_VERSION = 1
 
 
 def multi_resolution_codebooks(first: int = 2048, levels: int = 4, factor: int = 2) -> tuple[int, ...]:
@@ -60,7 +58,8 @@ def multi_resolution_codebooks(first: int = 2048, levels: int = 4, factor: int =
     """
     sizes = tuple(first // factor**l for l in range(levels))
     if levels < 1 or factor < 1 or min(sizes) < 2:
-        raise ValueError(f"first={first}, levels={levels}, factor={factor} gives sizes {sizes}; every size must be >= 2")
+        raise ValueError(f"first={first}, levels={levels}, factor={factor} gives sizes {sizes}; "
+                         "every size must be >= 2")
     return sizes
 
 
@@ -71,8 +70,8 @@ class SIDConfig:
     codebook_sizes: tuple[int, ...] = (2048, 1024, 512, 256)
     # Defaults validated on Amazon Beauty (12,101 items, MiniLM text embeddings,
     # codebooks 256/128/64/32): uniqueness 97.5%, all level-1 codes used, in
-    # about 3.5 s per epoch on one CPU thread (benchmarks/RESULTS.md). TIGER's
-    # wider (512, 256, 128) encoder for 60 epochs gave 97.3%.
+    # about 3.5 s per epoch on one CPU thread. TIGER's wider (512, 256, 128)
+    # encoder for 60 epochs gives 97.3%.
     latent_dim: int = 32
     hidden_dims: tuple[int, ...] = (256, 128)
     epochs: int = 50
@@ -82,8 +81,8 @@ class SIDConfig:
     weight_decay: float = 0.0
     commitment_weight: float = 0.25
     mask_prob: float = 0.5  # progressive masking; 0 disables
-    # used when fit() gets cooccurrence pairs; 0 disables. Beauty's end-to-end retrieval (issue 8)
-    # prefers 3.0: +8% validation Recall@10 / NDCG@10 over 0.1 (benchmarks/RESULTS.md, sixth run)
+    # used when fit() gets cooccurrence pairs; 0 disables. Beauty's end-to-end retrieval prefers 3.0
+    # (`plum run`'s default): +8% validation Recall@10 / NDCG@10 over 0.1
     cooccurrence_weight: float = 0.1
     cooccurrence_temperature: float = 0.1
     cooccurrence_batch_size: int = 512
@@ -255,7 +254,7 @@ class SemanticIdTokenizer:
             embeddings: ``[N, d]`` array/tensor, or a list of them (one per
                 content embedding, each ``[N, d_m]``, same N).
             cooccurrence: optional ``[P, 2]`` int item-index pairs engaged
-                together (e.g. :func:`plum.data.cooccurrence_pairs` on the
+                together (e.g. :func:`plumrec.data.cooccurrence_pairs` on the
                 training sequences); enables the co-occurrence loss when
                 ``cooccurrence_weight > 0``.
             progress: show a tqdm bar over epochs.
@@ -281,51 +280,14 @@ class SemanticIdTokenizer:
         xs = model.standardise(xs)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.history = []
-        L = cfg.num_levels
 
         bar = tqdm(range(cfg.epochs), desc="SID tokenizer", disable=not progress, unit="epoch")
         for epoch in bar:
             quantize = epoch >= cfg.warmup_epochs
             if epoch == cfg.warmup_epochs:
                 self._kmeans_init(model, xs, gen)
-            model.train()
-            sums = {"recon": 0.0, "vq": 0.0, "cooc": 0.0}
-            perm = torch.randperm(n, generator=gen)
-            steps = 0
-            for start in range(0, n, cfg.batch_size):
-                idx = perm[start:start + cfg.batch_size]
-                xb = [x[idx] for x in xs]
-                z = model.encode_latent(xb)
-                if quantize:
-                    _, q, r = model.quantize(z)  # [L, B, D] each
-                    vq = ((q - r.detach()).pow(2).sum(-1).mean()
-                          + cfg.commitment_weight * (r - q.detach()).pow(2).sum(-1).mean())
-                    if cfg.mask_prob > 0 and L > 1:
-                        keep = torch.full((len(idx),), L)
-                        masked = torch.rand(len(idx), generator=gen) < cfg.mask_prob
-                        keep[masked] = torch.randint(1, L, (int(masked.sum()),), generator=gen)
-                        level_mask = (torch.arange(L)[:, None] < keep[None, :]).to(z.dtype)[..., None]
-                        zq = (q.detach() * level_mask).sum(0)
-                    else:
-                        zq = q.detach().sum(0)
-                    z_in = z + (zq - z).detach()  # straight-through estimator
-                else:
-                    vq = z.new_zeros(())
-                    z_in = z
-                recon = sum(w * F.mse_loss(xh, x) for w, xh, x in zip(weights, model.decode(z_in), xb)) / len(xb)
-                loss = recon + vq
-                if use_cooc:
-                    cooc = self._cooc_loss(model, xs, pairs, gen)
-                    loss = loss + cfg.cooccurrence_weight * cooc
-                    sums["cooc"] += float(cooc.detach())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sums["recon"] += float(recon.detach())
-                sums["vq"] += float(vq.detach())
-                steps += 1
-            record = {k: v / steps for k, v in sums.items()}
-            record["epoch"] = epoch
+            record = {**self._train_epoch(model, xs, pairs if use_cooc else None, weights, opt, gen, quantize),
+                      "epoch": epoch}
             if quantize and cfg.restart_every and (epoch - cfg.warmup_epochs + 1) % cfg.restart_every == 0 \
                     and epoch < cfg.epochs - 1:
                 record["restarted"] = self._restart_dead_codes(model, xs, gen, opt)
@@ -335,6 +297,50 @@ class SemanticIdTokenizer:
         self.model = model
         self.codes = self._encode_standardised(xs)
         return self.codes.copy()
+
+    def _train_epoch(self, model: RQVAE, xs, pairs: torch.Tensor | None, weights: list[float], opt, gen,
+                     quantize: bool) -> dict:
+        """One epoch over the catalogue in shuffled batches; the mean of each loss term. ``quantize``:
+        after the warm-up, with the quantiser (straight-through) and progressive masking; ``pairs``:
+        the co-occurrence pairs when their loss is on."""
+        cfg, L, n = self.config, self.config.num_levels, xs[0].shape[0]
+        model.train()
+        sums = {"recon": 0.0, "vq": 0.0, "cooc": 0.0}
+        perm = torch.randperm(n, generator=gen)
+        steps = 0
+        for start in range(0, n, cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            xb = [x[idx] for x in xs]
+            z = model.encode_latent(xb)
+            if quantize:
+                _, q, r = model.quantize(z)  # [L, B, D] each
+                vq = ((q - r.detach()).pow(2).sum(-1).mean()
+                      + cfg.commitment_weight * (r - q.detach()).pow(2).sum(-1).mean())
+                if cfg.mask_prob > 0 and L > 1:
+                    keep = torch.full((len(idx),), L)
+                    masked = torch.rand(len(idx), generator=gen) < cfg.mask_prob
+                    keep[masked] = torch.randint(1, L, (int(masked.sum()),), generator=gen)
+                    level_mask = (torch.arange(L)[:, None] < keep[None, :]).to(z.dtype)[..., None]
+                    zq = (q.detach() * level_mask).sum(0)
+                else:
+                    zq = q.detach().sum(0)
+                z_in = z + (zq - z).detach()  # straight-through estimator
+            else:
+                vq = z.new_zeros(())
+                z_in = z
+            recon = sum(w * F.mse_loss(xh, x) for w, xh, x in zip(weights, model.decode(z_in), xb)) / len(xb)
+            loss = recon + vq
+            if pairs is not None:
+                cooc = self._cooc_loss(model, xs, pairs, gen)
+                loss = loss + cfg.cooccurrence_weight * cooc
+                sums["cooc"] += float(cooc.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums["recon"] += float(recon.detach())
+            sums["vq"] += float(vq.detach())
+            steps += 1
+        return {k: v / steps for k, v in sums.items()}
 
     def _cooc_loss(self, model: RQVAE, xs, pairs: torch.Tensor, gen) -> torch.Tensor:
         cfg = self.config
@@ -441,7 +447,7 @@ class SemanticIdTokenizer:
         return float(np.mean(errs))
 
     def quality_report(self, embeddings, cooccurrence=None, **kwargs) -> SIDQuality:
-        """:func:`plum.sid.quality.sid_quality` of ``encode(embeddings)`` with the
+        """:func:`plumrec.sid.quality.sid_quality` of ``encode(embeddings)`` with the
         reconstruction error filled in."""
         codes = self.encode(embeddings)
         return sid_quality(codes, self.codebook_sizes, cooccurrence=cooccurrence,
@@ -449,42 +455,21 @@ class SemanticIdTokenizer:
 
     # -- persistence -------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into the folder ``path``."""
-        from safetensors.torch import save_file
-
+        """Write ``config.json`` and ``model.safetensors`` into the folder ``path``, swapped in atomically
+        (other files in it are kept; :mod:`plumrec.sid.saved`)."""
         model = self._require_fitted()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "config": dataclasses.asdict(self.config),
-            "input_dims": list(model.input_dims),
-        }
-        (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         if self.codes is not None:
             tensors["fitted_codes"] = torch.from_numpy(self.codes)
-        save_file(tensors, str(path / "model.safetensors"))
-        return path
+        return write_tokenizer(path, dataclasses.asdict(self.config), model.input_dims, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> "SemanticIdTokenizer":
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        meta = json.loads((path / "config.json").read_text())
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path}/config.json is not a saved SemanticIdTokenizer (format {meta.get('format')!r})")
-        if meta.get("version") != _VERSION:
-            raise ValueError(f"{path}: unsupported tokenizer format version {meta.get('version')}")
-        tok = cls.from_config(SIDConfig(**meta["config"]))
-        cfg = tok.config
-        model = RQVAE(meta["input_dims"], cfg.latent_dim, cfg.hidden_dims, cfg.codebook_sizes)
-        tensors = load_file(str(path / "model.safetensors"))
-        codes = tensors.pop("fitted_codes", None)
-        model.load_state_dict(tensors, strict=True)
-        model.eval()
-        tok.model = model
-        tok.codes = codes.numpy().astype(np.int64) if codes is not None else None
+        """A tokenizer written by :meth:`save`; a damaged, missing or foreign file is a ``ValueError`` naming it."""
+        folder, meta, tensors = read_tokenizer(path)
+        try:
+            tok = cls.from_config(SIDConfig(**meta["config"]))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{folder / 'config.json'}: not a SemanticIdTokenizer config ({e})") from None
+        tok.model, tok.codes = build_rqvae(meta["input_dims"], tok.config, tensors, folder / "model.safetensors")
         return tok

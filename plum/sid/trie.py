@@ -3,7 +3,7 @@
 Logical structure
 -----------------
 SIDs are integer codes ``[N, L]``; level ``l`` has codebook size ``V_l``. The
-logical trie is the CSR of ``DESIGN.md``: nodes numbered breadth-first from the
+logical trie is the CSR of docs/design.md ('The SID trie'): nodes numbered breadth-first from the
 root, children sorted by token, each full SID mapping to all of its items
 (collisions are kept).
 
@@ -68,20 +68,27 @@ items. ``-1`` is "absent" everywhere.
 
 Files (``save``/``load``) are safetensors files holding the arrays above plus
 ``codebook_sizes``, with ``__metadata__`` ``{"format": "plum-sid-trie",
-"version": "1", ...counts}``; ``load(path, mmap=True)`` maps the arrays
-without reading them.
+"version": "1", ...counts}``. ``load`` checks the whole file first (a damaged
+one raises ``ValueError`` naming it); ``mmap=True`` maps the arrays read-only.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
+from safetensors.numpy import save_file
 
-from plum.io import atomic_path
-from plum.sid import _sid_trie
+from plumrec.io import atomic_path
+
+try:  # the C++ builder (csrc/), compiled by the package's build
+    _sid_trie = importlib.import_module("plumrec.sid._sid_trie")
+except ImportError as e:
+    raise ImportError(f"the C++ extension plumrec.sid._sid_trie (the SID trie builder, csrc/) is not built or does "
+                      f"not load ({e}): run `pip install -e .` in the checkout") from e
 
 FORMAT_NAME = "plum-sid-trie"
 FORMAT_VERSION = 1
@@ -112,6 +119,7 @@ def _check_codebook_sizes(codebook_sizes: Sequence[int]) -> tuple[int, ...]:
 
 def _check_codes(codes: Any, name: str, num_levels: int, *, exact_levels: bool) -> np.ndarray:
     codes = np.asarray(codes)
+    codes = codes if codes.dtype.isnative else codes.astype(codes.dtype.newbyteorder("="))  # C++ reads native order
     if codes.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {codes.dtype}")
     if codes.ndim != 2:
@@ -167,16 +175,11 @@ class SIDTrie:
         self.codebook_sizes = tuple(int(v) for v in codebook_sizes)
         for name in _ARRAYS:
             setattr(self, name, arrays[name])
-        self.num_items = int(num_items)
-        self.num_sids = int(num_sids)
-        self.num_logical_nodes = int(num_logical_nodes)
-        self.chain_min_depth = int(chain_min_depth)
-        self.key_bits = int(key_bits)
-        self.num_threads = int(num_threads)
+        self.num_items, self.num_sids, self.num_logical_nodes = int(num_items), int(num_sids), int(num_logical_nodes)
+        self.chain_min_depth, self.key_bits, self.num_threads = int(chain_min_depth), int(key_bits), int(num_threads)
         self.bits, self.shift = level_layout(self.codebook_sizes)
         self.mask = ((np.int64(1) << self.bits.astype(np.int64)) - 1).astype(np.int32)
 
-    # ------------------------------------------------------------ sizes
     @property
     def num_levels(self) -> int:
         return len(self.codebook_sizes)
@@ -207,11 +210,9 @@ class SIDTrie:
         return self.num_items
 
     def __repr__(self) -> str:
-        return (f"SIDTrie(items={self.num_items}, sids={self.num_sids}, levels={self.codebook_sizes}, "
-                f"internal={self.num_internal}, edges={self.num_edges}, "
-                f"{self.nbytes / max(self.num_items, 1):.2f} B/item)")
+        return (f"SIDTrie(items={self.num_items}, sids={self.num_sids}, levels={self.codebook_sizes}, internal="
+                f"{self.num_internal}, edges={self.num_edges}, {self.nbytes / max(self.num_items, 1):.2f} B/item)")
 
-    # ------------------------------------------------------------ queries
     def walk(self, prefixes: Any) -> np.ndarray:
         """State ids int64 ``[M]`` after walking each row of ``prefixes [M, l]``
         (``0 <= l <= L``) from the root; ``-1`` where the prefix is absent.
@@ -255,8 +256,7 @@ class SIDTrie:
         return flat, offsets
 
     def depth_of(self, state: int) -> int | None:
-        """Depth of an internal state; ``None`` for a chain state (any depth
-        below its entry edge)."""
+        """Depth of an internal state; ``None`` for a chain state (any depth below its entry edge)."""
         if not 0 <= state < self.num_states:
             raise ValueError(f"state must be in [0, {self.num_states}), got {state}")
         if state >= self.num_internal:
@@ -287,11 +287,9 @@ class SIDTrie:
         w = int(self.edge_word[e])
         return np.array([(w >> int(self.shift[depth])) & int(self.mask[depth])], dtype=np.int64)
 
-    # ------------------------------------------------------------ devices
     def _device_arrays(self) -> dict[str, np.ndarray]:
-        return {"child_ptr": self.child_ptr, "child_token": self.child_token, "edge_word": self.edge_word,
-                "level_ptr": self.level_ptr, "edge_level_ptr": self.edge_level_ptr,
-                "shift": self.shift, "mask": self.mask}
+        return {k: getattr(self, k) for k in ("child_ptr", "child_token", "edge_word", "level_ptr", "edge_level_ptr",
+                                              "shift", "mask")}
 
     def _meta(self) -> dict[str, Any]:
         return {"codebook_sizes": self.codebook_sizes, "num_internal": self.num_internal,
@@ -321,11 +319,8 @@ class SIDTrie:
             arrs[k] = jax.device_put(a, device) if device is not None else a
         return TrieArrays(**arrs, **self._meta())
 
-    # ------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> None:
         """Write the trie to one safetensors file (atomically)."""
-        from safetensors.numpy import save_file
-
         path = os.fspath(path)
         tensors = {n: np.ascontiguousarray(getattr(self, n)) for n in _ARRAYS}
         tensors["codebook_sizes"] = np.asarray(self.codebook_sizes, dtype=np.int64)
@@ -338,47 +333,141 @@ class SIDTrie:
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> "SIDTrie":
         """Read a trie written by :meth:`save`; with ``mmap=True`` the arrays
-        are memory-mapped read-only instead of read."""
+        are memory-mapped read-only instead of read. The whole file is checked
+        first (header against file size, dtypes, lengths, pointers, indices):
+        a damaged file raises ``ValueError`` naming it and what is wrong."""
         path = os.fspath(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path} is not a safetensors file")
-            n = int.from_bytes(head, "little")
-            header = json.loads(f.read(n))
-        meta = header.pop("__metadata__", {}) or {}
-        if meta.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path} is not a {FORMAT_NAME} file (format={meta.get('format')!r})")
-        if int(meta.get("version", -1)) != FORMAT_VERSION:
-            raise ValueError(f"{path} has trie format version {meta.get('version')}, "
-                             f"this library reads version {FORMAT_VERSION}")
-        dtypes = {"I16": np.int16, "I32": np.int32, "I64": np.int64}
-        arrays: dict[str, np.ndarray] = {}
-        if mmap:
-            for name, info in header.items():
-                b, e = info["data_offsets"]
-                count = int(np.prod(info["shape"])) if info["shape"] else 1
-                if count == 0:
-                    arrays[name] = np.empty(info["shape"], dtype=dtypes[info["dtype"]])
-                else:
-                    arrays[name] = np.memmap(path, dtype=dtypes[info["dtype"]], mode="r",
-                                             offset=8 + n + b, shape=tuple(info["shape"]))
-        else:
-            from safetensors.numpy import load_file
+        arrays, meta = _read_file(path, mmap)
+        counts = _check_header_arrays(path, arrays, meta)
+        _check_edges(path, arrays, counts)
+        return cls(arrays, arrays["codebook_sizes"].tolist(), **counts)
 
-            arrays = load_file(path)
-        missing = [a for a in (*_ARRAYS, "codebook_sizes") if a not in arrays]
-        if missing:
-            raise ValueError(f"{path} lacks arrays {missing}")
-        return cls(arrays, arrays["codebook_sizes"].tolist(), num_items=int(meta["num_items"]),
-                   num_sids=int(meta["num_sids"]), num_logical_nodes=int(meta["num_logical_nodes"]),
-                   chain_min_depth=int(meta["chain_min_depth"]), key_bits=int(meta["key_bits"]))
+
+_DTYPES = {"I16": np.dtype("<i2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
+
+
+def _read_file(path: str, mmap: bool) -> tuple[dict[str, np.ndarray], dict]:
+    """``(arrays, __metadata__)`` of trie file ``path``, mapped or read. Checks the header's length against
+    the file size (and safetensors' 100 MiB limit) before reading it, the format and version, and that the
+    arrays are the trie's, 1-D, integer, aligned, and tile the rest of the file exactly."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else None
+        if n is None or not 2 <= n <= min(size - 8, 100 * 2**20):
+            raise ValueError(f"{path} is truncated or not a safetensors file: header length {n}, file size {size}")
+        try:
+            header = json.loads(f.read(n))
+            meta = dict(header.pop("__metadata__", None) or {})
+        except (ValueError, TypeError, AttributeError, RecursionError) as e:
+            raise ValueError(f"{path} has a damaged header (not a UTF-8 JSON object): {e}") from e
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not a {FORMAT_NAME} file (format={meta.get('format')!r})")
+    if meta.get("version") != str(FORMAT_VERSION):
+        raise ValueError(f"{path} has trie format version {meta.get('version')}, this library reads {FORMAT_VERSION}")
+    names, start, spans = sorted((*_ARRAYS, "codebook_sizes")), 8 + n, []
+    _require(path, sorted(header) == names, f"it holds arrays {sorted(header)}, a trie holds {names}")
+    for name, info in header.items():
+        try:
+            dt, (count,), (b, e) = _DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            ok = {type(count), type(b), type(e)} == {int} and b >= 0 and 0 <= count * dt.itemsize == e - b \
+                and (start + b) % dt.itemsize == 0
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        _require(path, ok, f"array {name} has the entry {info!r}; a trie holds aligned 1-D {'/'.join(_DTYPES)}")
+        spans.append((b, e, name, dt, count))
+    spans.sort()
+    ends = [0] + [e for _, e, *_ in spans]
+    _require(path, [b for b, *_ in spans] == ends[:-1], "its arrays overlap or leave gaps")
+    _require(path, ends[-1] == size - start, f"{'truncated' if ends[-1] > size - start else 'extended'}: its "
+             f"arrays take {ends[-1]} bytes after the header, the file holds {size - start}")
+    arrays = {}
+    for b, _, name, dt, count in spans:
+        arr = np.memmap(path, dtype=dt, mode="r", offset=start + b, shape=(count,)) if mmap and count \
+            else np.fromfile(path, dtype=dt, count=count, offset=start + b)
+        arrays[name] = arr if dt.isnative else arr.astype(dt.newbyteorder("="))
+    return arrays, meta
+
+
+def _require(path: str, ok: Any, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{path} is damaged: {what}")
+
+
+def _check_header_arrays(path: str, a: dict[str, np.ndarray], meta: dict) -> dict[str, int]:
+    """Checks the metadata, every array's dtype and length, and the pointer arrays (``child_ptr``,
+    ``level_ptr``, ``edge_level_ptr``, ``dup_ptr``); returns the counts the metadata holds."""
+    try:
+        counts = {k: int(meta[k]) for k in ("num_items", "num_sids", "num_logical_nodes", "chain_min_depth",
+                                            "key_bits")}
+        sizes = _check_codebook_sizes(a["codebook_sizes"].tolist())
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is damaged: bad metadata or codebook_sizes ({e!r})") from e
+    L, (bits, shift) = len(sizes), level_layout(sizes)
+    dstar = next(d for d in range(1, L + 1) if shift[d - 1] <= 31)
+    _require(path, (counts["key_bits"], counts["chain_min_depth"]) == (bits.sum(), dstar) and bits.sum() <= 128,
+             f"key_bits, chain_min_depth = {counts['key_bits']}, {counts['chain_min_depth']}; the codebook_sizes "
+             f"give {bits.sum()}, {dstar} (at most 128 bits)")
+    item = np.int32 if a["edge_item"].dtype == np.int32 else np.int64
+    for name in _ARRAYS + ("codebook_sizes",):
+        dt = {"child_token": np.int16 if max(sizes) <= 32768 else np.int32, "edge_word": np.int32,
+              "edge_item": item, "dup_items": item}.get(name, np.int64)
+        _require(path, a[name].dtype == dt, f"{name} has dtype {a[name].dtype}, expected {np.dtype(dt)}")
+    cp, lp, elp, dp, di = (a[k] for k in ("child_ptr", "level_ptr", "edge_level_ptr", "dup_ptr", "dup_items"))
+    I, E = len(cp) - 1, len(a["edge_word"])
+    for name, n in (("child_token", E), ("edge_item", E), ("level_ptr", L + 1), ("edge_level_ptr", L + 1)):
+        _require(path, len(a[name]) == n, f"{name} has length {len(a[name])}, expected {n}")
+    _require(path, 1 <= I < 2**31 and len(dp) >= 1, f"child_ptr has length {I + 1}, dup_ptr {len(dp)}")
+    for name, v, hi, step, what in (("child_ptr", cp, E, 1, "edges"), ("level_ptr", lp, I, 0, "internal nodes"),
+                                    ("edge_level_ptr", elp, E, 0, "edges"), ("dup_ptr", dp, len(di), 2, "dup_items")):
+        _require(path, v[0] == 0 and v[-1] == hi and v.min() >= 0 and v.max() <= hi and (np.diff(v) >= step).all(),
+                 f"{name} does not rise from 0 to the {hi} {what} by steps of at least {step}")  # range first
+    _require(path, lp[1] == 1 and (cp[lp] == elp).all(), "level_ptr and edge_level_ptr disagree with child_ptr")
+    _require(path, not len(di) or di.min() >= 0, "dup_items holds a negative item id")
+    return counts
+
+
+def _check_edges(path: str, a: dict[str, np.ndarray], counts: dict[str, int]) -> None:
+    """Checks every edge, vectorised per level: its token is in its level's codebook and sorted within its
+    node; its word leads to the next internal node in breadth-first order or holds the codes of a chain;
+    its item is ``-1`` (internal edge), an item id, or the one reference to a collision group."""
+    sizes = tuple(int(v) for v in a["codebook_sizes"])
+    L, (bits, shift), chains, logical = len(sizes), level_layout(sizes), 0, 0
+    cp, tok, ew, ei, lp, elp = (a[k] for k in ("child_ptr", "child_token", "edge_word", "edge_item", "level_ptr",
+                                                "edge_level_ptr"))
+    I, E, C = len(cp) - 1, len(ew), len(a["dup_ptr"]) - 1
+    for l in range(L):
+        t, w = tok[elp[l]:elp[l + 1]], ew[elp[l]:elp[l + 1]]
+        _require(path, not len(t) or 0 <= t.min() <= t.max() < sizes[l],
+                 f"a level-{l} child_token is outside [0, {sizes[l]})")
+        below = int(lp[l + 2] - lp[l + 1]) if l + 2 <= L else 0  # internal nodes at depth l + 1
+        _require(path, np.count_nonzero(w < 0) == below,
+                 f"level {l}'s edge_word must lead to the {below} internal nodes at depth {l + 1}")
+        cw = w[w >= 0]
+        _require(path, not len(cw) or l + 1 >= counts["chain_min_depth"] and cw.max() >> int(shift[l]) == 0,
+                 f"a level-{l} edge_word holds a chain longer than the levels below it")
+        for k in range(l + 1, L) if len(cw) else ():
+            _require(path, ((cw >> int(shift[k])) & ((1 << int(bits[k])) - 1)).max() < sizes[k],
+                     f"a level-{l} edge_word holds a level-{k} code outside [0, {sizes[k]})")
+        chains, logical = chains + len(cw), logical + len(cw) * (L - l)
+    first = np.zeros(E, dtype=bool)
+    first[cp[:-1]] = True
+    _require(path, ((tok[1:] > tok[:-1]) | first[1:]).all(), "child_token is not sorted within a node")
+    _require(path, np.array_equal(~ew[ew < 0], np.arange(1, I, dtype=np.int32)),
+             "edge_word does not number the internal nodes 1, 2, ... in edge order")
+    _require(path, (ei[ew < 0] == -1).all(), "edge_item is not -1 on an internal edge")
+    ci = ei[ew >= 0]
+    groups = -ci[ci <= -2].astype(np.int64) - 2
+    _require(path, len(groups) == C and (groups < C).all() and (np.bincount(groups, minlength=C) == 1).all(),
+             f"edge_item does not name each of the {C} collision groups once")
+    found = {"num_sids": chains, "num_logical_nodes": I + logical, "num_items": len(ci) - C + len(a["dup_items"])}
+    wrong = {k: f"{counts[k]} in the metadata, {v} in the arrays" for k, v in found.items() if counts[k] != v}
+    _require(path, not wrong, f"counts differ: {wrong}")
 
 
 def build_trie(codes: Any, codebook_sizes: Sequence[int], item_ids: Any = None, *,
                num_threads: int = 0) -> SIDTrie:
     """Build the SID trie of ``codes`` (integer array ``[N, L]``, any integer
-    dtype, read in place without a copy).
+    dtype, read in place without a copy unless its byte order is not native).
 
     Item ``i`` is row ``i`` unless ``item_ids`` (integer ``[N]``) says
     otherwise; several items may share a SID. ``num_threads=0`` uses every
@@ -406,8 +495,6 @@ def build_trie(codes: Any, codebook_sizes: Sequence[int], item_ids: Any = None, 
     elif n >= 2**31:
         ids = np.arange(n, dtype=np.int64)
     out = _sid_trie.build(codes, list(sizes), ids, int(num_threads))
-    arrays = {k: out[k] for k in _ARRAYS}
-    return SIDTrie(arrays, sizes, num_items=n, num_sids=int(out["num_sids"]),
-                   num_logical_nodes=int(out["num_logical_nodes"]),
-                   chain_min_depth=int(out["chain_min_depth"]), key_bits=int(out["key_bits"]),
-                   num_threads=num_threads)
+    return SIDTrie({k: out[k] for k in _ARRAYS}, sizes, num_items=n, num_sids=int(out["num_sids"]),
+                   num_logical_nodes=int(out["num_logical_nodes"]), chain_min_depth=int(out["chain_min_depth"]),
+                   key_bits=int(out["key_bits"]), num_threads=num_threads)

@@ -1,7 +1,21 @@
-"""CPT and SFT for the PLUM LM: corpora, jagged packing and the training loop."""
-from plum.train.corpus import (CPTCorpus, Example, ExampleStream, PackedBatch, SequenceSFTDataset, SFTDataset,
-                               check_histories, grounding_text, pack)
-from plum.train.loop import TrainConfig, lm_loss, train
+"""CPT and SFT for the PLUM LM (and the SASRec baseline's training): corpora, losses and the loop.
 
-__all__ = ["CPTCorpus", "Example", "ExampleStream", "PackedBatch", "SequenceSFTDataset", "SFTDataset",
-           "check_histories", "grounding_text", "pack", "TrainConfig", "lm_loss", "train"]
+- ``corpus.py``: the CPT corpus and the SFT datasets (examples of :mod:`plumrec.sequences`);
+- ``config.py``: :class:`TrainConfig`, the settings of one run;
+- ``losses.py``: :func:`lm_loss` (CPT) and the SFT loss settings' checks;
+- ``codebook_loss.py``: :class:`CodebookLoss`, SFT's softmax over each target's SID codebook;
+- ``distill.py``: the teacher labels of its distillation of an item model;
+- ``optim.py``: AdamW, the learning-rate schedule and :class:`ParameterEMA`;
+- ``distributed.py``: ``torchrun`` process groups, DDP / FSDP2;
+- ``checkpoint.py``: atomic checkpoints and exact resume;
+- ``loop.py``: :func:`train`.
+"""
+from plumrec.train.codebook_loss import CodebookLoss
+from plumrec.train.config import TrainConfig
+from plumrec.train.corpus import CPTCorpus, SequenceSFTDataset, SFTDataset, grounding_text
+from plumrec.train.loop import train
+from plumrec.train.losses import lm_loss
+from plumrec.train.optim import ParameterEMA
+
+__all__ = ["CPTCorpus", "SequenceSFTDataset", "SFTDataset", "grounding_text", "TrainConfig", "CodebookLoss",
+           "ParameterEMA", "lm_loss", "train"]

@@ -1,0 +1,177 @@
+"""Item sequences as the models see them: histories, examples and packed batches.
+
+Shared by training (:mod:`plumrec.train`), generative retrieval
+(:mod:`plumrec.retrieval`) and the baselines (:mod:`plumrec.baselines`), which
+sit side by side above this module and never import each other:
+
+- :func:`check_histories`: item sequences over a catalogue of ``num_items``;
+- :func:`history_tokens`: the history format ``<|bos|> <|hist|> <sid a> <f>
+  <sid b> <f> ...`` that CPT trains on, SFT prompts with and retrieval
+  decodes after (token ids of :class:`plumrec.model.vocab.SIDVocab`);
+- :class:`Example`: one token sequence with a loss weight per token
+  (``weights[t]`` weighs predicting ``tokens[t]`` from ``tokens[:t]``;
+  ``weights[0]`` is always 0) and optionally the item of every token;
+- :func:`pack` / :class:`PackedBatch`: examples concatenated into one jagged
+  batch without padding (``cu_seqlens`` for ``history_attention``), with the
+  positions that carry a loss gathered so that logits are computed only there;
+- :class:`ExampleStream`: an endless, seeded stream of packed batches of a
+  random-access dataset, whose position is its whole state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from plumrec.model.vocab import SIDVocab
+
+__all__ = ["Example", "PackedBatch", "ExampleStream", "check_histories", "history_tokens", "pack", "token_items"]
+
+
+def check_histories(sequences: Sequence[np.ndarray], num_items: int, name: str = "histories") -> None:
+    """Raise a ``ValueError`` naming the first history with an item outside ``[0, num_items)``."""
+    for u, seq in enumerate(sequences):
+        seq = np.asarray(seq)
+        if seq.ndim != 1 or seq.dtype.kind not in "iu":
+            raise TypeError(f"{name}[{u}] must be a 1-D integer array of item indices, got {seq.dtype} {seq.shape}")
+        if seq.size and (seq.min() < 0 or seq.max() >= num_items):
+            bad = int(seq[(seq < 0) | (seq >= num_items)][0])
+            raise ValueError(f"{name}[{u}] names unknown item {bad}: the catalogue has items [0, {num_items})")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: its tokens, a loss weight per token and optionally the item of each token."""
+
+    tokens: np.ndarray   # int64 [n]
+    weights: np.ndarray  # float32 [n]; weights[t] weighs predicting tokens[t]
+    items: np.ndarray | None = None  # int64 [n]: the item whose SID tokens[t] is part of, -1 for other tokens
+
+    def __post_init__(self):
+        if self.tokens.ndim != 1 or self.tokens.shape != self.weights.shape:
+            raise ValueError(f"tokens and weights must be 1-D of one length, got {self.tokens.shape} "
+                             f"and {self.weights.shape}")
+        if self.items is not None and self.items.shape != self.tokens.shape:
+            raise ValueError(f"items must be 1-D of the tokens' length {self.tokens.shape}, got {self.items.shape}")
+
+    def tail(self, n: int) -> "Example":
+        """The last ``n`` tokens (with their weights and items)."""
+        return Example(self.tokens[-n:], self.weights[-n:], None if self.items is None else self.items[-n:])
+
+
+def token_items(items: np.ndarray, per_item: int) -> np.ndarray:
+    """The item of every token of :func:`history_tokens` ``(items)`` with ``per_item`` tokens an item:
+    -1 for the two head tokens, then each item repeated ``per_item`` times (its SID and feature tokens)."""
+    return np.concatenate([np.full(2, -1, np.int64), np.repeat(np.asarray(items, np.int64), per_item)])
+
+
+def history_tokens(vocab: SIDVocab, sid_tokens: np.ndarray, items: np.ndarray,
+                   features: np.ndarray | None = None) -> np.ndarray:
+    """``<|bos|> <|hist|>`` then every item's SID tokens (and feature token)."""
+    body = sid_tokens[items]                                            # [n, L]
+    if features is not None:
+        feats = np.asarray([vocab.feature(int(f)) for f in features], np.int64)[:, None]
+        body = np.concatenate([body, feats], 1)
+    head = np.asarray([vocab.token("<|bos|>"), vocab.token("<|hist|>")], np.int64)
+    return np.concatenate([head, body.reshape(-1)])
+
+
+@dataclass
+class PackedBatch:
+    """Examples packed back to back.
+
+    ``input_ids [T]``, ``cu_seqlens`` int32 ``[B+1]``, ``max_seqlen``;
+    ``loss_index [M]``: packed positions whose *next* token carries a loss,
+    ``targets [M]`` those next tokens, ``weights [M]`` their loss weights.
+    ``items [T]`` (int64, or None when an example has none): the item whose SID
+    each token is part of, -1 for other tokens (the SFT datasets' examples
+    carry them; :class:`~plumrec.train.codebook_loss.CodebookLoss`'s distillation reads them).
+    """
+
+    input_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    loss_index: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+    num_examples: int
+    items: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device), self.cu_seqlens.to(device), self.max_seqlen,
+                           self.loss_index.to(device), self.targets.to(device), self.weights.to(device),
+                           self.num_examples, None if self.items is None else self.items.to(device))
+
+
+def pack(examples: Sequence[Example]) -> PackedBatch:
+    """Pack examples into one jagged batch (no padding)."""
+    if not examples:
+        raise ValueError("pack needs at least one example")
+    lens = np.asarray([len(e.tokens) for e in examples], np.int64)
+    if (lens < 2).any():
+        raise ValueError("every example needs >= 2 tokens")
+    tokens = np.concatenate([e.tokens for e in examples])
+    w = np.concatenate([e.weights for e in examples])
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    starts = np.zeros(len(tokens), bool)
+    starts[cu[:-1]] = True
+    # position p predicts p + 1 when p + 1 is in the same sequence and weighs > 0
+    nxt = np.arange(1, len(tokens))
+    keep = (~starts[1:]) & (w[1:] > 0)
+    idx = nxt[keep] - 1
+    items = None
+    if all(e.items is not None for e in examples):
+        items = torch.from_numpy(np.concatenate([e.items for e in examples]).astype(np.int64))
+    return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(cu.astype(np.int32)), int(lens.max()),
+                       torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(tokens[idx + 1]),
+                       torch.from_numpy(w[idx + 1].astype(np.float32)), len(examples), items)
+
+
+class ExampleStream:
+    """An endless, seeded, reshuffled-every-epoch stream of a dataset's examples,
+    cut into packed batches of at most ``max_tokens`` tokens.
+
+    ``position`` (examples consumed so far) is the whole state: a stream built
+    with the same dataset and seed at the same position yields the same batches.
+    """
+
+    def __init__(self, dataset, *, max_tokens: int, seed: int = 0, position: int = 0):
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty")
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+        self.dataset, self.max_tokens, self.seed, self.position = dataset, max_tokens, seed, position
+        self._perm_epoch, self._perm = -1, None
+
+    def _index(self, p: int) -> int:
+        n = len(self.dataset)
+        epoch = p // n
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            self._perm_epoch = epoch
+        return int(self._perm[p % n])
+
+    @property
+    def epoch(self) -> float:
+        return self.position / len(self.dataset)
+
+    def next_batch(self) -> PackedBatch:
+        examples, total = [], 0
+        while True:
+            ex = self.dataset[self._index(self.position)]
+            n = len(ex.tokens)
+            if n > self.max_tokens:
+                ex = ex.tail(self.max_tokens)
+                n = self.max_tokens
+            if examples and total + n > self.max_tokens:
+                break
+            examples.append(ex)
+            total += n
+            self.position += 1
+        return pack(examples)

@@ -1,0 +1,33 @@
+"""``plum run``: the bench's pipeline from the CLI (benchmarks/bench_retrieval.py is a thin wrapper; its
+defaults from a config file: test_defaults.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from retrieval_data import TINY_WORDS, write_dataset
+from tiny_text_model import make_tiny_bert_dir
+
+from plumrec.pipeline.report import RESULT_KEYS
+
+
+def test_plum_run_is_the_bench_pipeline(tmp_path, capsys):
+    """`plum run` takes the bench's options (its own parser's errors name the option) and runs the same
+    pipeline: results.json with the command and the --config it ran with."""
+    from plumrec.cli import main
+
+    data = write_dataset(tmp_path / "data", seed=6)
+    out = tmp_path / "o"
+    argv = ["--dataset", str(data), "--out", str(out), "--steps", "10,10,10", "--codebook-sizes", "8,4,4",
+            "--sid-epochs", "3", "--eval-batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
+            "--no-progress", "--preset", "tiny", "--no-collaborative-sids",
+            "--train-overrides", '{"sft": {"distill": 0}}',
+            "--model-dir", str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))]
+    with pytest.raises(SystemExit):
+        main(["run", *argv, "--beam-width", "10"])
+    assert "plum run: error: --beam-width must be >= 20" in capsys.readouterr().err
+    assert main(["run", *argv]) == 0
+    assert "TIGER (paper)" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert set(RESULT_KEYS) <= set(res["plum"]) and res["metadata"]["command"].startswith("plum run --dataset")
+    assert res["metadata"]["config"] == "amazon" and res["metadata"]["collaborative_sids"] is False

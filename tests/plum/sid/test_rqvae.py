@@ -1,0 +1,58 @@
+"""The RQ-VAE of the SID tokenizer: its quantiser's straight-through gradients, k-means initialisation and the
+state shapes a saved model is checked against (fitting: test_tokenizer.py)."""
+import pytest
+import torch
+
+from plumrec.sid.rqvae import RQVAE, kmeans, mlp
+
+
+def test_straight_through_gradients():
+    """Reconstruction gradients reach the encoder through the quantiser;
+    codebooks are trained only by the codebook loss."""
+    torch.manual_seed(0)
+    m = RQVAE([12], 8, [16], (4, 4))
+    x = torch.randn(32, 12)
+    z = m.encode_latent([x])
+    codes, q, r = m.quantize(z)
+    # residual bookkeeping: z = sum_l q_l + r_L
+    torch.testing.assert_close((q.sum(0) + (r[-1] - q[-1])).double(), z.double(), rtol=1e-5, atol=1e-5)
+    z_in = z + (q.detach().sum(0) - z).detach()
+    torch.nn.functional.mse_loss(m.decode(z_in)[0], x).backward()
+    assert m.encoders[0][0].weight.grad.abs().sum() > 0
+    assert all(cb.grad is None for cb in m.codebooks)
+
+
+def test_kmeans():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.cat([c + 0.1 * torch.randn(50, 2, generator=g) for c in centres])
+    c = kmeans(x, 3, iters=10, generator=g)
+    d = torch.cdist(centres, c).min(1).values
+    assert (d < 0.1).all()
+    few = kmeans(x[:4], 8, iters=5, generator=g)  # more clusters than points
+    assert few.shape == (8, 2) and torch.isfinite(few).all()
+    with pytest.raises(ValueError, match="kmeans needs at least one point"):
+        kmeans(x[:0], 3, iters=1, generator=g)
+
+
+@pytest.mark.parametrize("dims", [(12,), (12, 5, 7)])
+def test_state_shapes_are_the_built_models(dims):
+    """The shapes a saved state is checked against before anything is built."""
+    real = {k: tuple(v.shape) for k, v in RQVAE(dims, 6, (10, 8), (5, 3)).state_dict().items()}
+    assert RQVAE.state_shapes(dims, 6, (10, 8), (5, 3)) == real
+
+
+def test_mlp_puts_silu_between_linear_layers():
+    net = mlp([4, 8, 2])
+    assert [type(m).__name__ for m in net] == ["Linear", "SiLU", "Linear"]
+    assert net(torch.zeros(3, 4)).shape == (3, 2)
+
+
+def test_quantize_picks_the_nearest_codeword_of_each_residual():
+    m = RQVAE([4], 2, [8], (3, 2))
+    with torch.no_grad():
+        m.codebooks[0].copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+        m.codebooks[1].copy_(torch.tensor([[0.1, 0.0], [0.0, -0.1]]))
+    z = torch.tensor([[0.9, 0.05], [0.1, 0.85]])
+    codes = m.quantize(z)[0]
+    assert codes.tolist() == [[1, 1], [2, 1]] and m.num_levels == 2
