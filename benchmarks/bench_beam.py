@@ -39,6 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -99,18 +100,21 @@ def make_trie(n_items: int, codebooks=PLUM_CODEBOOKS, seed: int = 0):
     return build_trie(codes, codebooks)
 
 
-IMPLS = ("ours", "topk", "dense_mask", "csr_torch", "callback")
-IMPL_NAMES = {"ours": "plum triton", "topk": "unconstrained top-k (floor)",
+IMPLS = ("ours", "ours_bias", "topk", "dense_mask", "csr_torch", "callback")
+IMPL_NAMES = {"ours": "plum triton", "ours_bias": "plum triton + edge bias", "topk": "unconstrained top-k (floor)",
               "dense_mask": "dense [B, W, V] mask + top-k",
               "csr_torch": "CSR gather in torch (reference)", "callback": "per-beam Python callback"}
 BASELINE = IMPL_NAMES["dense_mask"]
 
 
-def level_fns(x, scores, nodes, trie, sidtrie, level, W, impl, with_callback):
+def level_fns(x, scores, nodes, trie, sidtrie, level, W, impl, with_callback, bias):
     """``name -> (step callable, whether a CUDA graph can hold it)``; the dense mask and the CSR
-    reference read sizes back on the host, so they are timed without a graph."""
+    reference read sizes back on the host, so they are timed without a graph. ``ours_bias`` is the
+    same step with a per-edge bias ``bias [E]`` (the exploration serving path)."""
     fns = {"ours": (lambda: K.constrained_beam_step(x, scores, nodes, trie, level, W, impl=impl, validate=False),
                     True),
+           "ours_bias": (lambda: K.constrained_beam_step(x, scores, nodes, trie, level, W, impl=impl, validate=False,
+                                                         edge_bias=bias), True),
            "topk": (lambda: topk_step(x, scores, W), True),
            "dense_mask": (lambda: dense_mask_step(x, scores, nodes, trie, level, W), False),
            "csr_torch": (lambda: K.constrained_beam_step(x, scores, nodes, trie, level, W, impl="reference",
@@ -130,12 +134,14 @@ def run_config(sidtrie, trie, device, B, W, impl, timer: Timer, with_callback, l
     scores[:, 0] = 0
     nodes = torch.full((B, W), -1, dtype=torch.int64, device=device)
     nodes[:, 0] = 0
+    bias = torch.randn(int(trie.num_edges), generator=g, device=device)
     rows, hows = [], {}
     for level in range(len(sizes)):
         x = logits_all[level]
         if level in levels:
             row = {"level": level, "V": sizes[level]}
-            for name, (fn, graph) in level_fns(x, scores, nodes, trie, sidtrie, level, W, impl, with_callback).items():
+            fns = level_fns(x, scores, nodes, trie, sidtrie, level, W, impl, with_callback, bias)
+            for name, (fn, graph) in fns.items():
                 finite(fn(), allow_inf=True)
                 row[name], hows[name] = timer(fn, graph=graph)
             rows.append(row)
@@ -146,6 +152,24 @@ def run_config(sidtrie, trie, device, B, W, impl, timer: Timer, with_callback, l
 
     search()
     return rows, hows, timer(search)
+
+
+def time_aggregate(rec: Recorder, sidtrie, trie, device, impl, timer: Timer) -> float | None:
+    """Time ``trie_aggregate`` (random item masses -> node masses and per-edge biases) on one trie:
+    one CSV row with the bytes it must move (item masses, the trie's edge and pointer arrays, three
+    float32 outputs per edge or node) as GB/s. Returns ms."""
+    g = torch.Generator(device=device).manual_seed(7)
+    mass = torch.rand(sidtrie.num_items, generator=g, device=device)
+    items = tuple(torch.as_tensor(getattr(sidtrie, k), device=device) for k in ("edge_item", "dup_ptr", "dup_items"))
+    view = SimpleNamespace(edge_item=items[0], dup_ptr=items[1], dup_items=items[2])
+    fn = lambda: K.trie_aggregate(mass, trie, view, impl=impl, validate=False)  # noqa: E731
+    finite(fn().edge_bias)
+    ms, how = timer(fn, graph=False)   # one host read of the level bounds per call
+    I, E, N = int(trie.num_internal), int(trie.num_edges), int(sidtrie.num_items)
+    nbytes = 4 * N + E * (trie.edge_word.element_size() + 8 + 4 * 3) + I * (8 + 4 + 4)
+    rec.row("trie_aggregate", shape_str(items=N, edges=E, nodes=I), "float32", f"plum {impl}", ms, nbytes=nbytes,
+            timer=how, notes="bottom-up masses + per-edge log-ratio bias")
+    return ms
 
 
 def make_configs(args) -> list[tuple[int, int, int]]:
@@ -186,17 +210,25 @@ def markdown(meta: dict, results: list[dict], impl: str) -> str:
         a, b = r.get(f"{k}_ms_mean"), r.get("ours_ms_mean")
         return f(a / b, ".2f") if a and b else "-"
 
+    def bias_cost(r):
+        a, b = r.get("ours_bias_ms_mean"), r.get("ours_ms_mean")
+        return f(a / b, ".3f") if a and b else "-"
+
     lines = [f"# bench_beam ({meta['device']}, torch {meta['torch']}, triton {meta.get('triton', '-')}, "
              f"{meta['date']})", "", f"`{meta['command']}`; impl = {impl}; step = mean over timed levels, ms", "",
              "| items | B | W | step ms | top-k ms | step / top-k | x dense mask | x CSR torch | x callback "
-             "| search ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| search ms | biased / plain step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s, t = r.get("ours_ms_mean"), r.get("topk_ms_mean")
         vs_topk = f(s / t, '.2f') if s and t else '-'
         lines.append(f"| {r['items']:,} | {r['B']} | {r['W']} | {f(s)} | {f(t)} | {vs_topk} "
                      f"| {ratio(r, 'dense_mask')} | {ratio(r, 'csr_torch')} | {ratio(r, 'callback')} "
-                     f"| {f(r['search_ms'], '.3f')} |")
+                     f"| {f(r['search_ms'], '.3f')} | {bias_cost(r)} |")
+    aggregate = meta.get("trie_aggregate_ms", {})
+    if aggregate:
+        lines += ["", "| items | trie_aggregate ms |", "|---|---|"]
+        lines += [f"| {int(n):,} | {f(ms)} |" for n, ms in aggregate.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -226,7 +258,7 @@ def main(argv=None):
     timer = Timer(smoke=args.smoke, device=args.device, rep_ms=10, warmup_ms=5, cpu_iters=args.reps)
     rec = Recorder(args.out, args.name, part="beam", smoke=args.smoke)
     rec.set("codebooks", list(args.codebooks))
-    results, tries = [], {}
+    results, tries, aggregate = [], {}, {}
     for n, B, W in make_configs(args):
         if n not in tries:
             t0 = time.perf_counter()
@@ -234,6 +266,8 @@ def main(argv=None):
             sidtrie = make_trie(n, args.codebooks)
             tries[n] = (sidtrie, sidtrie.to_torch(device))
             rec.note(f"trie of {n:,} items: {sidtrie!r}, built in {time.perf_counter() - t0:.1f} s")
+            aggregate[str(n)] = time_aggregate(rec, *tries[n], device, impl, timer)
+            rec.set("trie_aggregate_ms", aggregate)
         sidtrie, trie = tries[n]
         rows, hows, search = run_config(sidtrie, trie, device, B, W, impl, timer, B <= args.callback_max_batch,
                                         set(args.levels))

@@ -84,8 +84,9 @@ PARTS: tuple[Part, ...] = (
     Part("routing", _suite_part("bench_moe.py", "--section", "routing"), 15, 25,
          "moe_route / moe_permute / moe_unpermute GB/s vs the torch reference"),
     Part("beam", _suite_part("bench_beam.py", "--items", "1000000", "20000000",
-                             "--pairs", "2x70", "64x64", "1024x64", "--no-static"), 45, 60,
-         "constrained_beam_step per step vs dense-mask top-k and CSR torch; 1M / 20M SIDs"),
+                             "--pairs", "2x70", "64x64", "1024x64", "--no-static"), 55, 75,
+         "constrained_beam_step (plain and with an edge bias) vs dense-mask top-k and CSR torch; trie_aggregate; "
+         "1M / 20M SIDs"),
     Part("train_step", _suite_part("bench_train_step.py"), 55, 75,
          "SFT step of plum-110m and medium, Triton vs reference kernels: tokens/s, MFU"),
 )
