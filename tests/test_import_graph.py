@@ -8,7 +8,9 @@ constant name counted as an import.
   must not import triton): :data:`LAZY_BACKENDS`;
 - ``plum_kernels`` never imports ``plumrec``, and the parts of ``plumrec`` form the layers of
   :data:`LAYERS`: every import points to a lower layer, so the pipeline and the CLI are on top and
-  training, retrieval and the baselines, side by side, never import each other.
+  training, retrieval and the baselines, side by side, never import each other. Maximum-entropy
+  exploration (``plumrec.explore``) sits beside ``plumrec.sequences``: it reads the trie, the metrics and
+  the kernels, and retrieval builds on it.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ LAZY_BACKENDS = {
 LAYERS = (
     {"plumrec.io"},
     {"plumrec.data", "plumrec.sid", "plumrec.model", "plumrec.metrics"},
-    {"plumrec.sequences"},
+    {"plumrec.sequences", "plumrec.explore"},
     {"plumrec.train", "plumrec.retrieval", "plumrec.baselines"},
     {"plumrec.pipeline"},
     {"plumrec.cli"},

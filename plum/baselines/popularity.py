@@ -28,7 +28,9 @@ class Popularity:
             return [self.ranking[:k].copy() for _ in histories]
         return [drop_history(self.ranking[:k + len(np.unique(h))], h)[:k] for h in histories]
 
-    def evaluate(self, histories, targets, ks=(5, 10), *, exclude_history: bool = False, return_ranks: bool = False):
-        """Recall/NDCG/coverage@K; ``return_ranks``: ``(metrics, per-user target ranks)``."""
+    def evaluate(self, histories, targets, ks=(5, 10), *, exclude_history: bool = False, return_ranks: bool = False,
+                 popularity=None):
+        """Recall/NDCG/coverage@K and the exposure measures (``popularity [M]``: training item counts, see
+        :func:`~plumrec.metrics.exposure_metrics`); ``return_ranks``: ``(metrics, per-user target ranks)``."""
         return evaluate_lists(self.recommend(histories, max(ks), exclude_history=exclude_history), targets,
-                              self.num_items, ks, return_ranks=return_ranks)
+                              self.num_items, ks, return_ranks=return_ranks, popularity=popularity)

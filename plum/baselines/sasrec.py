@@ -130,11 +130,13 @@ class SASRec(nn.Module):
             self.train(was)
         return out
 
-    def evaluate(self, histories, targets, ks=(5, 10), *, exclude_history: bool = False, return_ranks: bool = False):
-        """Recall/NDCG/coverage@K over all items (``exclude_history``: see :meth:`recommend`);
+    def evaluate(self, histories, targets, ks=(5, 10), *, exclude_history: bool = False, return_ranks: bool = False,
+                 popularity=None):
+        """Recall/NDCG/coverage@K over all items (``exclude_history``: see :meth:`recommend`) and the exposure
+        measures (``popularity [M]``: training item counts, see :func:`~plumrec.metrics.exposure_metrics`);
         ``return_ranks``: ``(metrics, per-user target ranks)`` as in ``GenerativeRetriever.evaluate``."""
         return evaluate_lists(self.recommend(histories, max(ks), exclude_history=exclude_history), targets,
-                              self.config.num_items, ks, return_ranks=return_ranks)
+                              self.config.num_items, ks, return_ranks=return_ranks, popularity=popularity)
 
 
 class SequenceDataset:

@@ -18,7 +18,15 @@ import torch
 from plumrec.baselines import Popularity
 from plumrec.io import write_json
 from plumrec.pipeline.config import load_run_config
-from plumrec.pipeline.stages import exclude_history, run_cpt, run_eval, run_sasrec, run_sft, run_sid
+from plumrec.pipeline.stages import (
+    exclude_history,
+    run_cpt,
+    run_eval,
+    run_sasrec,
+    run_sft,
+    run_sid,
+    training_popularity,
+)
 from plumrec.pipeline.workspace import Workspace
 from plumrec.sid.trie import SIDTrie, build_trie
 
@@ -58,11 +66,12 @@ def demo(out_dir: str, *, config: str | None = None, threads: int | None = 1, pr
     results["plum"], timings["eval_plum"] = _timed(run_eval, ws, ws.dir / "sft" / "model")
     results["sft_only"], timings["eval_sft_only"] = _timed(run_eval, ws, ws.dir / "sft_only" / "model")
     (ws.dir / "eval.json").unlink(missing_ok=True)
-    xh = exclude_history(ws)
-    results["popularity"] = Popularity(ws.split.train, ws.num_items).evaluate(hist, tgt, ks, exclude_history=xh)
+    xh, pop = exclude_history(ws), training_popularity(ws)
+    results["popularity"] = Popularity(ws.split.train, ws.num_items).evaluate(hist, tgt, ks, exclude_history=xh,
+                                                                              popularity=pop)
     t0 = time.perf_counter()
     sas = run_sasrec(ws, progress=progress)  # already trained when sft.distill used it as the teacher
-    results["sasrec"] = sas.evaluate(hist, tgt, ks, exclude_history=xh)
+    results["sasrec"] = sas.evaluate(hist, tgt, ks, exclude_history=xh, popularity=pop)
     timings["sasrec"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     table = {name: {k: float(r[k]) for k in RESULT_KEYS} for name, r in results.items()}

@@ -7,7 +7,12 @@ excluded; ``_beamW`` for a beam width other than 20), and beside it
 ``benchmarks/compare_retrieval.py OUT_A OUT_B`` can compare two runs on the
 same users with a paired standard error. The results are written to
 ``OUT/results{protocol}{beam}.json`` in ``plum demo``'s format (model ->
-recall@5, recall@10, ndcg@5, ndcg@10, invalid_rate) plus ``metadata``.
+recall@5, recall@10, ndcg@5, ndcg@10, invalid_rate, and the exposure measures
+of :data:`EXPOSURE_KEYS` where the evaluation has them) plus ``metadata``.
+The printed table has a second block with the exposure of our rows' top-10
+lists: coverage, entropy and Gini of the aggregate exposure, the tail items'
+share and novelty (:mod:`plumrec.metrics`; popularity from the training split).
+An evaluation cached before these measures existed shows ``-`` there.
 """
 from __future__ import annotations
 
@@ -17,11 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from plumrec.io import atomic_path, read_json, write_json
+from plumrec.metrics import HEAD_FRACTION
 from plumrec.pipeline.options import MIN_BEAM_WIDTH
 
-__all__ = ["RESULT_KEYS", "PUBLISHED", "split_tag", "beam_tag", "ranks_path", "cached_evaluation", "print_table"]
+__all__ = ["RESULT_KEYS", "EXPOSURE_KEYS", "PUBLISHED", "split_tag", "beam_tag", "ranks_path", "cached_evaluation",
+           "print_table"]
 
 RESULT_KEYS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate")
+EXPOSURE_KEYS = ("coverage@10", "entropy@10", "entropy_norm@10", "gini@10", "tail_exposure@10", "novelty@10")
 
 # Published Amazon Beauty test numbers (the same S3-Rec leave-one-out split, full ranking), printed beside ours.
 PUBLISHED = {
@@ -80,3 +88,18 @@ def print_table(table: dict, meta: dict, sid_info: dict) -> None:
         print(f"  {name:<22}" + "".join(f"{row[k]:>13.4f}" if k in row else f"{'-':>13}" for k in cols))
     if meta["split"] != "test":
         print(f"  (our rows: the {meta['split']} split; the published rows are test-split numbers)")
+    _print_exposure(table)
+
+
+def _print_exposure(table: dict) -> None:
+    """The exposure block of the rows of ``table`` that have any of :data:`EXPOSURE_KEYS`."""
+    rows = {name: row for name, row in table.items() if any(k in row for k in EXPOSURE_KEYS)}
+    if not rows:
+        return
+    print(f"\nExposure of the top-10 lists (entropy in nats; tail: outside the {HEAD_FRACTION:.0%} most popular "
+          "items in training; novelty: mean -log2 p_train, bits)")
+    head = f"  {'model':<22}" + "".join(f"{k:>17}" for k in EXPOSURE_KEYS)
+    print(head)
+    print("  " + "-" * (len(head) - 2))
+    for name, row in rows.items():
+        print(f"  {name:<22}" + "".join(f"{row[k]:>17.4f}" if k in row else f"{'-':>17}" for k in EXPOSURE_KEYS))

@@ -46,9 +46,17 @@ from plumrec.data import embed_texts, load_dataset, load_item_attributes
 from plumrec.io import atomic_path, read_json, read_npy, resolve_dir, write_json
 from plumrec.pipeline.options import check_item_embeddings
 from plumrec.pipeline.plan import ATTR_FILE, COLLAB_FILE, make_plan, read_plan
-from plumrec.pipeline.report import PUBLISHED, RESULT_KEYS, beam_tag, cached_evaluation, print_table, split_tag
+from plumrec.pipeline.report import (
+    EXPOSURE_KEYS,
+    PUBLISHED,
+    RESULT_KEYS,
+    beam_tag,
+    cached_evaluation,
+    print_table,
+    split_tag,
+)
 from plumrec.pipeline.settings import TRAIN_STAGES
-from plumrec.pipeline.stages import retriever, run_cpt, run_sft, run_sid, sasrec_baseline
+from plumrec.pipeline.stages import retriever, run_cpt, run_sft, run_sid, sasrec_baseline, training_popularity
 from plumrec.pipeline.workspace import Workspace
 from plumrec.train.distributed import default_device
 from plumrec.train.loop import train
@@ -197,9 +205,11 @@ class _Run:
         ks, xh = self.cfg["eval"]["ks"], args.exclude_history
         suffix = split_tag(args.split, xh) + ("" if args.max_users is None else f"_first{self.n_users}")
         beam = beam_tag(args.beam_width)
+        pop = training_popularity(ws)
 
         def generative(model_dir: Path):
-            return lambda: retriever(ws, model_dir).evaluate(hist, tgt, ks, exclude_history=xh, return_ranks=True)
+            return lambda: retriever(ws, model_dir).evaluate(hist, tgt, ks, exclude_history=xh, return_ranks=True,
+                                                             popularity=pop)
 
         results: dict[str, dict] = {}
         for model in ("plum", "sft_only") if args.sft_only else ("plum",):
@@ -212,11 +222,13 @@ class _Run:
                                                   tgt, max(ks))
             self.done(f"eval_{model}{suffix}{beam}", t)
             _log(f"{model}: {results[model]}")
-        results["popularity"] = Popularity(ws.split.train, ws.num_items).evaluate(hist, tgt, ks, exclude_history=xh)
+        results["popularity"] = Popularity(ws.split.train, ws.num_items).evaluate(hist, tgt, ks, exclude_history=xh,
+                                                                                  popularity=pop)
         results["popularity"].setdefault("invalid_rate", 0.0)
         results["sasrec"], t = cached_evaluation(
             out / f"eval_sasrec{suffix}.json",
-            lambda: self.sasrec().evaluate(hist, tgt, ks, exclude_history=xh, return_ranks=True), tgt, max(ks))
+            lambda: self.sasrec().evaluate(hist, tgt, ks, exclude_history=xh, return_ranks=True, popularity=pop),
+            tgt, max(ks))
         self.done(f"sasrec{suffix}", t)
         _log(f"sasrec: {results['sasrec']}")
         return results
@@ -247,7 +259,8 @@ class _Run:
     def write_results(self, results: dict, command: str) -> dict:
         """Write ``OUT/results{protocol}{beam}.json``, print the table; returns what was written."""
         args = self.args
-        table = {name: {k: float(r.get(k, 0.0)) for k in RESULT_KEYS} for name, r in results.items()}
+        table = {name: {**{k: float(r.get(k, 0.0)) for k in RESULT_KEYS},
+                        **{k: float(r[k]) for k in EXPOSURE_KEYS if k in r}} for name, r in results.items()}
         extra = {name: {k: v for k, v in r.items() if k not in RESULT_KEYS} for name, r in results.items()}
         meta = self.metadata(command)
         res = {**table, "details": {"sid": self.sid_info, "metrics": extra, "published": PUBLISHED}, "metadata": meta}

@@ -45,6 +45,7 @@ import torch
 from plumrec.baselines import SASRec, SASRecConfig, SequenceDataset, sasrec_loss
 from plumrec.data import cooccurrence_pairs
 from plumrec.io import atomic_dir, write_json
+from plumrec.metrics import item_popularity
 from plumrec.model.config import preset
 from plumrec.model.hf import load_hf_model, load_tokenizer
 from plumrec.model.model import PlumLM
@@ -69,8 +70,8 @@ from plumrec.train.losses import (
 )
 
 __all__ = ["run_sid", "base_model", "cpt_corpus", "run_cpt", "sft_dataset", "sft_loss", "sasrec_baseline",
-           "run_sasrec", "run_sft", "exclude_history", "retriever", "run_eval", "run_recommend",
-           "SID_INIT_SEED_OFFSET"]
+           "run_sasrec", "run_sft", "exclude_history", "retriever", "training_popularity", "run_eval",
+           "run_recommend", "SID_INIT_SEED_OFFSET"]
 
 
 def run_sid(ws: Workspace, *, progress: bool = True) -> dict:
@@ -271,11 +272,19 @@ def retriever(ws: Workspace, model_dir: str | os.PathLike) -> GenerativeRetrieve
                                max_items=ws.cfg["sft"]["max_items"])
 
 
+def training_popularity(ws: Workspace) -> np.ndarray:
+    """``[M]`` int64: each item's count in the training split (for tail exposure and novelty)."""
+    return item_popularity(ws.split.train, ws.num_items)
+
+
 def run_eval(ws: Workspace, model_dir: str | os.PathLike | None = None) -> dict:
-    """Recall/NDCG@K of a saved model (default ``workdir/sft/model``) on ``eval.split``; writes ``eval.json``."""
+    """Recall/NDCG@K and the exposure measures (:func:`plumrec.metrics.exposure_metrics`, popularity
+    from the training split) of a saved model (default ``workdir/sft/model``) on ``eval.split``;
+    writes ``eval.json``."""
     es = _eval_set(ws)
     r = retriever(ws, model_dir or ws.dir / "sft" / "model")
-    res = r.evaluate(list(es.histories), es.targets, ws.cfg["eval"]["ks"], exclude_history=exclude_history(ws))
+    res = r.evaluate(list(es.histories), es.targets, ws.cfg["eval"]["ks"], exclude_history=exclude_history(ws),
+                     popularity=training_popularity(ws))
     write_json(ws.dir / "eval.json", res, indent=1)
     return res
 

@@ -31,7 +31,7 @@ import torch
 
 import plum_kernels.torch as K
 from plumrec.metrics import drop_history, evaluate_lists
-from plumrec.model.model import PlumLM, cu_seqlens_from_lengths
+from plumrec.model.model import BeamCache, PlumLM, cu_seqlens_from_lengths
 from plumrec.model.vocab import SIDVocab
 from plumrec.sequences import check_histories, history_tokens
 from plumrec.sid.trie import SIDTrie
@@ -81,10 +81,13 @@ class GenerativeRetriever:
             (None, ``"reference"`` or ``"triton"``); default the model's
             ``config.kernel_impl``, so a model set to the reference ops decodes
             with them too.
+        explore: an exploration policy (:class:`plumrec.retrieval.explore.ExplorationPolicy`,
+            fitted on this trie) or None: :meth:`recommend` then runs, for each user, one beam
+            search biased by a component of the policy drawn per (seed, user index).
     """
 
     def __init__(self, model: PlumLM, vocab: SIDVocab, trie: SIDTrie, codes: np.ndarray, *, beam_width: int = 10,
-                 batch_size: int = 64, max_items: int = 50, impl: str | None = None):
+                 batch_size: int = 64, max_items: int = 50, impl: str | None = None, explore=None):
         vocab.check_model(model.config.vocab_size)
         vocab.check_codebooks(trie.codebook_sizes)
         if beam_width < 1 or batch_size < 1 or max_items < 1:
@@ -95,12 +98,33 @@ class GenerativeRetriever:
         self.beam_width, self.batch_size, self.max_items = beam_width, batch_size, max_items
         self.impl = impl if impl is not None else model.config.kernel_impl
         self._trie_arrays = None
+        self.explore = explore
+
+    @property
+    def explore(self):
+        """The exploration policy :meth:`recommend` serves with (None: plain beam search)."""
+        return self._explore
+
+    @explore.setter
+    def explore(self, policy) -> None:
+        if policy is not None:
+            policy.check_trie(self.trie)  # ValueError for a policy fitted on another trie
+        self._explore = policy
 
     def _device(self):
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def _search(self, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, histories: Sequence[np.ndarray], edge_bias: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One constrained beam search over ``histories``: ``(codes [B, W, L] int64, scores [B, W] float32)``;
+        ``edge_bias``: optional float32 ``[E]`` per-edge bias on the model's device (the scores include it)."""
+        return self._decode(*self._prefill(histories), edge_bias=edge_bias)
+
+    @torch.no_grad()
+    def _prefill(self, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, BeamCache]:
+        """The prompts' forward: ``(level-0 logits [B, V_0] float32, the prompts' BeamCache)``. :meth:`_decode`
+        leaves the prefix part of the cache untouched, so one prefill serves several searches."""
         model, vocab, W = self.model, self.vocab, self.beam_width
         dev = self._device()
         L = vocab.num_levels
@@ -112,8 +136,15 @@ class GenerativeRetriever:
         last = (cu[1:] - 1).long()
         out = model(ids, cu, max(lens), logits=False, return_kv=True)
         first = model.lm_logits(out.hidden[last], vocab.level_slice(0)).float()        # [B, V_0]
-        cache = model.prefix_cache(out.kv, cu, W, max(L - 1, 1))
-        B = len(prompts)
+        return first, model.prefix_cache(out.kv, cu, W, max(L - 1, 1))
+
+    @torch.no_grad()
+    def _decode(self, first: torch.Tensor, cache: BeamCache, edge_bias: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The constrained beam search from a :meth:`_prefill` (its generated part is reset first)."""
+        model, vocab, W, dev = self.model, self.vocab, self.beam_width, self._device()
+        L, B = vocab.num_levels, first.shape[0]
+        cache.suffix_len = 0
         offsets = [vocab.level_offset(l) for l in range(L)]
 
         def step_fn(level: int, tokens: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
@@ -128,10 +159,11 @@ class GenerativeRetriever:
 
         if self._trie_arrays is None or self._trie_arrays.child_ptr.device != dev:
             self._trie_arrays = self.trie.to_torch(dev)
-        return K.constrained_beam_search(step_fn, self._trie_arrays, batch_size=B, beam_width=W, impl=self.impl)
+        return K.constrained_beam_search(step_fn, self._trie_arrays, batch_size=B, beam_width=W, impl=self.impl,
+                                         edge_bias=edge_bias)
 
     def recommend(self, histories: Sequence[np.ndarray], k: int = 10, *, exclude_history: bool = False,
-                  on_nonfinite: str = "raise") -> Recommendations:
+                  on_nonfinite: str = "raise", seed: int = 0) -> Recommendations:
         """Top-``k`` items for each history (item indices of the catalogue).
 
         With ``exclude_history`` the items of the history are dropped from the beams' items before
@@ -144,8 +176,16 @@ class GenerativeRetriever:
         (the default) raises a ``ValueError`` naming the users of the first batch that has any;
         ``"skip"`` gives those users empty lists, leaves their beams out of ``invalid`` / ``beams``
         and lists them in ``nonfinite``.
+
+        With an exploration policy (``explore``) each user ``u`` (its index in ``histories``) gets the
+        beams of one search biased by the policy's component drawn for ``(seed, u)``
+        (:meth:`~plumrec.retrieval.explore.ExplorationPolicy.components`), its items ranked under that
+        bias; ``scores`` are then the beams' model log-probabilities without the bias, ``codes`` in the
+        biased order. The users are searched grouped by component, ``batch_size`` at a time.
         """
         check_histories(histories, self.num_items, "histories")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if any(len(h) == 0 for h in histories):
             raise ValueError("every history needs at least one item")
         if not 1 <= k:
@@ -156,28 +196,36 @@ class GenerativeRetriever:
         self.model.eval()
         all_codes, all_scores, items, skipped = [], [], [], []
         invalid = beams = 0
+        # with exploration, users are searched grouped by their component (one biased search per group)
+        order = (np.arange(len(histories)) if self.explore is None
+                 else self.explore.serving_order(len(histories), seed))
         try:
             for s in range(0, len(histories), self.batch_size):
-                codes, scores = self._search(histories[s:s + self.batch_size])
+                users = order[s:s + self.batch_size]
+                batch = [histories[i] for i in users]
+                codes, scores, explored = ((*self._search(batch), None) if self.explore is None
+                                           else self.explore.search(self, batch, users, seed))
                 codes, scores = codes.cpu().numpy(), scores.cpu().numpy()
                 bad = nonfinite_users(scores)
                 if len(bad) and on_nonfinite == "raise":
-                    raise _nonfinite_error(bad + s, s)
-                skipped.extend((bad + s).tolist())
+                    raise _nonfinite_error(users[bad], int(users[0]))
+                skipped.extend(users[bad].tolist())
                 all_codes.append(codes)
                 all_scores.append(scores)
-                for u, (c, sc, h) in enumerate(zip(codes, scores, histories[s:s + self.batch_size])):
+                for u, (c, sc, h) in enumerate(zip(codes, scores, batch)):
                     if u in bad:
                         items.append(np.zeros(0, np.int64))
                         continue
                     ranked, n_live, n_invalid = self._beam_items(c, sc)
+                    ranked = ranked if explored is None else explored[u]  # ranked under the component's bias
                     beams += n_live
                     invalid += n_invalid
                     items.append((drop_history(ranked, h) if exclude_history else ranked)[:k])
         finally:
             self.model.train(was_training)
-        return Recommendations(items, np.concatenate(all_codes), np.concatenate(all_scores), invalid, beams,
-                               np.asarray(skipped, np.int64))
+        back = np.argsort(order)  # the histories' order again
+        return Recommendations([items[i] for i in back], np.concatenate(all_codes)[back],
+                               np.concatenate(all_scores)[back], invalid, beams, np.sort(np.asarray(skipped, np.int64)))
 
     def _beam_items(self, codes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, int, int]:
         """One user's beams (finite scores) -> ``(items best first, live beams, live beams not in the trie)``."""
@@ -189,10 +237,13 @@ class GenerativeRetriever:
         return ranked, int(live.sum()), int((live & ~present).sum())
 
     def evaluate(self, histories: Sequence[np.ndarray], targets, ks: Sequence[int] = (5, 10), *,
-                 exclude_history: bool = False, return_ranks: bool = False, on_nonfinite: str = "raise"):
+                 exclude_history: bool = False, return_ranks: bool = False, on_nonfinite: str = "raise",
+                 popularity=None):
         """Recall/NDCG/coverage@K over all items plus the invalid-SID rate (``exclude_history``: see
-        :meth:`recommend`). ``return_ranks``: also each user's target rank in its top ``max(ks)``
-        (``(metrics, ranks)``, see :func:`~plumrec.metrics.target_ranks`).
+        :meth:`recommend`) and the exposure measures (``popularity [M]``: training item counts, for
+        tail exposure and novelty; see :func:`~plumrec.metrics.exposure_metrics`). ``return_ranks``:
+        also each user's target rank in its top ``max(ks)`` (``(metrics, ranks)``, see
+        :func:`~plumrec.metrics.target_ranks`).
 
         ``nonfinite`` counts the users whose scores are not finite. With ``on_nonfinite="raise"``
         (the default) any such user raises (see :meth:`recommend`), so it is 0; with ``"skip"`` they
@@ -203,4 +254,4 @@ class GenerativeRetriever:
         rec = self.recommend(histories, max(ks), exclude_history=exclude_history, on_nonfinite=on_nonfinite)
         invalid_rate = rec.invalid / rec.beams if rec.beams else (float("nan") if len(rec.nonfinite) else 0.0)
         return evaluate_lists(rec.items, targets, self.num_items, ks, invalid_rate=invalid_rate,
-                              nonfinite=len(rec.nonfinite), return_ranks=return_ranks)
+                              nonfinite=len(rec.nonfinite), return_ranks=return_ranks, popularity=popularity)

@@ -61,6 +61,7 @@ def test_stage_subcommands_over_a_toml_config(tmp_path, capsys):
     assert main(["eval", "--config", str(cfg)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["invalid_rate"] == 0.0 and "recall@10" in res
+    assert {"coverage@10", "entropy@10", "gini@10", "tail_exposure@10", "novelty@10"} <= res.keys()
     assert main(["recommend", "--config", str(cfg), "--history", "item_3,item_7", "-k", "4"]) == 0
     recs = json.loads(capsys.readouterr().out)
     assert len(recs) == 4 and all(r["item"].startswith("item_") and r["title"] for r in recs)
@@ -244,3 +245,60 @@ def test_console_script_entry_point(tmp_path):
     assert "PLUM SID trie demo" in out.stdout
     help_ = subprocess.run([sys.executable, "-m", "plumrec.cli", "--help"], capture_output=True, text=True, check=True)
     assert all(c in help_.stdout for c in ("sid", "cpt", "sft", "eval", "recommend", "demo", "trie-demo"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--lam", "0.1"], "--lam need(s) --explore maxent"),
+    (["--explore-policy", "p"], "--explore-policy need(s) --explore maxent"),
+    (["--explore", "maxent", "--explore-policy", "p", "--lam", "0.1"], "--explore-policy serves a fitted policy"),
+    (["--explore", "maxent", "--lam", "-1"], "--lam must be a finite number >= 0"),
+    (["--explore", "maxent", "--lam", "nan"], "--lam must be a finite number >= 0"),
+    (["--explore", "maxent", "--iters", "-2"], "--iters must be >= 0"),
+    (["--explore", "maxent", "--seed", "-1"], "--seed must be >= 0"),
+    (["--explore", "maxent", "-k", "0"], "-k must be >= 1"),
+    (["--explore", "softmax"], "invalid choice"),
+])
+def test_recommend_exploration_flags_are_checked(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["recommend", "--history", "item_1", *bad])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [(["--lam", "-0.5"], "--lam must be"), (["--max-users", "0"], "--max-users"),
+                                          (["--split", "train"], "invalid choice"), (["-k", "0"], "-k must be")])
+def test_explore_fit_flags_are_checked(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["explore-fit", *bad])
+    assert message in capsys.readouterr().err
+
+
+def test_explore_fit_then_recommend_with_the_policy_or_a_fit_on_the_served_users(tmp_path, capsys):
+    """`plum explore-fit` saves a policy fitted on the first users of eval.split, printing the gap per
+    iteration; `plum recommend --explore maxent` serves it (reproducibly per --seed) or fits one on the
+    histories it serves."""
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({**SMALL, "workdir": str(tmp_path / "work")}))
+    assert main(["sid", "--config", str(cfg), "--no-progress"]) == 0
+    assert main(["sft", "--config", str(cfg), "--no-progress", "--init", "scratch"]) == 0
+    capsys.readouterr()
+    assert main(["explore-fit", "--config", str(cfg), "--lam", "0.5", "-k", "4", "--iters", "3",
+                 "--max-users", "12"]) == 0
+    out = capsys.readouterr()
+    fit = json.loads(out.out)
+    assert fit["users"] == 12 and fit["split"] == "test" and fit["k"] == 4 and len(fit["gaps"]) == 4
+    assert "iteration 3: duality gap" in out.err
+    policy = tmp_path / "work" / "explore"
+    assert fit["policy"] == str(policy) and (policy / "policy.safetensors").exists()
+    served = ["recommend", "--config", str(cfg), "--explore", "maxent", "--explore-policy", str(policy),
+              "--history", "item_3,item_7", "--history", "item_5", "-k", "4"]
+    runs = []
+    for seed in ("0", "0", "1"):
+        assert main([*served, "--seed", seed]) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    assert len(runs[0]) == 2 and all(len(lst) == 4 for lst in runs[0]) and runs[0] == runs[1]
+    assert main(["recommend", "--config", str(cfg), "--explore", "maxent", "--lam", "0.5", "--iters", "2",
+                 "--history", "item_3,item_7", "-k", "4", "--no-progress"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert len(recs) == 4 and all(r["item"].startswith("item_") for r in recs)
+    with pytest.raises(ValueError, match="policy.json not found: the folder of an exploration policy"):
+        main([*served[:6], str(tmp_path), *served[7:]])

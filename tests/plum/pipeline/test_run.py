@@ -8,7 +8,7 @@ import pytest
 from retrieval_data import TINY_WORDS, write_dataset
 from tiny_text_model import make_tiny_bert_dir
 
-from plumrec.pipeline.report import RESULT_KEYS
+from plumrec.pipeline.report import EXPOSURE_KEYS, RESULT_KEYS
 
 
 def test_plum_run_is_the_bench_pipeline(tmp_path, capsys):
@@ -27,7 +27,14 @@ def test_plum_run_is_the_bench_pipeline(tmp_path, capsys):
         main(["run", *argv, "--beam-width", "10"])
     assert "plum run: error: --beam-width must be >= 20" in capsys.readouterr().err
     assert main(["run", *argv]) == 0
-    assert "TIGER (paper)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "TIGER (paper)" in printed and "Exposure of the top-10 lists" in printed
     res = json.loads((out / "results.json").read_text())
     assert set(RESULT_KEYS) <= set(res["plum"]) and res["metadata"]["command"].startswith("plum run --dataset")
+    for name in ("plum", "popularity", "sasrec"):  # exposure of the same top-10 lists, popularity from training
+        assert set(EXPOSURE_KEYS) <= set(res[name]) and 0.0 < res[name]["coverage@10"] <= 1.0
+    m = res["metadata"]["items"]  # popularity: everyone gets the same 10 items, the least novel ones
+    assert res["popularity"]["coverage@10"] == pytest.approx(10 / m) and res["popularity"]["gini@10"] == pytest.approx(
+        1 - 10 / m)
+    assert res["popularity"]["novelty@10"] <= min(res["plum"]["novelty@10"], res["sasrec"]["novelty@10"]) + 1e-9
     assert res["metadata"]["config"] == "amazon" and res["metadata"]["collaborative_sids"] is False
