@@ -54,6 +54,13 @@ def _fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on a clean exit fsync it and rename it onto ``path``.
@@ -68,6 +75,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp" + path.suffix)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; the result gets the mode open() would give it
     try:
         yield Path(tmp)
         _fsync(tmp)
@@ -111,6 +119,7 @@ def atomic_dir(path: str | os.PathLike, *, keep: bool = False) -> Iterator[Path]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700; the result gets the mode mkdir() would give it
     try:
         yield tmp
         if keep and resolve_dir(path).is_dir():

@@ -3,6 +3,7 @@ readers whose every error names the file (and line)."""
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ from plumrec.io import (
     resolve_dir,
     save_tensors,
     write_json,
+    write_text,
 )
 
 
@@ -182,3 +184,17 @@ def test_a_killed_writer_leaves_the_old_or_the_new_version(tmp_path):
         assert all(n >= s for n, s in zip(now, seen)), (seen, now)  # nothing older than what was on disk
         seen = now
     assert max(seen) > 1  # the writer got through some versions between the kills
+
+
+def test_atomic_writes_get_the_modes_plain_writes_get(tmp_path):
+    """A file or folder written atomically has the mode ``open()`` / ``mkdir()`` would give it under the
+    process's umask (the temporary file's 0600 / folder's 0700 must not leak into the result)."""
+    old = os.umask(0o027)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f.txt").write_text("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
