@@ -51,6 +51,7 @@ import torch  # noqa: E402
 
 import plum_kernels.torch as K  # noqa: E402
 from plum_kernels.beam import reference as ref  # noqa: E402
+from plumrec.io import write_text  # noqa: E402
 from plumrec.sid import build_trie  # noqa: E402
 
 PLUM_CODEBOOKS = (2048, 1024, 512, 256, 128, 64, 32, 16)
@@ -273,7 +274,7 @@ def main(argv=None):
                                         set(args.levels))
         results.append(record_config(rec, n, B, W, len(args.codebooks), impl, rows, hows, search))
         rec.set("results", results)
-    (Path(args.out) / f"{args.name}.md").write_text(md := markdown(rec.record, results, impl))
+    write_text(Path(args.out) / f"{args.name}.md", md := markdown(rec.record, results, impl))
     print(md)
     return rec.record
 

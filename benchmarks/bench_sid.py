@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from plumrec.data import cooccurrence_pairs, embed_texts, leave_one_out, load_dataset, make_synthetic_catalogue
+from plumrec.io import write_text  # noqa: E402
 from plumrec.pipeline.options import check_item_embeddings, embedding_files_arg, json_fields_arg
 from plumrec.sid import SemanticIdTokenizer, SIDConfig, multi_resolution_codebooks
 
@@ -185,7 +186,7 @@ def main(argv=None):
                             config=dataclasses.asdict(tok.config), fit_seconds=seconds, **q.as_dict()))
     print_report(results, data, source, len(train_pairs), len(held_out), args)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+        write_text(args.json, json.dumps(results, indent=2, default=float))
     return results
 
 

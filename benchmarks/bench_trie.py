@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from plumrec.io import write_json, write_text
+
 PLUM = (2048, 1024, 512, 256, 128, 64, 32, 16)
 TIGER = (256, 256, 256, 256)
 CONFIGS = {"plum8": PLUM, "4x256": TIGER}
@@ -168,11 +170,9 @@ def main(argv=None) -> None:
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
               "numpy": np.__version__, "command": "python " + " ".join(sys.argv), "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out + ".json", result, indent=1)
     md = to_markdown(result)
-    with open(args.out + ".md", "w") as f:
-        f.write(md)
+    write_text(args.out + ".md", md)
     print(md)
     plot(result, args.out + ".png")
 

@@ -225,6 +225,8 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import command_line, environment
 
+    from plumrec.io import write_text
+
     if not args.smoke and not torch.cuda.is_available():
         p.error("needs a CUDA GPU (use --smoke on the CPU)")
     dev = torch.device("cpu" if args.smoke else "cuda")
@@ -241,10 +243,10 @@ def main(argv=None) -> dict:
     todo = first_per_family(cases(args.smoke)) if args.first_per_family else cases(args.smoke)
     for name, dtype, budget, fn in todo:
         report["cases"].append(run_case(name, dtype, budget, fn, dev))
-        out.write_text(json.dumps(report, indent=1))   # a run stopped mid-way keeps the cases it finished
+        write_text(out, json.dumps(report, indent=1))   # a run stopped mid-way keeps the cases it finished
     report["complete"] = True
     report["ok"] = all(r["ok"] for r in report["cases"])
-    out.write_text(json.dumps(report, indent=1))
+    write_text(out, json.dumps(report, indent=1))
     print(("all cases ok" if report["ok"] else "SOME CASES FAILED") + f"; wrote {args.out}")
     return report
 

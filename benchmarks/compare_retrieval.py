@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plumrec.io import write_text
 from plumrec.metrics import paired_difference, per_user_metric
 from plumrec.pipeline.report import beam_tag, ranks_path, split_tag
 
@@ -103,9 +104,9 @@ def main(argv=None) -> dict:
     for name, r in res.items():
         print(f"  {name:<10}{r['a']:>9.4f}{r['b']:>9.4f}{r['b_minus_a']:>+10.4f}{r['paired_se']:>11.4f}{r['z']:>7.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"a": f"{out_a}:{model_a}", "b": f"{out_b}:{model_b}",
-                                               "files": [str(f) for f in files], "users": int(len(ta)),
-                                               "metrics": res}, indent=1))
+        write_text(args.json, json.dumps({"a": f"{out_a}:{model_a}", "b": f"{out_b}:{model_b}",
+                                          "files": [str(f) for f in files], "users": int(len(ta)),
+                                          "metrics": res}, indent=1))
     return res
 
 

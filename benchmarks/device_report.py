@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -244,13 +245,31 @@ def render(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old or the new
+    file, never a torn one (standard library only: this module runs before the package is installed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_section(path: Path, body: str) -> None:
     """Replace the text between ``BEGIN`` and ``END`` in ``path`` by ``body``; the rest stays as it is."""
     text = Path(path).read_text()
     i, j = text.find(BEGIN), text.find(END)
     if i < 0 or j < i:
         raise ValueError(f"{path} has no section between {BEGIN!r} and {END!r}")
-    Path(path).write_text(text[:i + len(BEGIN)] + "\n" + body.rstrip("\n") + "\n" + text[j:])
+    write_atomic(path, text[:i + len(BEGIN)] + "\n" + body.rstrip("\n") + "\n" + text[j:])
 
 
 # ----------------------------------------------------------------------------- plots

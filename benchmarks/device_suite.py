@@ -43,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_report import write_atomic  # noqa: E402
 
 BUDGET_S = 540          # the whole suite: 9 minutes of a 10-minute device call (the build comes first)
 FINISH_S = 10           # kept back from the parts for ops.csv, the report and the plots
@@ -173,11 +174,11 @@ def run_suite(out: Path, parts=PARTS, *, smoke: bool = False, budget_s: float = 
             rec = run_part(part, out, smoke, timeout)
         suite["parts"].append(rec)
         suite["seconds"] = round(time.monotonic() - start, 1)
-        (out / "suite.json").write_text(json.dumps(suite, indent=1))
+        write_atomic(out / "suite.json", json.dumps(suite, indent=1))
         merge_rows(out, part_names(parts))
     finish_report(out, suite)
     suite["seconds"] = round(time.monotonic() - start, 1)
-    (out / "suite.json").write_text(json.dumps(suite, indent=1))
+    write_atomic(out / "suite.json", json.dumps(suite, indent=1))
     return suite
 
 
@@ -187,7 +188,7 @@ def finish_report(out: Path, suite: dict) -> None:
         import device_report
 
         suite["plots"] = device_report.make_plots(out)
-        (out / "report.md").write_text(device_report.render(out))
+        write_atomic(out / "report.md", device_report.render(out))
     except Exception as e:  # noqa: BLE001 - the rows are already on disk
         suite["report_error"] = f"{type(e).__name__}: {e}"
 
