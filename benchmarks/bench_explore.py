@@ -22,11 +22,11 @@ Every row has R@K, N@K, coverage@K, the exposure entropy (and normalised), Gini,
 (:mod:`plumrec.metrics`), and the change of R@K and coverage@K relative to plain beam search. The serving
 cost is measured in the same run on one batch (``--eval-batch-size`` users, the same beam width): the
 median over ``--repeats`` of one biased beam search against one plain one (the beam step's bias alone),
-and of ``recommend`` with the largest lambda's policy (one search per component drawn in the batch)
-against plain ``recommend``. Writes ``RESULTS/explore.csv``, ``explore.md``, ``explore.json`` and, with
-matplotlib (``pip install plumrec[bench]``), ``explore.png`` (R@K against coverage@K and entropy);
-``RESULTS`` is ``--results`` (default ``OUT/explore_bench``). ``--smoke``: small grids, few users and
-iterations (the test).
+and of ``recommend`` with the largest lambda's policy (one search per batch, each user reading its
+component's row of the policy's ``[T, E]`` tables) against plain ``recommend``. Writes
+``RESULTS/explore.csv``, ``explore.md``, ``explore.json`` and, with matplotlib (``pip install
+plumrec[bench]``), ``explore.png`` (R@K against coverage@K and entropy); ``RESULTS`` is ``--results``
+(default ``OUT/explore_bench``). ``--smoke``: small grids, few users and iterations (the test).
 """
 from __future__ import annotations
 
@@ -257,7 +257,7 @@ def evaluate(a, r, hists, targets, pop) -> tuple[list[dict], dict]:
 def serving_cost(a, r, hists, policy) -> dict:
     """Per-user milliseconds of one biased vs one plain beam search on the same batch (the policy's heaviest
     component with a bias), and of ``recommend`` with ``policy`` vs plain over the first ``--cost-users``
-    users (component-grouped batches); medians of ``--repeats``, the four runs alternating."""
+    users (the same batches, each one search); medians of ``--repeats``, the four runs alternating."""
     batch, request = hists[:r.batch_size], hists[:a.cost_users or 4 * r.batch_size]
     live = [t for t in np.argsort(-policy.weights) if policy.edge_bias[t].any()]
     table = torch.from_numpy(policy.edge_bias[live[0] if live else 0].copy()).to(r._device())
@@ -275,10 +275,9 @@ def serving_cost(a, r, hists, policy) -> dict:
                 times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(ts) / len(batch if name.startswith("search") else request)
            for name, ts in times.items()}
-    groups = np.bincount(policy.components(np.arange(len(request)), a.seed), minlength=policy.num_components)
     return {"users": len(batch), "request_users": len(request), "batch_size": r.batch_size,
             "beam_width": r.beam_width, "repeats": a.repeats, "threads": torch.get_num_threads(), "lam": policy.lam,
-            "components": policy.num_components, "request_searches": int(np.ceil(groups / r.batch_size).sum()),
+            "components": policy.num_components, "request_searches": int(np.ceil(len(request) / r.batch_size)),
             "plain_searches": int(np.ceil(len(request) / r.batch_size)),
             **{f"{name}_ms_per_user": 1e3 * s for name, s in med.items()},
             "search_ratio": med["search_biased"] / med["search_plain"],

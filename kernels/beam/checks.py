@@ -82,18 +82,48 @@ DEFAULT_EPS = 1e-9
 MASS_DTYPES = ("float32", "float64")
 
 
-def check_edge_bias(bias, num_edges: int, trie_device: Optional[str]) -> None:
-    """``edge_bias`` (an :class:`~plum_kernels._checks.Arr` or None): float32
-    ``[E]``, one value per trie edge, on the trie's device."""
+def check_edge_bias(bias, num_edges: int, trie_device: Optional[str], bias_row=None,
+                    batch_size: Optional[int] = None) -> None:
+    """``edge_bias`` and ``bias_row`` (:class:`~plum_kernels._checks.Arr` or
+    None): ``edge_bias`` float32 ``[E]`` (one value per trie edge, shared by
+    every user, ``bias_row`` None) or ``[T, E]`` (a table of rows) with
+    ``bias_row`` int32/int64 ``[B]`` (each user's row; ``B = batch_size``
+    when given), both on the trie's device."""
     if bias is None:
+        if bias_row is not None:
+            raise ValueError("bias_row is given without an edge_bias: it selects rows of a [T, E] edge_bias")
         return
-    if bias.ndim != 1 or bias.shape[0] != num_edges:
-        raise ValueError(f"edge_bias must have shape [E] = [{num_edges}] (one value per trie edge), "
-                         f"got {list(bias.shape)}")
+    if bias.ndim not in (1, 2) or bias.shape[-1] != num_edges or (bias.ndim == 2 and bias.shape[0] < 1):
+        raise ValueError(f"edge_bias must have shape [E] = [{num_edges}] (one value per trie edge) or [T, E] "
+                         f"with T >= 1 (one row per bias_row value), got {list(bias.shape)}")
     if bias.dtype != "float32":
         raise TypeError(f"edge_bias must be float32, got {bias.dtype}")
     if bias.device is not None and trie_device is not None and bias.device != trie_device:
         raise ValueError(f"edge_bias is on {bias.device} but the trie arrays are on {trie_device}")
+    if bias.ndim == 1:
+        if bias_row is not None:
+            raise ValueError("bias_row must be None with a one-dimensional edge_bias [E] (shared by every user); "
+                             "pass edge_bias as a [T, E] table to give each user a row")
+        return
+    if bias_row is None:
+        raise ValueError(f"edge_bias of shape [T, E] = {list(bias.shape)} needs bias_row, int32/int64 [B]: each "
+                         f"user's row of the table")
+    if bias_row.dtype not in ("int32", "int64"):
+        raise TypeError(f"bias_row must be int32 or int64, got {bias_row.dtype}")
+    if bias_row.ndim != 1 or (batch_size is not None and bias_row.shape[0] != batch_size):
+        raise ValueError(f"bias_row must have shape [B] = [{batch_size}] (one row per user), "
+                         f"got {list(bias_row.shape)}")
+    if bias_row.device is not None and trie_device is not None and bias_row.device != trie_device:
+        raise ValueError(f"bias_row is on {bias_row.device} but the trie arrays are on {trie_device}")
+
+
+def check_bias_row_values(bias_row: np.ndarray, num_rows: int) -> None:
+    """Host values of ``bias_row``: every row indexes the ``[T, E]`` table."""
+    bad = (bias_row < 0) | (bias_row >= num_rows)
+    if bad.any():
+        b = int(np.argmax(bad))
+        raise ValueError(f"bias_row[{b}] = {int(bias_row[b])} is not a row of edge_bias: expected 0 <= row < "
+                         f"T = {num_rows}")
 
 
 ITEM_ARRAYS = ("edge_item", "dup_ptr", "dup_items")

@@ -35,6 +35,7 @@ from .checks import (
     ITEM_ARRAYS,
     check_aggregate_args,
     check_aggregate_values,
+    check_bias_row_values,
     check_edge_bias,
     check_node_values,
     check_search_args,
@@ -80,7 +81,7 @@ def _check_trie(trie) -> None:
 
 
 def _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, max_children,
-                edge_bias=None) -> int:
+                edge_bias=None, bias_row=None) -> int:
     _check_trie(trie)
     nodes_dt = jnp.dtype(getattr(nodes, "dtype", None) or np.float64)
     if nodes_dt.kind != "i":
@@ -94,20 +95,32 @@ def _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_off
     if max_children is not None and (isinstance(max_children, bool) or not isinstance(max_children, int)
                                      or not 1 <= max_children <= V):
         raise ValueError(f"max_children must be an int in [1, V_{level} = {V}], got {max_children!r}")
-    check_edge_bias(None if edge_bias is None else describe("edge_bias", edge_bias), int(trie.num_edges), None)
+    _check_bias(edge_bias, bias_row, trie, int(jnp.shape(nodes)[0]))
     return off
+
+
+def _check_bias(edge_bias, bias_row, trie, batch_size: int) -> None:
+    check_edge_bias(None if edge_bias is None else describe("edge_bias", edge_bias), int(trie.num_edges), None,
+                    None if bias_row is None else describe("bias_row", bias_row), batch_size)
+
+
+def _check_bias_row_values(edge_bias, bias_row) -> None:
+    if bias_row is not None and _concrete(bias_row):
+        check_bias_row_values(np.asarray(bias_row), int(edge_bias.shape[0]))
 
 
 def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, W: int, *, normalize: str = "codebook",
                           vocab_offset: Optional[int] = None, max_children: Optional[int] = None,
-                          edge_bias=None, impl: Optional[str] = None, interpret: Optional[bool] = None,
-                          validate: bool = True) -> BeamStep:
+                          edge_bias=None, bias_row=None, impl: Optional[str] = None,
+                          interpret: Optional[bool] = None, validate: bool = True) -> BeamStep:
     """One step of beam search restricted to the SID trie (docs/design.md,
     'constrained_beam_step'); the arguments and results of
     ``plum_kernels.torch.constrained_beam_step``, plus:
 
     ``edge_bias``: optional float32 ``[E]``, added to each candidate's score
-    after the normalisation (the Pallas kernel takes it gathered per candidate).
+    after the normalisation (the Pallas kernel takes it gathered per candidate),
+    or ``[T, E]`` with ``bias_row`` int32/int64 ``[B]``: user ``b`` reads row
+    ``bias_row[b]`` (``0 <= row < T``, checked with the nodes).
     ``max_children``: static bound on any state's child count at ``level``
     (``children_bounds(trie)[level]``); ``None`` computes it from the trie
     when its arrays are concrete, else uses the codebook size.
@@ -119,10 +132,13 @@ def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, W: int, 
     out-of-range access (XLA clamps every gather).
     """
     impl = resolve_jax_impl(impl)
-    off = _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, max_children, edge_bias)
+    off = _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, max_children, edge_bias,
+                      bias_row)
     if validate and _concrete(nodes):
         check_node_values(np.asarray(nodes), np.asarray(trie.level_ptr), np.asarray(trie.edge_level_ptr),
                           trie.num_internal, trie.num_edges, level)
+    if validate:
+        _check_bias_row_values(edge_bias, bias_row)
     if max_children is None:
         max_children = (children_bounds(trie)[level] if _concrete(trie.child_ptr)
                         else int(trie.codebook_sizes[level]))
@@ -130,39 +146,42 @@ def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, W: int, 
                     trie.shift, trie.mask, codebook_sizes=tuple(int(v) for v in trie.codebook_sizes),
                     num_internal=int(trie.num_internal), num_edges=int(trie.num_edges), level=level, W=W,
                     normalize=normalize, off=off, C=int(max_children), impl=impl,
-                    interpret=resolve_interpret(interpret) if impl == "pallas" else True, edge_bias=edge_bias)
+                    interpret=resolve_interpret(interpret) if impl == "pallas" else True, edge_bias=edge_bias,
+                    bias_row=bias_row)
     return BeamStep(*out)
 
 
 @functools.partial(jax.jit, static_argnames=("codebook_sizes", "num_internal", "num_edges", "level", "W",
                                              "normalize", "off", "C", "impl", "interpret"))
 def _step_jit(logits, beam_scores, nodes, child_ptr, child_token, edge_word, shift, mask, *, codebook_sizes,
-              num_internal, num_edges, level, W, normalize, off, C, impl, interpret, edge_bias=None):
+              num_internal, num_edges, level, W, normalize, off, C, impl, interpret, edge_bias=None, bias_row=None):
     trie = SimpleNamespace(child_ptr=child_ptr, child_token=child_token, edge_word=edge_word, shift=shift,
                            mask=mask, codebook_sizes=codebook_sizes, num_internal=num_internal,
                            num_edges=num_edges)
     if impl == "reference":
         return ref.constrained_beam_step(logits, beam_scores, nodes, trie, level, W, normalize=normalize,
-                                         vocab_offset=off, max_children=C, edge_bias=edge_bias)
+                                         vocab_offset=off, max_children=C, edge_bias=edge_bias, bias_row=bias_row)
     from . import pallas as pallas_beam
 
     x, token, nxt, _, cl = ref.candidate_logits(logits, beam_scores, nodes, trie, level, C, off)
-    cb = None if edge_bias is None else ref.candidate_bias(nodes, beam_scores, trie, edge_bias, C)
+    cb = None if edge_bias is None else ref.candidate_bias(nodes, beam_scores, trie, edge_bias, C, bias_row)
     top, flat = pallas_beam.beam_select(x, cl, beam_scores, cb, W=W, normalize=normalize, interpret=interpret)
     return ref.decode(flat, top, token, nxt, C)
 
 
 def constrained_beam_search(step_fn: Callable, trie, *, batch_size: int, beam_width: int,
-                            normalize: str = "codebook", edge_bias=None, impl: Optional[str] = None,
-                            interpret: Optional[bool] = None):
+                            normalize: str = "codebook", edge_bias=None, bias_row=None,
+                            impl: Optional[str] = None, interpret: Optional[bool] = None):
     """Beam search over the SIDs of ``trie`` (docs/design.md, 'constrained_beam_search'); see
     ``plum_kernels.torch.constrained_beam_search``. ``step_fn(level, tokens [B, W,
     level] int32, parent [B, W] int32) -> logits [B, W, V_level]``. Returns
     ``(codes [B, W, L] int32, scores [B, W] float32)``; ``edge_bias`` (optional
-    float32 ``[E]``) is passed to every step."""
+    float32 ``[E]``, or ``[T, E]`` with ``bias_row`` int ``[B]``, its rows
+    checked once when concrete) is passed to every step."""
     _check_trie(trie)
     check_search_args(batch_size, beam_width)
-    check_edge_bias(None if edge_bias is None else describe("edge_bias", edge_bias), int(trie.num_edges), None)
+    _check_bias(edge_bias, bias_row, trie, batch_size)
+    _check_bias_row_values(edge_bias, bias_row)
     B, W = batch_size, beam_width
     L = len(trie.codebook_sizes)
     bounds = children_bounds(trie) if _concrete(trie.child_ptr) else tuple(int(v) for v in trie.codebook_sizes)
@@ -175,7 +194,7 @@ def constrained_beam_search(step_fn: Callable, trie, *, batch_size: int, beam_wi
         logits = step_fn(level, tokens, parent)
         scores, nodes, parent, token = constrained_beam_step(
             logits, scores, nodes, trie, level, W, normalize=normalize, max_children=bounds[level],
-            edge_bias=edge_bias, impl=impl, interpret=interpret, validate=False)
+            edge_bias=edge_bias, bias_row=bias_row, impl=impl, interpret=interpret, validate=False)
         prefix = jnp.take_along_axis(tokens, parent[..., None], axis=1) if level else tokens
         tokens = jnp.concatenate([prefix, token[..., None].astype(jnp.int32)], axis=2)
     codes = jnp.where((scores != -jnp.inf)[..., None], tokens, -1)

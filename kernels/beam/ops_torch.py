@@ -37,6 +37,7 @@ from .checks import (
     DEFAULT_EPS,
     check_aggregate_args,
     check_aggregate_values,
+    check_bias_row_values,
     check_edge_bias,
     check_node_values,
     check_search_args,
@@ -83,21 +84,21 @@ def _triton():
 @torch.library.custom_op("plum_kernels::constrained_beam_step", mutates_args=())
 def _step_op(logits: Tensor, beam_scores: Tensor, nodes: Tensor, child_ptr: Tensor, child_token: Tensor,
              edge_word: Tensor, codebook_sizes: list[int], num_internal: int, level: int, W: int,
-             normalize: str, vocab_offset: int, impl: str, edge_bias: Optional[Tensor] = None
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             normalize: str, vocab_offset: int, impl: str, edge_bias: Optional[Tensor] = None,
+             bias_row: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     shift, mask = chain_layout(codebook_sizes)
     trie = _TrieView(child_ptr, child_token, edge_word, shift, mask, tuple(codebook_sizes), num_internal,
                      int(edge_word.shape[0]))
     if impl == "triton":
         return _triton().beam_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset,
-                                   edge_bias=edge_bias)
+                                   edge_bias=edge_bias, bias_row=bias_row)
     return ref.constrained_beam_step(logits, beam_scores, nodes, trie, level, W, normalize=normalize,
-                                     vocab_offset=vocab_offset, edge_bias=edge_bias)
+                                     vocab_offset=vocab_offset, edge_bias=edge_bias, bias_row=bias_row)
 
 
 @_step_op.register_fake
 def _(logits, beam_scores, nodes, child_ptr, child_token, edge_word, codebook_sizes, num_internal, level, W,
-      normalize, vocab_offset, impl, edge_bias=None):
+      normalize, vocab_offset, impl, edge_bias=None, bias_row=None):
     B = nodes.shape[0]
     return (logits.new_empty(B, W, dtype=torch.float32), nodes.new_empty(B, W, dtype=torch.int64),
             nodes.new_empty(B, W, dtype=torch.int64), nodes.new_empty(B, W, dtype=torch.int64))
@@ -115,7 +116,8 @@ def _check_trie(trie) -> None:
         raise TypeError("trie arrays must be torch tensors: use SIDTrie.to_torch(device), not to_jax()")
 
 
-def _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, impl, edge_bias=None) -> int:
+def _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, impl, edge_bias=None,
+                bias_row=None) -> int:
     """Shape/dtype/device checks; returns the vocabulary offset."""
     _check_trie(trie)
     for name, t in (("logits", logits), ("beam_scores", beam_scores), ("nodes", nodes)):
@@ -134,8 +136,20 @@ def _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_off
             raise ValueError(f"{name} is on {t.device} but the trie arrays are on {dev}")
     if impl == "triton" and V > MAX_TRITON_CODEBOOK:
         raise ValueError(f"the Triton kernel supports codebooks up to 2**23 codes, level {level} has {V}")
-    check_edge_bias(None if edge_bias is None else describe("edge_bias", edge_bias), int(trie.num_edges), str(dev))
+    _check_bias(edge_bias, bias_row, trie, int(nodes.shape[0]))
     return off
+
+
+def _check_bias(edge_bias, bias_row, trie, batch_size: int) -> None:
+    check_edge_bias(None if edge_bias is None else describe("edge_bias", edge_bias), int(trie.num_edges),
+                    str(trie.child_ptr.device), None if bias_row is None else describe("bias_row", bias_row),
+                    batch_size)
+
+
+def _check_bias_row_values(edge_bias, bias_row) -> None:
+    """``checks.check_bias_row_values`` on one host copy of ``bias_row``."""
+    if bias_row is not None:
+        check_bias_row_values(bias_row.cpu().numpy(), int(edge_bias.shape[0]))
 
 
 def _check_node_values(nodes: Tensor, trie, level: int) -> None:
@@ -154,8 +168,8 @@ def _check_node_values(nodes: Tensor, trie, level: int) -> None:
 
 def constrained_beam_step(logits: Tensor, beam_scores: Tensor, nodes: Tensor, trie, level: int, W: int, *,
                           normalize: str = "codebook", vocab_offset: Optional[int] = None,
-                          edge_bias: Optional[Tensor] = None, impl: Optional[str] = None,
-                          validate: bool = True) -> BeamStep:
+                          edge_bias: Optional[Tensor] = None, bias_row: Optional[Tensor] = None,
+                          impl: Optional[str] = None, validate: bool = True) -> BeamStep:
     """One step of beam search restricted to the SID trie (docs/design.md,
     'constrained_beam_step').
 
@@ -174,10 +188,15 @@ def constrained_beam_step(logits: Tensor, beam_scores: Tensor, nodes: Tensor, tr
             per edge of the trie's edge arrays (``trie_aggregate``'s
             ``edge_bias``): the candidate through edge ``e`` scores
             ``(beam_score + (x - lse)) + edge_bias[e]``, after the
-            normalisation; a candidate inside a chain adds 0.
+            normalisation; a candidate inside a chain adds 0. Or float32
+            ``[T, E]``, a table of such rows, with ``bias_row``.
+        bias_row: int32/int64 ``[B]`` on the trie's device, each user's row
+            of a ``[T, E]`` ``edge_bias`` (``0 <= row < T``); None with an
+            ``[E]`` bias or none.
         impl: ``None`` (Triton on CUDA, reference elsewhere), ``"reference"``
             or ``"triton"``.
-        validate: check the values of ``nodes`` (one host sync). Without it,
+        validate: check the values of ``nodes`` and ``bias_row`` (one host
+            sync each). Without it,
             states that are not valid at ``level`` give undefined results;
             both implementations clamp every index they read from ``nodes``
             and the trie into its array, so nothing is read out of bounds.
@@ -189,20 +208,24 @@ def constrained_beam_step(logits: Tensor, beam_scores: Tensor, nodes: Tensor, tr
     and token (``reference.py``, semantics 5); a beam with a NaN score is live.
     """
     impl = resolve_torch_impl(impl, logits.device if isinstance(logits, Tensor) else "cpu")
-    off = _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, impl, edge_bias)
+    off = _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, impl, edge_bias,
+                      bias_row)
     if validate:
         _check_node_values(nodes, trie, level)
+        _check_bias_row_values(edge_bias, bias_row)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     out = _step_op(logits, beam_scores, nodes, trie.child_ptr, trie.child_token, trie.edge_word,
                    [int(v) for v in trie.codebook_sizes], int(trie.num_internal), level, W, normalize, off, impl,
-                   None if edge_bias is None else edge_bias.contiguous())
+                   None if edge_bias is None else edge_bias.contiguous(),
+                   None if bias_row is None else bias_row.contiguous())
     return BeamStep(*out)
 
 
 def constrained_beam_search(step_fn: Callable[[int, Tensor, Tensor], Tensor], trie, *, batch_size: int,
                             beam_width: int, normalize: str = "codebook", edge_bias: Optional[Tensor] = None,
-                            impl: Optional[str] = None) -> tuple[Tensor, Tensor]:
+                            bias_row: Optional[Tensor] = None, impl: Optional[str] = None
+                            ) -> tuple[Tensor, Tensor]:
     """Beam search over the SIDs of ``trie`` (docs/design.md, 'constrained_beam_search').
 
     ``step_fn(level, tokens, parent) -> logits [B, W, V_level]`` is called for
@@ -211,7 +234,9 @@ def constrained_beam_search(step_fn: Callable[[int, Tensor, Tensor], Tensor], tr
     previous call each row came from; ``arange(W)`` at level 0, where only
     beam 0 is live). Rows of dead beams (score ``-inf``) are ignored.
     ``edge_bias`` (optional float32 ``[E]``) is passed to every step: a SID's
-    score is its log-probability plus the bias summed along its path.
+    score is its log-probability plus the bias summed along its path; a
+    ``[T, E]`` table with ``bias_row`` (int32/int64 ``[B]``, checked on the
+    host once) gives user ``b`` the row ``bias_row[b]``.
 
     Returns ``(codes [B, W, L] int64, scores [B, W] float32)``, best first: every
     slot whose score is not ``-inf`` holds a SID of the trie, the others score
@@ -224,8 +249,8 @@ def constrained_beam_search(step_fn: Callable[[int, Tensor, Tensor], Tensor], tr
     """
     _check_trie(trie)
     check_search_args(batch_size, beam_width)
-    check_edge_bias(None if edge_bias is None else describe("edge_bias", edge_bias), int(trie.num_edges),
-                    str(trie.child_ptr.device))
+    _check_bias(edge_bias, bias_row, trie, batch_size)
+    _check_bias_row_values(edge_bias, bias_row)
     B, W = batch_size, beam_width
     dev = trie.child_ptr.device
     scores = torch.full((B, W), float("-inf"), device=dev)
@@ -239,7 +264,8 @@ def constrained_beam_search(step_fn: Callable[[int, Tensor, Tensor], Tensor], tr
         if not isinstance(logits, Tensor):
             raise TypeError(f"step_fn must return a tensor, got {type(logits).__name__} at level {level}")
         scores, nodes, parent, token = constrained_beam_step(logits, scores, nodes, trie, level, W,
-                                                             normalize=normalize, edge_bias=edge_bias, impl=impl,
+                                                             normalize=normalize, edge_bias=edge_bias,
+                                                             bias_row=bias_row, impl=impl,
                                                              validate=False)
         prefix = torch.gather(tokens, 1, parent[..., None].expand(B, W, level))
         tokens = torch.cat([prefix, token[..., None]], dim=2)

@@ -24,6 +24,7 @@ chain entered through edge ``s - I``, ``-1`` absent).
    edge of the trie's edge arrays, e.g. ``trie_aggregate``'s log-ratios) the
    score is ``(beam_score + (x[token] - lse)) + edge_bias[e]``, ``e`` the edge
    of the candidate: after the normalisation, which the bias does not enter.
+   A ``[T, E]`` table with ``bias_row [B]`` adds ``edge_bias[bias_row[b], e]``.
    A chain state's candidate (inside a chain, below its entry edge) adds
    ``0``. A ``-inf`` bias drops the edge's candidates; a NaN bias makes
    them NaN (semantics 5).
@@ -102,26 +103,34 @@ def expand_children(nodes: Tensor, trie, level: int) -> tuple[Tensor, Tensor, Te
     return token, nxt, valid
 
 
-def candidate_bias(nodes: Tensor, trie, edge_bias: Tensor, C: int) -> Tensor:
-    """``edge_bias[e]`` float32 ``[..., C]`` for child ``p < C`` of every state of
-    ``nodes [...]``: edge ``e = child_ptr[s] + p`` of an internal node ``s``;
-    ``0`` for a chain state (its child lies inside the chain) and for
-    ``-1`` (the caller masks the missing children)."""
+def candidate_bias(nodes: Tensor, trie, edge_bias: Tensor, C: int, bias_row: Tensor | None = None) -> Tensor:
+    """``edge_bias[e]`` (``[E]``) or ``edge_bias[bias_row[b], e]`` (``[T, E]``
+    with ``bias_row [B]``), float32 ``[B, W_in, C]`` for child ``p < C`` of
+    every state of ``nodes [B, W_in]``: edge ``e = child_ptr[s] + p`` of an
+    internal node ``s``; ``0`` for a chain state (its child lies inside the
+    chain) and for ``-1`` (the caller masks the missing children). Rows are
+    clamped into ``[0, T)``."""
     I, E = int(trie.num_internal), int(trie.num_edges)
     internal = (nodes >= 0) & (nodes < I)
     s = torch.where(internal, nodes, torch.zeros_like(nodes)).long()
     lo = trie.child_ptr.to(nodes.device).long()[s]
     e = (lo[..., None] + torch.arange(C, device=nodes.device)).clamp(0, max(E - 1, 0))
-    bias = edge_bias.float()[e]
+    if bias_row is None:
+        bias = edge_bias.float()[e]
+    else:
+        row = bias_row.to(nodes.device).long().clamp(0, edge_bias.shape[0] - 1)
+        bias = edge_bias.float()[row[:, None, None], e]
     return torch.where(internal[..., None], bias, torch.zeros_like(bias))
 
 
 def constrained_beam_step(logits: Tensor, beam_scores: Tensor, nodes: Tensor, trie, level: int, W: int, *,
                           normalize: str = "codebook", vocab_offset: int | None = None,
-                          edge_bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          edge_bias: Tensor | None = None, bias_row: Tensor | None = None
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reference step; see the module docstring. Inputs are assumed valid
     (``plum_kernels.beam.ops_torch`` validates them). ``edge_bias``: optional
-    float32 ``[E]`` (semantics 3)."""
+    float32 ``[E]``, or ``[T, E]`` with ``bias_row`` int ``[B]`` (user ``b``
+    reads row ``bias_row[b]``; semantics 3)."""
     B, W_in = nodes.shape
     V = int(trie.codebook_sizes[level])
     off = int(vocab_offset or 0)
@@ -138,7 +147,8 @@ def constrained_beam_step(logits: Tensor, beam_scores: Tensor, nodes: Tensor, tr
         lse = torch.where(valid.any(-1, keepdim=True), lse, torch.zeros_like(lse))
     score = beam_scores.float()[..., None] + (child_logit - lse)
     if edge_bias is not None:
-        score = score + candidate_bias(torch.where(alive, nodes, torch.full_like(nodes, -1)), trie, edge_bias, C)
+        score = score + candidate_bias(torch.where(alive, nodes, torch.full_like(nodes, -1)), trie, edge_bias, C,
+                                       bias_row)
     score = torch.where(valid, score, torch.full_like(score, float("-inf")))
     # Flat index w * C + p orders candidates by (parent, token): children are
     # token-sorted. A stable descending sort keeps that order among ties. NaN

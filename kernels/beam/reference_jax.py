@@ -82,25 +82,35 @@ def decode(flat, top, token, nxt, C: int):
             jnp.where(ok, flat // C, 0).astype(jnp.int32), jnp.where(ok, new_token, -1))
 
 
-def candidate_bias(nodes, beam_scores, trie, edge_bias, C: int):
-    """float32 ``[B, W_in, C]``: ``edge_bias[child_ptr[s] + p]`` for child ``p``
-    of a live internal state ``s``, ``0`` elsewhere (chain states, dead beams;
-    see ``reference.candidate_bias``)."""
+def candidate_bias(nodes, beam_scores, trie, edge_bias, C: int, bias_row=None):
+    """float32 ``[B, W_in, C]``: ``edge_bias[child_ptr[s] + p]`` (``[E]``) or
+    ``edge_bias[bias_row[b], child_ptr[s] + p]`` (``[T, E]`` with ``bias_row
+    [B]``, rows clamped into ``[0, T)``) for child ``p`` of a live internal
+    state ``s``, ``0`` elsewhere (chain states, dead beams; see
+    ``reference.candidate_bias``)."""
     I, E = int(trie.num_internal), int(trie.num_edges)
     internal = (nodes >= 0) & (nodes < I) & (beam_scores != -jnp.inf)
     lo = trie.child_ptr[jnp.where(internal, nodes, 0)].astype(jnp.int32)
     e = jnp.clip(lo[..., None] + jnp.arange(C, dtype=jnp.int32), 0, max(E - 1, 0))
-    return jnp.where(internal[..., None], edge_bias.astype(jnp.float32)[e], 0.0)
+    table = edge_bias.astype(jnp.float32)
+    if bias_row is None:
+        bias = table[e]
+    else:
+        row = jnp.clip(bias_row.astype(jnp.int32), 0, table.shape[0] - 1)
+        bias = table[row[:, None, None], e]
+    return jnp.where(internal[..., None], bias, 0.0)
 
 
 def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, W: int, *, normalize: str = "codebook",
-                          vocab_offset: int | None = None, max_children: int | None = None, edge_bias=None):
+                          vocab_offset: int | None = None, max_children: int | None = None, edge_bias=None,
+                          bias_row=None):
     """Reference step: ``(scores [B, W] f32, nodes, parent, token [B, W] int32)``.
 
     ``max_children``: static bound on the child count at ``level``
     (``children_bounds(trie)[level]``); ``None`` uses the codebook size,
-    always safe. ``edge_bias``: optional float32 ``[E]``, added after the
-    normalisation (``reference.py``, semantics 3)."""
+    always safe. ``edge_bias``: optional float32 ``[E]``, or ``[T, E]`` with
+    ``bias_row`` int ``[B]``, added after the normalisation (``reference.py``,
+    semantics 3)."""
     B, W_in = nodes.shape
     V = int(trie.codebook_sizes[level])
     C = int(max_children or V)
@@ -112,7 +122,7 @@ def constrained_beam_step(logits, beam_scores, nodes, trie, level: int, W: int, 
         lse = jnp.where(any_child, jax.nn.logsumexp(jnp.where(any_child, cl, 0.0), axis=-1, keepdims=True), 0.0)
     score = beam_scores.astype(jnp.float32)[..., None] + (cl - lse)
     if edge_bias is not None:
-        score = score + candidate_bias(nodes, beam_scores, trie, edge_bias, C)
+        score = score + candidate_bias(nodes, beam_scores, trie, edge_bias, C, bias_row)
     score = jnp.where(valid, score, -jnp.inf).reshape(B, W_in * C)
     flat = jnp.broadcast_to(jnp.arange(W_in * C, dtype=jnp.int32), score.shape)
     # three keys: numbers first, then NaN, then the dropped -inf; score descending; flat index ascending

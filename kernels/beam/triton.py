@@ -198,10 +198,10 @@ def _row_lse(row_ptr, V, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _expand_kernel(logits_ptr, stride_lb, stride_lw, scores_ptr, nodes_ptr,
-                   child_ptr_ptr, child_token_ptr, edge_word_ptr, bias_ptr, keys_ptr,
-                   W_in, V, vocab_offset, num_internal, num_edges, shift, mask,
+                   child_ptr_ptr, child_token_ptr, edge_word_ptr, bias_ptr, bias_row_ptr, keys_ptr,
+                   W_in, V, vocab_offset, num_internal, num_edges, num_rows, shift, mask,
                    KP: tl.constexpr, LOG_KP: tl.constexpr, BLOCK_V: tl.constexpr,
-                   CHILDREN_NORM: tl.constexpr, HAS_BIAS: tl.constexpr):
+                   CHILDREN_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ROWS: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // W_in
     w = pid % W_in
@@ -210,6 +210,10 @@ def _expand_kernel(logits_ptr, stride_lb, stride_lw, scores_ptr, nodes_ptr,
     row = logits_ptr + b.to(tl.int64) * stride_lb + w.to(tl.int64) * stride_lw + vocab_offset
     j = tl.arange(0, KP)
     best = tl.full([KP], _SENT, tl.int64)
+    bias_base = bias_ptr
+    if BIAS_ROWS:   # the user's row of the [T, E] table, clamped into [0, T)
+        bias_row = tl.minimum(tl.maximum(tl.load(bias_row_ptr + b).to(tl.int64), 0), num_rows - 1)
+        bias_base = bias_ptr + bias_row * num_edges
     if (s >= 0) & (beam != -float("inf")):   # a NaN beam is live
         if s >= num_internal:
             # compressed chain: exactly one child, decoded from the packed word
@@ -248,7 +252,7 @@ def _expand_kernel(logits_ptr, stride_lb, stride_lw, scores_ptr, nodes_ptr,
                 x = tl.load(row + _code(tok, V), mask=ok, other=-float("inf")).to(tl.float32)
                 sc = beam + (x - lse)
                 if HAS_BIAS:   # one gather per candidate, after the normalisation
-                    sc = sc + tl.load(bias_ptr + _edge(lo + p, num_edges), mask=ok, other=0.0)
+                    sc = sc + tl.load(bias_base + _edge(lo + p, num_edges), mask=ok, other=0.0)
                 key = tl.where(ok & (sc != -float("inf")), _make_key(sc, w, p), _SENT)
                 best = _merge_into(best, tl.sort(key), KP, LOG_KP, 0)
     tl.store(keys_ptr + pid.to(tl.int64) * KP + j, best)
@@ -298,12 +302,14 @@ def _select_kernel(keys_ptr, nodes_ptr, child_ptr_ptr, child_token_ptr, edge_wor
 
 def beam_step(logits: torch.Tensor, beam_scores: torch.Tensor, nodes: torch.Tensor, trie, level: int, W: int,
               normalize: str, vocab_offset: int, blocks: BeamBlocks = DEFAULT_BLOCKS, out=None,
-              edge_bias: torch.Tensor | None = None):
+              edge_bias: torch.Tensor | None = None, bias_row: torch.Tensor | None = None):
     """Launch both kernels. Inputs are validated by ``ops_torch``; ``logits``
     must have a unit stride on its last dim. ``out``: optional preallocated
     ``(scores, nodes, parent, token)``, every element of which is written.
     ``edge_bias``: optional float32 ``[E]`` added to each candidate of an
-    internal node (``HAS_BIAS``; without it the kernel has no extra load)."""
+    internal node (``HAS_BIAS``; without it the kernel has no extra load), or
+    ``[T, E]`` with ``bias_row`` int32/int64 ``[B]``: user ``b`` reads row
+    ``bias_row[b]`` (``BIAS_ROWS``: one more scalar load per program)."""
     B, W_in = nodes.shape
     dev = logits.device
     V = int(trie.codebook_sizes[level])
@@ -327,10 +333,11 @@ def beam_step(logits: torch.Tensor, beam_scores: torch.Tensor, nodes: torch.Tens
     I, E = int(trie.num_internal), int(trie.num_edges)
     _expand_kernel[(B * W_in,)](
         logits, logits.stride(0), logits.stride(1), beam_scores, nodes,
-        trie.child_ptr, trie.child_token, trie.edge_word, beam_scores if edge_bias is None else edge_bias, keys,
-        W_in, V, int(vocab_offset), I, E, shift, mask,
+        trie.child_ptr, trie.child_token, trie.edge_word, beam_scores if edge_bias is None else edge_bias,
+        nodes if bias_row is None else bias_row, keys,
+        W_in, V, int(vocab_offset), I, E, 1 if bias_row is None else int(edge_bias.shape[0]), shift, mask,
         KP=KP, LOG_KP=LOG_KP, BLOCK_V=blocks.block_v, CHILDREN_NORM=normalize == "children",
-        HAS_BIAS=edge_bias is not None, num_warps=warps)
+        HAS_BIAS=edge_bias is not None, BIAS_ROWS=bias_row is not None, num_warps=warps)
     _select_kernel[(B,)](
         keys, nodes, trie.child_ptr, trie.child_token, trie.edge_word,
         scores, new_nodes, parent, token,

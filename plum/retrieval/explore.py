@@ -17,9 +17,9 @@
 - Serving (``GenerativeRetriever(..., explore=policy)``): user ``u`` (its index in the request) gets
   component ``t`` drawn with the weights by ``numpy.random.default_rng([seed, u])`` (the draw of
   :func:`plumrec.explore.sample_list`) and the items of one beam search biased by table ``t``, ranked as
-  the oracle ranks them, so a fitted user is served its list of the drawn component. The beam step takes
-  one ``[E]`` bias per call, so a batch is searched once per component it holds (users grouped by
-  component); the bias costs one gather-add per candidate and level.
+  the oracle ranks them, so a fitted user is served its list of the drawn component. A batch is one
+  search: the beam step reads the ``[T, E]`` tables with each user's component as its row; the bias
+  costs one gather-add per candidate and level.
 """
 from __future__ import annotations
 
@@ -317,44 +317,46 @@ class ExplorationPolicy:
         T, w = self.num_components, self.weights
         return np.array([np.random.default_rng([int(seed), int(x)]).choice(T, p=w) for x in u], np.int64)
 
-    def serving_order(self, n: int, seed: int = 0) -> np.ndarray:
-        """``[n]`` int64: the user indices ``0 .. n-1`` grouped by their :meth:`components` (stable), the order
-        in which :meth:`GenerativeRetriever.recommend` searches them, so that a batch holds few components."""
-        return np.argsort(self.components(np.arange(n), seed), kind="stable")
+    def _device_table(self, device) -> torch.Tensor:
+        """``edge_bias [T, E]`` float32 on ``device`` (kept for later calls)."""
+        key = ("table", str(device))
+        if key not in self._tables:
+            self._tables[key] = torch.from_numpy(self.edge_bias).to(device)
+        return self._tables[key]
 
-    def _table(self, t: int, trie: SIDTrie, device) -> tuple[torch.Tensor | None, np.ndarray | None]:
-        """Component ``t``'s bias on ``device`` and its path sums ``[E]`` (both None for a zero table)."""
-        key = (int(t), str(device))
+    def _path_sums(self, t: int, trie: SIDTrie) -> np.ndarray | None:
+        """Component ``t``'s path sums ``[E]`` float64 (:func:`edge_path_sums`; None for a zero table)."""
+        key = ("path", int(t))
         if key not in self._tables:
             row = self.edge_bias[t]
-            self._tables[key] = (None, None) if not row.any() else (
-                torch.from_numpy(row.copy()).to(device), edge_path_sums(trie, row))
+            self._tables[key] = edge_path_sums(trie, row) if row.any() else None
         return self._tables[key]
 
     def search(self, retriever: GenerativeRetriever, histories: Sequence[np.ndarray], users, seed: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
-        """The beams of ``histories`` (user indices ``users``) under their drawn components, one search per
-        component present: ``(codes [B, W, L] int64, unbiased scores [B, W] float32, ranked items per user)``
+        """The beams of ``histories`` (user indices ``users``) under their drawn components, one search for
+        all of them (``edge_bias [T, E]`` with each user's component as its row; plain when every drawn
+        table is zero): ``(codes [B, W, L] int64, unbiased scores [B, W] float32, ranked items per user)``
         (codes in the biased order; items ranked by :func:`rank_beam_items` with the residuals)."""
         comps = self.components(users, seed)
         if len(comps) != len(histories):
             raise ValueError(f"users has {len(comps)} entries for {len(histories)} histories")
-        B, W, L = len(histories), retriever.beam_width, retriever.vocab.num_levels
-        codes = torch.full((B, W, L), -1, dtype=torch.int64)
-        scores = torch.full((B, W), float("-inf"))
-        ranked: list[np.ndarray] = [np.zeros(0, np.int64)] * B
+        dev = retriever._device()
+        if self.edge_bias[comps].any():
+            c, s = retriever._search(histories, self._device_table(dev), torch.from_numpy(comps).to(dev))
+        else:
+            c, s = retriever._search(histories)
+        c, s = c.cpu().numpy(), s.cpu().numpy()
+        ranked: list[np.ndarray] = [np.zeros(0, np.int64)] * len(comps)
         paths = self._paths(retriever.trie)
         for t in np.unique(comps):
             idx = np.flatnonzero(comps == t)
-            eb, path = self._table(t, retriever.trie, retriever._device())
-            c, s = retriever._search([histories[i] for i in idx], eb)
-            c, s = c.cpu().numpy(), s.cpu().numpy()
-            for i, (items, _) in zip(idx, rank_beam_items(paths, c, s, self.item_bias[t])):
+            for i, (items, _) in zip(idx, rank_beam_items(paths, c[idx], s[idx], self.item_bias[t])):
                 ranked[i] = items
+            path = self._path_sums(t, retriever.trie)
             if path is not None:
-                s = _unbias(retriever.trie, c, s, path).astype(np.float32)
-            codes[torch.from_numpy(idx)], scores[torch.from_numpy(idx)] = torch.from_numpy(c), torch.from_numpy(s)
-        return codes, scores, ranked
+                s[idx] = _unbias(retriever.trie, c[idx], s[idx], path).astype(np.float32)
+        return torch.from_numpy(c), torch.from_numpy(s), ranked
 
     def _paths(self, trie: SIDTrie) -> TriePaths:
         if self._tables.get("paths") is None or self._tables["paths"].trie is not trie:

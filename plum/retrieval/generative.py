@@ -115,11 +115,12 @@ class GenerativeRetriever:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def _search(self, histories: Sequence[np.ndarray], edge_bias: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, histories: Sequence[np.ndarray], edge_bias: torch.Tensor | None = None,
+                bias_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One constrained beam search over ``histories``: ``(codes [B, W, L] int64, scores [B, W] float32)``;
-        ``edge_bias``: optional float32 ``[E]`` per-edge bias on the model's device (the scores include it)."""
-        return self._decode(*self._prefill(histories), edge_bias=edge_bias)
+        ``edge_bias``: optional float32 per-edge bias on the model's device (the scores include it), ``[E]``
+        for every user or ``[T, E]`` with ``bias_row [B]`` int64 (each user's row)."""
+        return self._decode(*self._prefill(histories), edge_bias=edge_bias, bias_row=bias_row)
 
     @torch.no_grad()
     def _prefill(self, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, BeamCache]:
@@ -139,8 +140,8 @@ class GenerativeRetriever:
         return first, model.prefix_cache(out.kv, cu, W, max(L - 1, 1))
 
     @torch.no_grad()
-    def _decode(self, first: torch.Tensor, cache: BeamCache, edge_bias: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, first: torch.Tensor, cache: BeamCache, edge_bias: torch.Tensor | None = None,
+                bias_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The constrained beam search from a :meth:`_prefill` (its generated part is reset first)."""
         model, vocab, W, dev = self.model, self.vocab, self.beam_width, self._device()
         L, B = vocab.num_levels, first.shape[0]
@@ -160,7 +161,7 @@ class GenerativeRetriever:
         if self._trie_arrays is None or self._trie_arrays.child_ptr.device != dev:
             self._trie_arrays = self.trie.to_torch(dev)
         return K.constrained_beam_search(step_fn, self._trie_arrays, batch_size=B, beam_width=W, impl=self.impl,
-                                         edge_bias=edge_bias)
+                                         edge_bias=edge_bias, bias_row=bias_row)
 
     def recommend(self, histories: Sequence[np.ndarray], k: int = 10, *, exclude_history: bool = False,
                   on_nonfinite: str = "raise", seed: int = 0) -> Recommendations:
@@ -181,7 +182,8 @@ class GenerativeRetriever:
         beams of one search biased by the policy's component drawn for ``(seed, u)``
         (:meth:`~plumrec.retrieval.explore.ExplorationPolicy.components`), its items ranked under that
         bias; ``scores`` are then the beams' model log-probabilities without the bias, ``codes`` in the
-        biased order. The users are searched grouped by component, ``batch_size`` at a time.
+        biased order. Each batch of ``batch_size`` users is one search, each user reading its component's
+        row of the policy's ``[T, E]`` tables.
         """
         check_histories(histories, self.num_items, "histories")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -196,12 +198,9 @@ class GenerativeRetriever:
         self.model.eval()
         all_codes, all_scores, items, skipped = [], [], [], []
         invalid = beams = 0
-        # with exploration, users are searched grouped by their component (one biased search per group)
-        order = (np.arange(len(histories)) if self.explore is None
-                 else self.explore.serving_order(len(histories), seed))
         try:
             for s in range(0, len(histories), self.batch_size):
-                users = order[s:s + self.batch_size]
+                users = np.arange(s, min(s + self.batch_size, len(histories)))
                 batch = [histories[i] for i in users]
                 codes, scores, explored = ((*self._search(batch), None) if self.explore is None
                                            else self.explore.search(self, batch, users, seed))
@@ -223,9 +222,8 @@ class GenerativeRetriever:
                     items.append((drop_history(ranked, h) if exclude_history else ranked)[:k])
         finally:
             self.model.train(was_training)
-        back = np.argsort(order)  # the histories' order again
-        return Recommendations([items[i] for i in back], np.concatenate(all_codes)[back],
-                               np.concatenate(all_scores)[back], invalid, beams, np.sort(np.asarray(skipped, np.int64)))
+        return Recommendations(items, np.concatenate(all_codes), np.concatenate(all_scores), invalid, beams,
+                               np.asarray(skipped, np.int64))
 
     def _beam_items(self, codes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, int, int]:
         """One user's beams (finite scores) -> ``(items best first, live beams, live beams not in the trie)``."""

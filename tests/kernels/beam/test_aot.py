@@ -39,19 +39,21 @@ def _trie(token: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _launches(kp: int, dtype: str, normalize: str, token: str, bias: bool = False) -> dict:
+def _launches(kp: int, dtype: str, normalize: str, token: str, bias: str = "") -> dict:
     """Recorded launches of ``beam_step`` with ``W = KP`` beams (logits of
     ``dtype``; ``token``: the trie's edge-token dtype, int16, or int32 for
-    codebooks above 32768; ``bias``: with a per-edge bias)."""
+    codebooks above 32768; ``bias``: ``"shared"`` with one per-edge bias
+    ``[E]``, ``"rows"`` with a ``[T, E]`` table and int32 per-user rows)."""
     import torch
 
     from plum_kernels.beam import triton as tk
 
     logits = torch.randn(USERS, kp, CODEBOOKS[1]).to(getattr(torch, DTYPES[dtype]))
     scores, nodes = torch.zeros(USERS, kp), torch.zeros(USERS, kp, dtype=torch.int64)
-    edge_bias = torch.zeros(NUM_EDGES) if bias else None
+    edge_bias = {"": None, "shared": torch.zeros(NUM_EDGES), "rows": torch.zeros(3, NUM_EDGES)}[bias]
+    bias_row = torch.zeros(USERS, dtype=torch.int32) if bias == "rows" else None
     with captured_launches() as launches:
-        tk.beam_step(logits, scores, nodes, _trie(token), 1, kp, normalize, 0, edge_bias=edge_bias)
+        tk.beam_step(logits, scores, nodes, _trie(token), 1, kp, normalize, 0, edge_bias=edge_bias, bias_row=bias_row)
     return {launch.name: launch for launch in launches}
 
 
@@ -80,7 +82,9 @@ def jobs() -> dict:
     """name -> (kernel, launch spec) for every shipped configuration: both
     kernels at every per-beam list length KP with bf16 logits (fp16 takes the
     same code path); at the largest KP also the expand kernel with fp32
-    logits and with ``normalize="children"``; one KP with int32 edge tokens."""
+    logits and with ``normalize="children"``, and with an edge bias shared by
+    every user or read from each user's row of a table; one KP with int32
+    edge tokens."""
     from plum_kernels.beam import triton as tk
 
     out = {}
@@ -91,7 +95,8 @@ def jobs() -> dict:
     kp = max(tk.SHIPPED_KP)
     out[f"expand-kp{kp}-bf16-children"] = ("_expand_kernel", (kp, "bf16", "children", "int16"))
     out[f"expand-kp{kp}-fp32-codebook"] = ("_expand_kernel", (kp, "fp32", "codebook", "int16"))
-    out[f"expand-kp{kp}-bf16-codebook-bias"] = ("_expand_kernel", (kp, "bf16", "codebook", "int16", True))
+    out[f"expand-kp{kp}-bf16-codebook-bias"] = ("_expand_kernel", (kp, "bf16", "codebook", "int16", "shared"))
+    out[f"expand-kp{kp}-bf16-codebook-bias-rows"] = ("_expand_kernel", (kp, "bf16", "codebook", "int16", "rows"))
     out["aggregate-sid-mass"] = ("_sid_mass_kernel", None)
     out["aggregate-level"] = ("_level_kernel", None)
     return out

@@ -189,7 +189,7 @@ def _path_bias(trie, sids, bias):
     return total
 
 
-def _search(impl, trie, tables, B, W, bias, normalize="codebook"):
+def _search(impl, trie, tables, B, W, bias, normalize="codebook", bias_row=None):
     def step_fn(level, tokens, parent):
         idx = _prefix_index(np.asarray(tokens).astype(np.int64))
         x = np.stack([tables[level][b][idx[b]] for b in range(B)]).astype(np.float32)
@@ -204,10 +204,13 @@ def _search(impl, trie, tables, B, W, bias, normalize="codebook"):
         import plum_kernels.jax as KJ
         codes, scores = KJ.constrained_beam_search(step_fn, trie.to_jax(), batch_size=B, beam_width=W,
                                                    normalize=normalize, edge_bias=jnp.asarray(bias),
+                                                   bias_row=None if bias_row is None else jnp.asarray(bias_row),
                                                    impl=impl[4:], interpret=True)
     else:
         codes, scores = K.constrained_beam_search(step_fn, trie.to_torch(), batch_size=B, beam_width=W,
-                                                  normalize=normalize, edge_bias=torch.from_numpy(bias), impl=impl)
+                                                  normalize=normalize, edge_bias=torch.from_numpy(bias),
+                                                  bias_row=None if bias_row is None else torch.from_numpy(bias_row),
+                                                  impl=impl)
     return np.asarray(codes).astype(np.int64), np.asarray(scores)
 
 
@@ -243,3 +246,30 @@ def test_a_bias_that_makes_one_leaf_dominate_makes_search_return_it(impl):
     assert not (plain[:, 0] == target).all(axis=1).all(), "the target must not already be every user's best"
     np.testing.assert_array_equal(codes[:, 0], np.broadcast_to(target, (B, 3)))
     assert (scores[:, 0] - scores[:, 1] > 10).all()
+
+
+@pytest.mark.parametrize("impl", SEARCH_IMPLS)
+def test_search_with_per_user_bias_rows_ranks_each_user_by_its_row(impl):
+    """edge_bias [T, E] with bias_row [B]: user b's SIDs score log-probability plus row bias_row[b]
+    summed along the path (the exhaustive ranking of each user alone with that [E] bias)."""
+    trie, sids, tables, B = _problem(9)
+    table = (np.random.default_rng(10).standard_normal((3, trie.num_edges)) * 1.5).astype(np.float32)
+    rows = np.array([2, 0], np.int32)
+    W = 32
+    codes, scores = _search(impl, trie, tables, B, W, table, bias_row=rows)
+    expected = []
+    for b, (ranked, total) in enumerate(_exhaustive(sids, tables, "codebook")):
+        total = total + _path_bias(trie, ranked, table[rows[b]])
+        order = np.lexsort((*ranked.T[::-1], -total))
+        expected.append((ranked[order], total[order]))
+    _check(codes, scores, expected, W)
+
+
+@pytest.mark.parametrize("impl", SEARCH_IMPLS)
+def test_search_rejects_a_bias_row_outside_the_table(impl):
+    trie, sids, tables, B = _problem(9)
+    table = np.zeros((3, trie.num_edges), np.float32)
+    with pytest.raises(ValueError, match=r"bias_row\[1\] = 3 is not a row of edge_bias"):
+        _search(impl, trie, tables, B, 4, table, bias_row=np.array([0, 3]))
+    with pytest.raises(ValueError, match="needs bias_row"):
+        _search(impl, trie, tables, B, 4, table)

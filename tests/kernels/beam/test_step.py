@@ -23,9 +23,10 @@ def _case(kind, level, B, W_in, dtype, seed, *, extra=0):
     return trie, level, prefixes, scores, nodes, logits
 
 
-def _run_torch(impl, trie, logits, scores, nodes, level, W, normalize, offset=None, bias=None):
+def _run_torch(impl, trie, logits, scores, nodes, level, W, normalize, offset=None, bias=None, bias_row=None):
     tr = trie.to_torch()
     bias = None if bias is None else torch.from_numpy(bias)
+    rows = None if bias_row is None else torch.from_numpy(bias_row)
     if impl == "triton":  # poisoned outputs: every slot must be written
         from plum_kernels.beam import triton as tk
         from plum_kernels.beam.ops_torch import _TrieView, chain_layout
@@ -36,16 +37,18 @@ def _run_torch(impl, trie, logits, scores, nodes, level, W, normalize, offset=No
         out = (torch.full((B, W), float("nan")), torch.full((B, W), 12345, dtype=torch.int64),
                torch.full((B, W), 12345, dtype=torch.int64), torch.full((B, W), 12345, dtype=torch.int64))
         K.constrained_beam_step(logits, torch.from_numpy(scores), torch.from_numpy(nodes), tr, level, W,
-                                normalize=normalize, vocab_offset=offset, edge_bias=bias, impl="reference")  # validates
+                                normalize=normalize, vocab_offset=offset, edge_bias=bias, bias_row=rows,
+                                impl="reference")  # validates
         res = tk.beam_step(logits.contiguous(), torch.from_numpy(scores), torch.from_numpy(nodes), view, level, W,
-                           normalize, offset or 0, out=out, edge_bias=bias)
+                           normalize, offset or 0, out=out, edge_bias=bias, bias_row=rows)
     else:
         res = K.constrained_beam_step(logits, torch.from_numpy(scores), torch.from_numpy(nodes), tr, level, W,
-                                      normalize=normalize, vocab_offset=offset, edge_bias=bias, impl=impl)
+                                      normalize=normalize, vocab_offset=offset, edge_bias=bias, bias_row=rows,
+                                      impl=impl)
     return tuple(t.numpy() for t in res)
 
 
-def _run_jax(impl, trie, logits, scores, nodes, level, W, normalize, offset=None, bias=None):
+def _run_jax(impl, trie, logits, scores, nodes, level, W, normalize, offset=None, bias=None, bias_row=None):
     import jax.numpy as jnp
 
     import plum_kernels.jax as KJ
@@ -53,7 +56,8 @@ def _run_jax(impl, trie, logits, scores, nodes, level, W, normalize, offset=None
                                                     torch.float16: jnp.float16}[logits.dtype])
     res = KJ.constrained_beam_step(x, jnp.asarray(scores), jnp.asarray(nodes.astype(np.int32)), trie.to_jax(),
                                    level, W, normalize=normalize, vocab_offset=offset, impl=impl, interpret=True,
-                                   edge_bias=None if bias is None else jnp.asarray(bias))
+                                   edge_bias=None if bias is None else jnp.asarray(bias),
+                                   bias_row=None if bias_row is None else jnp.asarray(bias_row))
     return tuple(np.asarray(t) for t in res)
 
 
@@ -320,7 +324,7 @@ def test_bad_edge_bias_raises_the_same_error_everywhere():
     trie, lv, prefixes, scores, nodes, logits = _case("wide", 1, 2, 4, torch.float32, 0)
     E = trie.num_edges
     for bias, exc, what in ((np.zeros(E - 1, np.float32), ValueError, "edge_bias must have shape [E]"),
-                            (np.zeros((1, E), np.float32), ValueError, "edge_bias must have shape [E]"),
+                            (np.zeros((1, 2, E), np.float32), ValueError, "edge_bias must have shape [E]"),
                             (np.zeros(E, np.float64), TypeError, "edge_bias must be float32")):
         messages = set()
         for impl in BIAS_IMPLS:
@@ -336,3 +340,77 @@ def test_bad_edge_bias_raises_the_same_error_everywhere():
             assert what in str(info.value), (impl, info.value)
             messages.add(str(info.value))
         assert len(messages) == 1, messages
+
+
+# ------------------------------------------------------------------ per-user rows of edge_bias
+# edge_bias [T, E] with bias_row [B]: user b adds edge_bias[bias_row[b], e].
+
+@pytest.mark.parametrize("impl", BIAS_IMPLS)
+@pytest.mark.parametrize("kind,level,W_in,W,normalize,row_dtype", [
+    ("plum", 0, 3, 20, "codebook", np.int64),     # the root's many children: several Triton blocks
+    ("plum", 3, 6, 8, "children", np.int32),      # internal nodes and chains entered above
+    ("wide", 2, 7, 9, "codebook", np.int32),      # chains only below depth 1, collisions
+])
+def test_per_user_bias_rows_equal_each_user_alone(impl, kind, level, W_in, W, normalize, row_dtype):
+    B, T = 4, 3
+    trie, lv, prefixes, scores, nodes, logits = _case(kind, level, B, W_in, torch.bfloat16, 40 + level)
+    rng = np.random.default_rng(100 + level)
+    table = (rng.standard_normal((T, trie.num_edges)) * 2).astype(np.float32)
+    table[rng.random(table.shape) < 0.1] = -np.inf
+    rows = rng.integers(0, T, B).astype(row_dtype)
+    rows[:2] = (T - 1, 0)                                            # first and last row both read
+    out = _run(impl, trie, logits, scores, nodes, lv, W, normalize, bias=table, bias_row=rows)
+    for b in range(B):
+        one = slice(b, b + 1)
+        alone = _run(impl, trie, logits[one], scores[one], nodes[one], lv, W, normalize, bias=table[rows[b]])
+        for got, want in zip(out, alone):
+            np.testing.assert_array_equal(got[one], want)
+        _check(tuple(t[one] for t in out), trie, logits[one], scores[one], prefixes[one], nodes[one], lv, W,
+               normalize, bias=table[rows[b]])
+
+
+def test_bad_bias_row_raises_naming_the_argument():
+    import jax.numpy as jnp
+
+    import plum_kernels.jax as KJ
+
+    trie, lv, prefixes, scores, nodes, logits = _case("wide", 1, 2, 4, torch.float32, 0)
+    E = trie.num_edges
+    table, flat = np.zeros((3, E), np.float32), np.zeros(E, np.float32)
+    for bias, rows, exc, what in (
+            (table, np.array([0, 3]), ValueError, "bias_row[1] = 3 is not a row of edge_bias"),
+            (table, np.array([-1, 0]), ValueError, "bias_row[0] = -1 is not a row of edge_bias"),
+            (table, np.array([0, 1, 2]), ValueError, "bias_row must have shape [B] = [2]"),
+            (table, np.array([[0, 1]]), ValueError, "bias_row must have shape [B] = [2]"),
+            (table, np.array([0.0, 1.0]), TypeError, "bias_row must be int32 or int64"),
+            (flat, np.array([0, 0]), ValueError, "bias_row must be None with a one-dimensional edge_bias"),
+            (table, None, ValueError, "needs bias_row"),
+            (None, np.array([0, 0]), ValueError, "bias_row is given without an edge_bias")):
+        for impl in BIAS_IMPLS:
+            with pytest.raises(exc) as info:
+                if impl.startswith("jax"):
+                    KJ.constrained_beam_step(jnp.asarray(logits.numpy()), jnp.asarray(scores),
+                                             jnp.asarray(nodes.astype(np.int32)), trie.to_jax(), lv, 4,
+                                             edge_bias=None if bias is None else np.asarray(bias),
+                                             bias_row=None if rows is None else np.asarray(rows), impl=impl[4:],
+                                             interpret=True)
+                else:
+                    K.constrained_beam_step(logits, torch.from_numpy(scores), torch.from_numpy(nodes),
+                                            trie.to_torch(), lv, 4,
+                                            edge_bias=None if bias is None else torch.from_numpy(bias),
+                                            bias_row=None if rows is None else torch.from_numpy(rows), impl=impl)
+            assert what in str(info.value), (impl, info.value)
+
+
+def test_unchecked_bias_rows_are_clamped_into_the_table():
+    trie, lv, prefixes, scores, nodes, logits = _case("plum", 2, 2, 4, torch.float32, 5)
+    table = np.random.default_rng(0).standard_normal((3, trie.num_edges)).astype(np.float32)
+    tr = trie.to_torch()
+    for impl in ("reference", "triton"):
+        got = K.constrained_beam_step(logits, torch.from_numpy(scores), torch.from_numpy(nodes), tr, lv, 6,
+                                      edge_bias=torch.from_numpy(table), bias_row=torch.tensor([-5, 9]), impl=impl,
+                                      validate=False)
+        want = K.constrained_beam_step(logits, torch.from_numpy(scores), torch.from_numpy(nodes), tr, lv, 6,
+                                       edge_bias=torch.from_numpy(table), bias_row=torch.tensor([0, 2]), impl=impl)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

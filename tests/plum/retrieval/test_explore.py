@@ -3,6 +3,7 @@ plain and exhaustive beam search, the fitted policy's serving, its files, and ba
 import numpy as np
 import pytest
 import torch
+from explore_oracle import edge_paths
 
 from plumrec.explore import Regulariser, TriePaths, expand_beams, exploration_bias, rank_beam_items, sample_list
 from plumrec.model import ModelConfig, PlumLM, SIDVocab
@@ -148,6 +149,32 @@ def test_fit_serves_its_mixture_reproducibly_per_seed_and_user():
         assert np.isfinite(rec.scores).all() and (rec.scores <= 0).all(), "scores are log-probabilities again"
     served = {tuple(policy.components(np.arange(len(hists)), s)) for s in range(6)}
     assert len(served) > 1, "other seeds draw other components"
+
+
+def test_one_search_per_batch_equals_each_user_searched_alone_with_its_component():
+    """Serving reads each user's row of the [T, E] tables in one search per batch; each user's beams, unbiased
+    scores and items equal a search of that user alone with its component's [E] table."""
+    world = _world(9)
+    r = _retriever(world, batch_size=4)
+    trie = world[3]
+    hists = _histories(np.random.default_rng(9), 9, r.num_items)
+    policy = fit_exploration(r, hists, lam=2.0, k=4, iters=6, progress=False)
+    assert policy.num_components > 1
+    r.explore = policy
+    rec = r.recommend(hists, 4, seed=1)
+    comps = policy.components(np.arange(len(hists)), 1)
+    assert len(set(comps.tolist())) > 1, "the batches must mix components"
+    plain = _retriever(world, batch_size=4)
+    for u, t in enumerate(comps):
+        row = policy.edge_bias[t]
+        c, s = plain._search([hists[u]], torch.from_numpy(row.copy()) if row.any() else None)
+        c, s = c.numpy(), s.numpy()
+        np.testing.assert_array_equal(rec.codes[u], c[0])
+        live = np.isfinite(s[0])
+        path = np.array([row[e].sum(dtype=np.float64) for e in edge_paths(trie, np.maximum(c[0], 0))])
+        np.testing.assert_allclose(rec.scores[u][live], (s[0] - path)[live], rtol=1e-5, atol=1e-5)
+        items, _ = rank_beam_items(TriePaths(trie), c, s, policy.item_bias[t])[0]
+        assert rec.items[u].tolist() == items[:4].tolist()
 
 
 def test_a_lam_zero_policy_serves_plain_beam_search():
