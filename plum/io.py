@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 __all__ = ["MissingFileError", "atomic_dir", "atomic_path", "check_sidecars", "read_json", "read_npy", "read_tensors",
            "read_text", "read_toml", "require_file", "resolve_dir", "save_tensors", "tensors_sha256", "write_json",
-           "write_text"]
+           "write_text", "write_tagged", "read_tagged"]
 
 
 class MissingFileError(FileNotFoundError, ValueError):
@@ -321,3 +321,35 @@ def read_tensors(path: str | os.PathLike, *, expected: Mapping[str, tuple] | Non
     if digest is not None and tensors_sha256(tensors) != digest:
         raise ValueError(f"{path}: the tensors differ from the SHA-256 recorded when it was saved: the file is damaged")
     return tensors
+
+
+def write_tagged(path: str | os.PathLike, meta: Mapping[str, Any], tensors: Mapping[str, Any], *, meta_name: str,
+                 tensors_name: str, keep: bool = False) -> Path:
+    """Write a folder of two files atomically (:func:`atomic_dir`, ``keep`` as there): the JSON ``meta_name``
+    (``meta``, which carries its ``format`` tag and ``version``) and the safetensors ``tensors_name``, whose
+    header records the JSON's SHA-256 (:func:`save_tensors`). Returns ``path``; :func:`read_tagged` reads it."""
+    with atomic_dir(path, keep=keep) as tmp:
+        write_json(tmp / meta_name, dict(meta))
+        save_tensors(tmp / tensors_name, tensors, sidecars=[tmp / meta_name])
+    return Path(path)
+
+
+def read_tagged(path: str | os.PathLike, *, meta_name: str, tensors_name: str, fmt: str, version: int, what: str,
+                noun: str, missing: str) -> tuple[Path, dict]:
+    """``(folder, meta)`` of a folder :func:`write_tagged` wrote (the folder is :func:`resolve_dir` of
+    ``path``): :class:`MissingFileError` without ``meta_name`` (``missing`` says why it is needed); then the
+    JSON checked against the tensors file's record of it (:func:`check_sidecars`), then ``ValueError``
+    naming the JSON unless it is an object tagged ``format == fmt`` (``what``: the kind, e.g. "an exploration
+    policy") of ``version`` (``noun``: the kind in the version error, e.g. "exploration policy"). The tensors
+    are read by the caller, who knows their expected shapes."""
+    folder = resolve_dir(path)
+    meta_file = require_file(folder / meta_name, missing)
+    check_sidecars(folder / tensors_name)
+    meta = read_json(meta_file)
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{meta_file} is not {what} (format {found!r})")
+    if meta.get("version") != version:
+        raise ValueError(f"{meta_file}: unsupported {noun} format version {meta.get('version')!r} (this code reads "
+                         f"version {version})")
+    return folder, meta

@@ -44,16 +44,7 @@ from plumrec.explore import (
     frank_wolfe,
     rank_beam_items,
 )
-from plumrec.io import (
-    atomic_dir,
-    check_sidecars,
-    read_json,
-    read_tensors,
-    require_file,
-    resolve_dir,
-    save_tensors,
-    write_json,
-)
+from plumrec.io import read_tagged, read_tensors, write_tagged
 from plumrec.retrieval.generative import GenerativeRetriever, nonfinite_users
 from plumrec.sequences import check_histories
 from plumrec.sid.trie import SIDTrie
@@ -373,30 +364,23 @@ class ExplorationPolicy:
                 "users": int(self.users)}
         tensors = {"edge_bias": self.edge_bias, "item_bias": self.item_bias, "weights": self.weights,
                    "gaps": self.gaps, "objectives": self.objectives}
-        with atomic_dir(path) as tmp:
-            write_json(tmp / "policy.json", meta)
-            save_tensors(tmp / "policy.safetensors", {n: torch.from_numpy(np.ascontiguousarray(a))
-                                                      for n, a in tensors.items()}, sidecars=[tmp / "policy.json"])
-        return Path(path)
+        return write_tagged(path, meta, {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in tensors.items()},
+                            meta_name="policy.json", tensors_name="policy.safetensors")
 
     @classmethod
     def load(cls, path, trie: SIDTrie | None = None) -> "ExplorationPolicy":
         """The policy saved in the folder ``path`` (``ValueError`` naming the file for a damaged or foreign
         one); with ``trie``, also refuse a policy fitted on another trie (:meth:`check_trie`)."""
-        folder = resolve_dir(path)
-        meta = read_json(require_file(folder / "policy.json", "the folder of an exploration policy holds it"))
-        if not isinstance(meta, dict) or meta.get("format") != POLICY_FORMAT:
-            raise ValueError(f"{folder / 'policy.json'}: not an exploration policy (format {POLICY_FORMAT!r})")
-        if meta.get("version") != POLICY_VERSION:
-            raise ValueError(f"{folder / 'policy.json'}: version {meta.get('version')!r}, this code reads "
-                             f"{POLICY_VERSION}")
+        folder, meta = read_tagged(path, meta_name="policy.json", tensors_name="policy.safetensors",
+                                   fmt=POLICY_FORMAT, version=POLICY_VERSION, what="an exploration policy",
+                                   noun="exploration policy",
+                                   missing="the folder of an exploration policy holds it")
         try:
             T, S = int(meta["components"]), int(meta["iterations"])
             E, M = int(meta["trie"]["num_edges"]), int(meta["trie"]["num_items"])
             lam, k = float(meta["lam"]), int(meta["k"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{folder / 'policy.json'}: missing or malformed field ({e})") from None
-        check_sidecars(folder / "policy.safetensors")
         t = read_tensors(folder / "policy.safetensors", config=str(folder / "policy.json"),
                          expected={"edge_bias": (T, E), "item_bias": (T, M), "weights": (T,), "gaps": (S,),
                                    "objectives": (S,)})

@@ -15,16 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from plumrec.io import (
-    atomic_dir,
-    check_sidecars,
-    read_json,
-    read_tensors,
-    require_file,
-    resolve_dir,
-    save_tensors,
-    write_json,
-)
+from plumrec.io import read_tagged, read_tensors, resolve_dir, write_tagged
 from plumrec.sid.rqvae import RQVAE
 
 __all__ = ["FORMAT", "VERSION", "write_tokenizer", "read_tokenizer", "build_rqvae"]
@@ -37,31 +28,22 @@ def write_tokenizer(path: str | Path, config: dict, input_dims: Sequence[int], t
     """Write ``config.json`` (``config``: the SIDConfig fields) and ``model.safetensors`` into the folder
     ``path``, swapped in atomically."""
     meta = {"format": FORMAT, "version": VERSION, "config": config, "input_dims": list(input_dims)}
-    with atomic_dir(path, keep=True) as tmp:
-        write_json(tmp / "config.json", meta)
-        save_tensors(tmp / "model.safetensors", tensors, sidecars=[tmp / "config.json"])
-    return Path(path)
+    return write_tagged(path, meta, tensors, meta_name="config.json", tensors_name="model.safetensors", keep=True)
 
 
 def read_tokenizer(path: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
     """``(folder, config.json's dict, tensors)`` of a saved tokenizer, checked as the module docstring says
     (the folder is :func:`plumrec.io.resolve_dir` of ``path``)."""
-    folder = resolve_dir(path)
-    cfg_file, weights = folder / "config.json", folder / "model.safetensors"
-    require_file(cfg_file, f"{folder} is not a saved SemanticIdTokenizer")
-    check_sidecars(weights)
-    meta = read_json(cfg_file)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        fmt = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{cfg_file} is not a saved SemanticIdTokenizer (format {fmt!r})")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{cfg_file}: unsupported tokenizer format version {meta.get('version')!r}")
+    folder, meta = read_tagged(path, meta_name="config.json", tensors_name="model.safetensors", fmt=FORMAT,
+                               version=VERSION, what="a saved SemanticIdTokenizer", noun="tokenizer",
+                               missing=f"{resolve_dir(path)} is not a saved SemanticIdTokenizer")
+    cfg_file = folder / "config.json"
     if not isinstance(meta.get("config"), dict):
         raise ValueError(f"{cfg_file}: 'config' must be an object of SIDConfig fields, got {meta.get('config')!r}")
     dims = meta.get("input_dims")
     if not (isinstance(dims, list) and dims and all(type(d) is int and d > 0 for d in dims)):
         raise ValueError(f"{cfg_file}: 'input_dims' must be a non-empty list of positive ints, got {dims!r}")
-    return folder, meta, read_tensors(weights)
+    return folder, meta, read_tensors(folder / "model.safetensors")
 
 
 def build_rqvae(input_dims: Sequence[int], cfg, tensors: dict[str, torch.Tensor], weights: Path

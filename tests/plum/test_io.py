@@ -20,12 +20,14 @@ from plumrec.io import (
     check_sidecars,
     read_json,
     read_npy,
+    read_tagged,
     read_tensors,
     read_text,
     read_toml,
     resolve_dir,
     save_tensors,
     write_json,
+    write_tagged,
     write_text,
 )
 
@@ -198,3 +200,21 @@ def test_atomic_writes_get_the_modes_plain_writes_get(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
+
+
+def test_write_tagged_round_trips_and_read_tagged_refuses_foreign_or_changed_folders(tmp_path):
+    names = dict(meta_name="m.json", tensors_name="t.safetensors")
+    want = dict(names, fmt="kind", version=2, what="a thing", noun="thing", missing="a thing holds it")
+    write_tagged(tmp_path / "a", {"format": "kind", "version": 2, "x": 1}, {"w": torch.arange(3.0)}, **names)
+    folder, meta = read_tagged(tmp_path / "a", **want)
+    assert folder == tmp_path / "a" and meta["x"] == 1
+    assert read_tensors(folder / "t.safetensors")["w"].tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match=r"unsupported thing format version 2 \(this code reads version 3\)"):
+        read_tagged(tmp_path / "a", **{**want, "version": 3})
+    with pytest.raises(ValueError, match=r"m.json is not a thing \(format 'kind'\)"):
+        read_tagged(tmp_path / "a", **{**want, "fmt": "other"})
+    (tmp_path / "a" / "m.json").write_text('{"format": "kind", "version": 2, "x": 2}')
+    with pytest.raises(ValueError, match="m.json is not the file that .*t.safetensors was saved with"):
+        read_tagged(tmp_path / "a", **want)
+    with pytest.raises(MissingFileError, match="m.json not found: a thing holds it"):
+        read_tagged(tmp_path / "b", **want)
