@@ -25,7 +25,6 @@ or fails is recorded (row without a figure, reason in the notes).
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
 import sys
@@ -40,12 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     Recorder,
     Timer,
-    enable_interpreter_if_smoke,
     finite,
     record_autotune,
     rel_diff,
     shape_str,
-    suite_args,
+    suite_setup,
     try_part,
 )
 
@@ -378,17 +376,7 @@ def run_history_case(rec: Recorder, timer: Timer, case: HistoryCase, device: str
 
 
 def main(argv: list[str] | None = None) -> dict:
-    enable_interpreter_if_smoke(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    suite_args(p, "attention")
-    args = p.parse_args(argv)
-    import torch
-
-    if not args.smoke and not torch.cuda.is_available():
-        p.error("needs a CUDA GPU (use --smoke on the CPU)")
-    device = "cpu" if args.smoke else "cuda"
-    rec = Recorder(args.out, args.name, part="attention", smoke=args.smoke)
-    timer = Timer(smoke=args.smoke, device=device)
+    args, device, rec, timer = suite_setup(argv, "attention", __doc__)
     cases = history_cases(args.smoke)
     rec.set("cases", [dict(shape=c.shape, lens=list(c.lens)) for c in cases])
     for c in cases:

@@ -19,7 +19,6 @@ suffix; K/V laid out once, outside the timing) and the per-beam prefix copy
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     Recorder,
     Timer,
-    enable_interpreter_if_smoke,
     finite,
     rel_diff,
     shape_str,
-    suite_args,
+    suite_setup,
     try_part,
 )
 
@@ -158,17 +156,7 @@ def run_decode_case(rec: Recorder, timer: Timer, c: DecodeCase, device: str) -> 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    enable_interpreter_if_smoke(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    suite_args(p, "decode")
-    args = p.parse_args(argv)
-    import torch
-
-    if not args.smoke and not torch.cuda.is_available():
-        p.error("needs a CUDA GPU (use --smoke on the CPU)")
-    device = "cpu" if args.smoke else "cuda"
-    rec = Recorder(args.out, args.name, part="decode", smoke=args.smoke)
-    timer = Timer(smoke=args.smoke, device=device)
+    args, device, rec, timer = suite_setup(argv, "decode", __doc__)
     for c in decode_cases(args.smoke):
         try_part(rec, c.shape, lambda c=c: run_decode_case(rec, timer, c, device))
     return rec.record

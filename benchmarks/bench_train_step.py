@@ -22,7 +22,6 @@ only). MFU = achieved model FLOP/s over the measured bf16 GEMM peak (the
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATASHEET, Recorder, Timer, enable_interpreter_if_smoke, finite, shape_str, suite_args, try_part  # noqa: E402
+from common import DATASHEET, Recorder, Timer, finite, shape_str, suite_setup, try_part  # noqa: E402
 
 TARGET_TOKENS = 4            # an SFT example's loss is on its target SID
 MIN_LEN = 2 * TARGET_TOKENS  # shortest sequence: some history, then the target
@@ -140,19 +139,12 @@ def run_case(rec: Recorder, timer: Timer, c: StepCase, device) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    enable_interpreter_if_smoke(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    suite_args(p, "train_step")
-    args = p.parse_args(argv)
+    args, device_type, rec, timer = suite_setup(argv, "train_step", __doc__)
     import torch
 
-    if not args.smoke and not torch.cuda.is_available():
-        p.error("needs a CUDA GPU (use --smoke on the CPU)")
-    device = torch.device("cpu" if args.smoke else "cuda")
-    rec = Recorder(args.out, args.name, part="train_step", smoke=args.smoke)
+    device = torch.device(device_type)
     rec.set("flops", "T * flops_per_token(L_eff) - 6 V d (T - M); L_eff = sum L_b^2 / T; "
                      "mfu_all_positions_*: PlumLM.mfu, which counts the LM head at every token")
-    timer = Timer(smoke=args.smoke, device=device.type)
     for c in SMOKE_CASES if args.smoke else CASES:
         try_part(rec, f"{c.preset} {c.impl}", lambda c=c: run_case(rec, timer, c, device))
     return rec.record

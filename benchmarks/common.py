@@ -311,23 +311,46 @@ def suite_args(parser, name: str) -> None:
                              "before triton is imported); runs every code path, reports no speed figures")
 
 
+def suite_parser(argv: list[str] | None, name: str | None, description: str) -> argparse.ArgumentParser:
+    """The argument parser of a device-suite part (:func:`suite_args`), after setting ``TRITON_INTERPRET=1``
+    when ``--smoke`` is among ``argv`` (before triton is imported)."""
+    enable_interpreter_if_smoke(argv)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    suite_args(p, name)
+    return p
+
+
+def suite_device(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """``"cpu"`` with ``--smoke``, else ``"cuda"``; refuses (``p.error``) a run without CUDA unless ``--smoke``."""
+    if not args.smoke and not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (use --smoke on the CPU)")
+    return "cpu" if args.smoke else "cuda"
+
+
+def suite_setup(argv: list[str] | None, part: str, description: str
+                ) -> tuple[argparse.Namespace, str, Recorder, Timer]:
+    """Entry point of a one-part benchmark script: ``(args, device, recorder, timer)`` from the suite options
+    (:func:`suite_parser`, :func:`suite_device`)."""
+    p = suite_parser(argv, part, description)
+    args = p.parse_args(argv)
+    device = suite_device(p, args)
+    return args, device, Recorder(args.out, args.name, part=part, smoke=args.smoke), Timer(smoke=args.smoke,
+                                                                                            device=device)
+
+
 def sections_main(argv: list[str] | None, description: str, sections: dict[str, str],
                   run_section: Callable[[str, argparse.Namespace, str], dict]) -> dict:
     """Entry point of a benchmark script whose parts are sections: parse the
     suite options plus ``--section NAME|all`` (``sections``: name -> help),
     refuse a run without CUDA unless ``--smoke``, then ``run_section(name,
     args, device)`` for each chosen section. Returns ``{section: record}``."""
-    enable_interpreter_if_smoke(argv)
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    suite_args(p, None)
+    p = suite_parser(argv, None, description)
     p.add_argument("--section", choices=(*sections, "all"), default="all",
                    help="; ".join(f"{k}: {v}" for k, v in sections.items()) + " (default all)")
     args = p.parse_args(argv)
     if args.section == "all" and args.name:
         p.error("--name needs a single --section")
-    if not args.smoke and not torch.cuda.is_available():
-        p.error("needs a CUDA GPU (use --smoke on the CPU)")
-    device = "cpu" if args.smoke else "cuda"
+    device = suite_device(p, args)
     chosen = tuple(sections) if args.section == "all" else (args.section,)
     return {s: run_section(s, args, device) for s in chosen}
 

@@ -14,12 +14,11 @@ which ``common.load_peaks`` reads.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Recorder, Timer, enable_interpreter_if_smoke, finite, shape_str, suite_args, try_part  # noqa: E402
+from common import Recorder, Timer, finite, shape_str, suite_setup, try_part  # noqa: E402
 
 GEMM_N, SMOKE_GEMM_N = 8192, 64
 COPY_BYTES, SMOKE_COPY_BYTES = 4 << 30, 1 << 16
@@ -54,17 +53,7 @@ def copy_peak(rec: Recorder, timer: Timer, nbytes: int, device: str) -> float | 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    enable_interpreter_if_smoke(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    suite_args(p, "peaks")
-    args = p.parse_args(argv)
-    import torch
-
-    if not args.smoke and not torch.cuda.is_available():
-        p.error("needs a CUDA GPU (use --smoke on the CPU)")
-    device = "cpu" if args.smoke else "cuda"
-    rec = Recorder(args.out, args.name, part="peaks", smoke=args.smoke)
-    timer = Timer(smoke=args.smoke, device=device)
+    args, device, rec, timer = suite_setup(argv, "peaks", __doc__.split("\n\n")[0])
     peaks = {"bf16_gemm_tflops": None, "copy_gbps": None}
     rec.set("peaks", peaks)
     peaks["bf16_gemm_tflops"] = try_part(rec, "bf16 gemm", lambda: gemm_peak(
