@@ -9,6 +9,7 @@ from plumrec.explore.trie import (
     BiasTables,
     EdgeBias,
     TriePaths,
+    bias_split,
     edge_log_softmax,
     expand_beams,
     exposure_edge_bias,
@@ -21,5 +22,6 @@ from plumrec.explore.trie import (
 
 __all__ = ["fit_maxent", "sample_list", "Mixture", "dense_oracle", "frank_wolfe", "Regulariser",
            "exploration_bias", "objective", "target_exposure", "BiasTables", "EdgeBias", "TriePaths",
-           "edge_log_softmax", "expand_beams", "rank_beam_items", "exposure_edge_bias", "mixture_bias_tables",
+           "edge_log_softmax", "expand_beams", "rank_beam_items", "exposure_edge_bias", "bias_split",
+           "mixture_bias_tables",
            "path_log_ratios", "subtree_mass", "trie_oracle"]

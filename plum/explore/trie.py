@@ -40,7 +40,7 @@ from plumrec.explore.objective import Regulariser, check_k, check_lam, explorati
 from plumrec.sid.trie import SIDTrie
 
 __all__ = ["TriePaths", "EdgeBias", "BiasTables", "subtree_mass", "path_log_ratios", "exposure_edge_bias",
-           "mixture_bias_tables", "edge_log_softmax", "trie_oracle", "rank_beam_items", "expand_beams"]
+           "bias_split", "mixture_bias_tables", "edge_log_softmax", "trie_oracle", "rank_beam_items", "expand_beams"]
 
 
 class TriePaths:
@@ -193,13 +193,33 @@ def exposure_edge_bias(trie_or_paths, d, lam: float, k: int, reg: Regulariser) -
     return EdgeBias(edge, b - b[best[paths.item_edge]], root)
 
 
+def bias_split(trie_or_paths, bias, d, lam: float, k: int, reg: Regulariser) -> EdgeBias:
+    """The split a search runs with for the oracle's call ``(bias [M], d [M])``: zeros when ``bias`` is
+    constant (the plain search: a constant changes no item's rank, while a non-zero split of it would change
+    which prefixes the beam keeps), else :func:`exposure_edge_bias` of ``d``, which must stand for ``bias``
+    (the same ``lam``, ``k`` and regulariser as the fit, else ``ValueError``). The fit's oracles and the
+    served tables (:func:`mixture_bias_tables`) both take it, so a fitted user is served the lists the fit
+    ranked."""
+    paths = _paths(trie_or_paths)
+    b = np.asarray(bias, np.float64)
+    if b.shape != (paths.num_items,) or not np.isfinite(b).all():
+        raise ValueError(f"bias must be [M] = [{paths.num_items}] finite values, got shape {b.shape}")
+    if b.max() == b.min():
+        return EdgeBias(np.zeros(paths.num_edges), np.zeros(paths.num_items), float(b[0]))
+    split = exposure_edge_bias(paths, d, lam, k, reg)
+    if not np.allclose(split.values(paths), b, rtol=1e-9, atol=1e-9):
+        raise ValueError("the split of d differs from bias: the oracle's lam, k and regulariser must be the fit's")
+    return split
+
+
 def mixture_bias_tables(trie_or_paths, mixture: Mixture) -> BiasTables:
-    """The :class:`BiasTables` of a fitted ``mixture``: component ``t``'s tables split the exploration bias
-    of the exposure ``mixture.d[t]`` that produced it."""
+    """The :class:`BiasTables` of a fitted ``mixture``: component ``t``'s tables are the :func:`bias_split`
+    the oracle searched with when it produced it."""
     paths = _paths(trie_or_paths)
     if not isinstance(mixture, Mixture) or mixture.num_items != paths.num_items:
         raise ValueError(f"mixture must be a Mixture over the trie's {paths.num_items} items")
-    splits = [exposure_edge_bias(paths, d, mixture.lam, mixture.k, mixture.regulariser) for d in mixture.d]
+    splits = [bias_split(paths, b, d, mixture.lam, mixture.k, mixture.regulariser)
+              for b, d in zip(mixture.bias, mixture.d)]
     return BiasTables(np.stack([s.edge for s in splits]).astype(np.float32), np.stack([s.item for s in splits]),
                       mixture.weights.copy())
 
@@ -221,10 +241,9 @@ def trie_oracle(trie_or_paths, edge_logprobs, k: int, lam: float, reg: Regularis
     """Frank-Wolfe's linear oracle through the trie: ``(bias [M], d [M]) -> (lists [N, K], s of the lists)``.
 
     Every item scores ``sum over its path of (edge_logprobs[u] + edge) + item`` with the split
-    :func:`exposure_edge_bias` of ``d`` (what the biased beam search and :func:`expand_beams` compute,
+    :func:`bias_split` of ``(bias, d)`` (what the biased beam search and :func:`expand_beams` compute,
     in float64 and over every item), lists are the top ``k``, ties to the lower item index.
-    ``edge_logprobs [N, E]`` (:func:`edge_log_softmax`). The split must stand for ``bias`` (the same
-    ``lam``, ``k``, regulariser as the fit), else ``ValueError``."""
+    ``edge_logprobs [N, E]`` (:func:`edge_log_softmax`)."""
     paths = _paths(trie_or_paths)
     lp = np.asarray(edge_logprobs, np.float64)
     if lp.ndim != 2 or lp.shape[1] != paths.num_edges or np.isnan(lp).any():
@@ -233,10 +252,7 @@ def trie_oracle(trie_or_paths, edge_logprobs, k: int, lam: float, reg: Regularis
     s = paths.sums(lp)
 
     def oracle(bias: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        split = exposure_edge_bias(paths, d, lam, k, reg)
-        if not np.allclose(split.values(paths), bias, rtol=1e-9, atol=1e-9):
-            raise ValueError("the trie oracle's split differs from the bias: its lam, k and regulariser must be "
-                             "the fit's")
+        split = bias_split(paths, bias, d, lam, k, reg)
         total = paths.sums(lp + split.edge[None, :]) + split.item
         lists = np.argsort(-total, axis=1, kind="stable")[:, :k]
         return lists, np.take_along_axis(s, lists, axis=1)

@@ -2,7 +2,7 @@
 
 - :class:`ModelOracle` is Frank-Wolfe's linear oracle backed by the LM. Called with the exploration bias
   ``b [M]`` of the current aggregate exposure ``d [M]``, it splits the bias along the SID trie
-  (:func:`plumrec.explore.exposure_edge_bias`: a per-edge bias ``[E]`` and a per-item residual ``[M]``
+  (:func:`plumrec.explore.bias_split`: a per-edge bias ``[E]`` and a per-item residual ``[M]``
   inside collision groups), runs one constrained beam search with the per-edge bias (``plum_kernels``'
   beam step adds ``edge_bias[e]`` to every candidate through edge ``e``), ranks each user's beam items by
   biased beam score plus residual (history dropped if asked) and returns the first K with their
@@ -13,7 +13,8 @@
 - :func:`fit_exploration` runs :func:`plumrec.explore.frank_wolfe` with that oracle over a set of users
   (a tqdm bar shows the duality gap and the objective per iteration) and returns an
   :class:`ExplorationPolicy`: the per-edge bias tables ``[T, E]`` float32 of the mixture's T components,
-  their residuals ``[T, M]`` and weights ``[T]``.
+  their residuals ``[T, M]`` and weights ``[T]`` (:func:`plumrec.explore.mixture_bias_tables`: the very
+  splits the oracle searched with, zeros for a constant bias).
 - Serving (``GenerativeRetriever(..., explore=policy)``): user ``u`` (its index in the request) gets
   component ``t`` drawn with the weights by ``numpy.random.default_rng([seed, u])`` (the draw of
   :func:`plumrec.explore.sample_list`) and the items of one beam search biased by table ``t``, ranked as
@@ -40,8 +41,9 @@ from plumrec.explore import (
     Mixture,
     Regulariser,
     TriePaths,
-    exposure_edge_bias,
+    bias_split,
     frank_wolfe,
+    mixture_bias_tables,
     rank_beam_items,
 )
 from plumrec.io import read_tagged, read_tensors, write_tagged
@@ -153,17 +155,10 @@ class ModelOracle:
         return len(self._prefills)
 
     def split(self, bias, d) -> EdgeBias | None:
-        """The split of the exploration bias of ``d [M]`` (:func:`plumrec.explore.exposure_edge_bias`), which
-        must stand for ``bias [M]`` (``ValueError`` otherwise); None for a constant ``bias``: plain search."""
-        b = np.asarray(bias, np.float64)
-        if b.shape != (self.trie.num_items,) or not np.isfinite(b).all():
-            raise ValueError(f"bias must be [M] = [{self.trie.num_items}] finite values, got shape {b.shape}")
-        if b.max() == b.min():
-            return None
-        split = exposure_edge_bias(self.paths, d, self.lam, self.k, self.reg)
-        if not np.allclose(split.values(self.paths), b, rtol=1e-9, atol=1e-9):
-            raise ValueError("the split of d differs from bias: the oracle's lam, k and regulariser must be the fit's")
-        return split
+        """:func:`plumrec.explore.bias_split` of ``(bias [M], d [M])``; None for a zero split (a constant
+        ``bias``): the plain search."""
+        split = bias_split(self.paths, bias, d, self.lam, self.k, self.reg)
+        return split if split.edge.any() or split.item.any() else None
 
     def _prefill(self, i: int, batch: list) -> tuple:
         if i in self._prefills:
@@ -421,10 +416,8 @@ def fit_exploration(retriever: GenerativeRetriever, histories: Sequence[np.ndarr
                           tol=tol, num_users=len(oracle.histories), num_items=retriever.num_items, callback=show)
     finally:
         bar.close()
-    splits = [oracle.split(b, d) for b, d in zip(mix.bias, mix.d)]
-    E, M = retriever.trie.num_edges, retriever.num_items
-    edge = np.stack([np.zeros(E, np.float32) if s is None else s.edge.astype(np.float32) for s in splits])
-    item = np.stack([np.zeros(M) if s is None else s.item for s in splits])
-    return ExplorationPolicy(edge, item, mix.weights, float(mix.lam), int(mix.k), trie_signature(retriever.trie),
+    tables = mixture_bias_tables(oracle.paths, mix)     # the splits the oracle searched with
+    return ExplorationPolicy(tables.edge, tables.item, tables.weights, float(mix.lam), int(mix.k),
+                             trie_signature(retriever.trie),
                              mix.gaps, mix.objectives, _regulariser_info(reg), bool(exclude_history),
                              len(oracle.histories), mixture=mix)

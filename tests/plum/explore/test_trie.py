@@ -16,6 +16,7 @@ from plumrec.explore.objective import Regulariser, exploration_bias
 from plumrec.explore.trie import (
     BiasTables,
     TriePaths,
+    bias_split,
     edge_log_softmax,
     expand_beams,
     exposure_edge_bias,
@@ -189,6 +190,24 @@ def test_mixture_bias_tables(inst):
         shift = np.mean(mix.bias[t] - values)   # the root: a constant
         np.testing.assert_allclose(values + shift, mix.bias[t], rtol=0, atol=1e-5)
         np.testing.assert_array_equal(np.argsort(-(scores + mix.bias[t]), 1, kind="stable")[:, :3], mix.lists[t])
+
+
+def test_bias_split_is_the_plain_search_for_a_constant_bias(inst):
+    trie, _, _, _, paths = inst
+    M, reg = trie.num_items, Regulariser.entropy(1e-3)
+    d = np.full(M, 1.0 / M)                 # Frank-Wolfe's start: a constant bias
+    flat = bias_split(paths, exploration_bias(d, 1.0, 3, reg), d, 1.0, 3, reg)
+    assert not flat.edge.any() and not flat.item.any()
+    assert exposure_edge_bias(paths, d, 1.0, 3, reg).edge.any()   # the trie is unbalanced: a non-zero split
+    d = _exposure(np.random.default_rng(3), M)
+    bias = exploration_bias(d, 1.0, 3, reg)
+    split, ref = bias_split(paths, bias, d, 1.0, 3, reg), exposure_edge_bias(paths, d, 1.0, 3, reg)
+    np.testing.assert_array_equal(split.edge, ref.edge)
+    np.testing.assert_array_equal(split.item, ref.item)
+    with pytest.raises(ValueError, match="differs from bias"):
+        bias_split(paths, bias, d, 2.0, 3, reg)
+    with pytest.raises(ValueError, match="bias must be"):
+        bias_split(paths, bias[:-1], d, 1.0, 3, reg)
 
 
 def test_bad_arguments(inst):
