@@ -18,19 +18,20 @@ from plum_kernels.attention.ops_jax import beam_decode_attention, history_attent
 from plum_kernels.beam.ops_jax import (
     BeamStep,
     TrieAggregate,
+    TrieArrays,
     children_bounds,
     constrained_beam_search,
     constrained_beam_step,
     trie_aggregate,
 )
 from plum_kernels.moe.ops_jax import (
-                                 MoEOutput,
-                                 RouteOutput,
-                                 grouped_matmul,
-                                 moe_mlp,
-                                 moe_permute,
-                                 moe_route,
-                                 moe_unpermute,
+    MoEOutput,
+    RouteOutput,
+    grouped_matmul,
+    moe_mlp,
+    moe_permute,
+    moe_route,
+    moe_unpermute,
 )
 
 __all__ = [
@@ -40,6 +41,6 @@ __all__ = [
     "moe_route", "moe_permute", "moe_unpermute", "grouped_matmul", "moe_mlp", "RouteOutput", "MoEOutput",
     # constrained beam search and the trie's exploration bias (docs/design.md, 'constrained_beam_step',
     # 'constrained_beam_search', 'trie_aggregate')
-    "constrained_beam_step", "constrained_beam_search", "BeamStep", "children_bounds",
+    "constrained_beam_step", "constrained_beam_search", "BeamStep", "children_bounds", "TrieArrays",
     "trie_aggregate", "TrieAggregate",
 ]

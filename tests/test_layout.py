@@ -15,9 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 SOURCE_ROOTS = ("kernels", "plum", "benchmarks")
-# Repository-level checks (packaging, layout, code size, import graph, the compile tool itself).
+# Repository-level checks (packaging, the README's examples, layout, code size, import graph, the compile tool itself).
 TOP_LEVEL = {"conftest.py", "test_code_size.py", "test_import_graph.py", "test_layout.py", "test_packaging.py",
-             "test_toolchain.py"}
+             "test_readme.py", "test_toolchain.py"}
 
 
 def _source_modules():

@@ -4,18 +4,25 @@ registration (custom ops with fake implementations and autograd).
 Public functions (re-exported by ``plum_kernels.torch``):
 
 - ``history_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True,
-  scale=None, return_lse=False, impl=None)``
+  softmax_scale=None, return_lse=False, impl=None, check_values=True,
+  deterministic=True)``
 - ``beam_decode_attention(q, k_prefix, v_prefix, prefix_lens, k_suffix,
-  v_suffix, suffix_len, *, scale=None, impl=None)``
+  v_suffix, suffix_len, *, softmax_scale=None, impl=None, check_values=True)``
+
+``softmax_scale`` is flash-attn's name; ``scale`` is accepted as a keyword
+alias (passing both raises ``ValueError``).
 
 Registered ops (namespace ``plum_kernels``): ``history_attention_fwd``,
 ``history_attention_bwd`` (the backward of the former, registered with
 ``register_autograd``) and ``beam_decode_attention`` (forward only).
 Contracts: docs/design.md, 'history_attention' and 'beam_decode_attention'.
 
-Shape, dtype and device checks run in the Python wrappers (so they also run
-while tracing under ``torch.compile``); the checks that need values
-(``cu_seqlens``, ``prefix_lens``) run inside the ops, before any kernel.
+Shape, dtype and device checks run in the Python wrappers on static shapes
+(so they also run while tracing under ``torch.compile``). The checks that need
+values (``cu_seqlens``, ``prefix_lens``, with ``check_values=True``) read them
+on the host: in eager mode in the wrapper, before the op; under
+``torch.compile`` inside the op at run time (the op is opaque to the tracer,
+so the check costs no graph break).
 """
 from __future__ import annotations
 
@@ -50,6 +57,18 @@ def _validate_decode(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, suf
                  describe("v_prefix", v_prefix, "[B, S, Hkv, D]"), describe("prefix_lens", prefix_lens, "[B]"),
                  describe("k_suffix", k_suffix, "[B, W, s, Hkv, D]"),
                  describe("v_suffix", v_suffix, "[B, W, s, Hkv, D]"), suffix_len, impl)
+
+
+def _softmax_scale(softmax_scale, scale, head_dim: int) -> float:
+    """flash-attn's ``softmax_scale`` or its alias ``scale`` (not both), as a float."""
+    if softmax_scale is not None and scale is not None:
+        raise ValueError("pass softmax_scale or its alias scale, not both")
+    return resolve_scale(scale if softmax_scale is None else softmax_scale, head_dim)
+
+
+def _check_here(check_values: bool) -> bool:
+    """Whether the wrapper checks the values itself (eager mode) rather than the op (under tracing)."""
+    return bool(check_values) and not torch.compiler.is_compiling()
 
 
 def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
@@ -124,22 +143,27 @@ _history_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup
 
 
 def history_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                      max_seqlen: int, *, causal: bool = True, scale: float | None = None,
+                      max_seqlen: int, *, causal: bool = True, softmax_scale: float | None = None,
                       return_lse: bool = False, impl: str | None = None, check_values: bool = True,
-                      deterministic: bool = True):
+                      deterministic: bool = True, scale: float | None = None):
     """Packed jagged ("varlen") multi-head attention over user histories.
 
     Args:
         q: ``[T, Hq, D]`` queries of B sequences packed back to back
-            (bf16, fp16 or fp32; float64 with ``impl="reference"``).
+            (bf16, fp16 or fp32; float64 with ``impl="reference"``). The
+            Triton kernels take head dims ``D`` in {64, 128}; the reference
+            any ``D``.
         k, v: ``[T, Hkv, D]``, same dtype and device; ``Hq % Hkv == 0`` (GQA:
             query head ``h`` uses KV head ``h // (Hq // Hkv)``).
-        cu_seqlens: int32 ``[B+1]``, sequence ``b`` is tokens
+        cu_seqlens: **int32** ``[B+1]`` on q's device (int64 raises
+            ``TypeError``), sequence ``b`` is tokens
             ``cu_seqlens[b] : cu_seqlens[b+1]``; starts at 0, non-decreasing,
             ends at T (empty sequences allowed).
-        max_seqlen: an int >= the longest sequence (checked).
+        max_seqlen: a Python int >= the longest sequence (checked with
+            ``check_values``); the Triton kernels size their grid with it.
         causal: token ``t`` sees only keys ``j <= t`` of its own sequence.
-        scale: softmax scale, default ``1 / sqrt(D)``.
+        softmax_scale: float, the scale of ``q k^T`` before the softmax,
+            default ``1 / sqrt(D)`` (flash-attn's name).
         return_lse: also return the log-sum-exp ``[Hq, T]`` float32 (natural
             log, differentiable).
         impl: None (Triton on CUDA, reference elsewhere), ``"reference"`` or
@@ -147,8 +171,10 @@ def history_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
             caller enables with ``TRITON_INTERPRET=1``). The kernels take
             ``D`` in {64, 128}; the reference any D.
         check_values: check the values of ``cu_seqlens`` (one small
-            device-to-host copy, i.e. a sync on CUDA). Pass False in hot loops
-            whose ``cu_seqlens`` are known good. With bad values the output and
+            device-to-host copy, i.e. a sync on CUDA; in eager mode before the
+            op, under ``torch.compile`` inside it). Pass False in hot loops
+            (e.g. every layer of a model) whose ``cu_seqlens`` are checked
+            once per batch. With bad values the output and
             gradients are then undefined (any values, rows left unwritten) but
             memory-safe: the kernels clamp every token index to ``[0, T)``, and
             the reference raises or returns garbage.
@@ -158,6 +184,8 @@ def history_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
             pass: two fewer block products per (query, key) block pair
             (5 instead of 7), with dQ's last bits varying run to run. The
             reference ignores it.
+        scale: keyword alias of ``softmax_scale`` (passing both raises
+            ``ValueError``).
 
     Returns:
         ``out [T, Hq, D]`` in q.dtype, or ``(out, lse)`` with ``return_lse``.
@@ -170,9 +198,11 @@ def history_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     _validate_history(q, k, v, cu_seqlens, max_seqlen, impl)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    out, lse = _history_attention_fwd(q, k, v, cu_seqlens, int(max_seqlen), bool(causal),
-                                      resolve_scale(scale, q.shape[2]), impl,
-                                      bool(check_values), deterministic)
+    sm_scale = _softmax_scale(softmax_scale, scale, q.shape[2])
+    if _check_here(check_values):
+        check_cu_seqlens_values(cu_seqlens.tolist(), q.shape[0], max_seqlen)
+    out, lse = _history_attention_fwd(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), sm_scale, impl,
+                                      bool(check_values) and torch.compiler.is_compiling(), deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -201,24 +231,33 @@ def _(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, suffix_len, scale,
 
 def beam_decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
                           prefix_lens: torch.Tensor, k_suffix: torch.Tensor, v_suffix: torch.Tensor,
-                          suffix_len: int, *, scale: float | None = None, impl: str | None = None,
-                          check_values: bool = True) -> torch.Tensor:
+                          suffix_len: int, *, softmax_scale: float | None = None, impl: str | None = None,
+                          check_values: bool = True, scale: float | None = None) -> torch.Tensor:
     """Attention of W beams per user over a shared prefix plus per-beam suffixes.
 
     Args:
-        q: ``[B, W, Hq, D]``, one query (the newest token) per beam.
-        k_prefix, v_prefix: ``[B, S, Hkv, D]``, the user's history KV, stored
-            once per user (not per beam); S is the cache capacity.
-        prefix_lens: int32 ``[B]``, valid prefix tokens per user, in [0, S].
-        k_suffix, v_suffix: ``[B, W, s, Hkv, D]``, each beam's generated tokens.
-        suffix_len: int in [0, s], valid suffix tokens (the same for every
-            beam: beams advance in lockstep). A beam must see >= 1 key.
-        scale: softmax scale, default ``1 / sqrt(D)``.
+        q: ``[B, W, Hq, D]``, one query (the newest token) per beam (bf16,
+            fp16 or fp32; float64 with ``impl="reference"``). The Triton
+            kernel takes ``D`` in {64, 128}; the reference any ``D``.
+        k_prefix, v_prefix: ``[B, S, Hkv, D]``, q's dtype and device, the
+            user's history KV, stored once per user (not per beam); S is the
+            cache capacity; ``Hq % Hkv == 0``.
+        prefix_lens: **int32** ``[B]`` on q's device, valid prefix tokens per
+            user, in [0, S].
+        k_suffix, v_suffix: ``[B, W, s, Hkv, D]``, q's dtype and device, each
+            beam's generated tokens.
+        suffix_len: Python int in [0, s], valid suffix tokens (the same for
+            every beam: beams advance in lockstep). A beam must see >= 1 key.
+        softmax_scale: float, default ``1 / sqrt(D)`` (flash-attn's name).
         impl: None, ``"reference"`` or ``"triton"`` (see ``history_attention``).
         check_values: check the values of ``prefix_lens`` (a sync on CUDA;
             pass False inside a decoding loop once they are known good). With
             bad values the output is undefined but memory-safe: the kernels
             clamp each prefix length to ``[0, S]`` when they address keys.
+            In eager mode the check runs before the op, under
+            ``torch.compile`` inside it.
+        scale: keyword alias of ``softmax_scale`` (passing both raises
+            ``ValueError``).
 
     Returns:
         ``[B, W, Hq, D]`` in q.dtype: softmax attention of each query over
@@ -230,5 +269,8 @@ def beam_decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: tor
     """
     impl = resolve_torch_impl(impl, getattr(q, "device", "cpu"))
     _validate_decode(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, suffix_len, impl)
+    sm_scale = _softmax_scale(softmax_scale, scale, q.shape[3])
+    if _check_here(check_values):
+        check_prefix_lens_values(prefix_lens.tolist(), k_prefix.shape[1], suffix_len)
     return _beam_decode_attention(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, int(suffix_len),
-                                  resolve_scale(scale, q.shape[3]), impl, bool(check_values))
+                                  sm_scale, impl, bool(check_values) and torch.compiler.is_compiling())

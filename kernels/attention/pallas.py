@@ -38,12 +38,14 @@ NUM_SUBLANES = 8
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["block_q", "block_kv"])
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tiles of the Pallas attention kernels (multiples of 128). The defaults
     are splash attention's 128 x 128 minimum, chosen by that rule rather than
     by timing; ``tests/kernels/attention/test_ops_jax.py`` lowers the forward, dK/dV and
-    dQ kernels with them for TPU through Mosaic."""
+    dQ kernels with them for TPU through Mosaic. A pytree without leaves (both
+    sizes are static aux data), so it can be a ``jax.jit`` argument."""
 
     block_q: int = 128
     block_kv: int = 128

@@ -18,7 +18,9 @@ import ``plumrec``).
 
 Host synchronisation: ``validate=True`` reads back one flag to check the
 *values* of ``nodes`` (range and depth); the search skips it, its states
-coming from the previous step. The Triton path is otherwise sync-free (the
+coming from the previous step. Under ``torch.compile``
+(``torch.compiler.is_compiling()``) the value checks are skipped (a host read
+would break the graph); the shape, dtype and device checks still run. The Triton path is otherwise sync-free (the
 chain-word layout is computed on the host from ``codebook_sizes``).
 """
 from __future__ import annotations
@@ -196,7 +198,7 @@ def constrained_beam_step(logits: Tensor, beam_scores: Tensor, nodes: Tensor, tr
         impl: ``None`` (Triton on CUDA, reference elsewhere), ``"reference"``
             or ``"triton"``.
         validate: check the values of ``nodes`` and ``bias_row`` (one host
-            sync each). Without it,
+            sync each; skipped under ``torch.compile``). Without it,
             states that are not valid at ``level`` give undefined results;
             both implementations clamp every index they read from ``nodes``
             and the trie into its array, so nothing is read out of bounds.
@@ -210,7 +212,7 @@ def constrained_beam_step(logits: Tensor, beam_scores: Tensor, nodes: Tensor, tr
     impl = resolve_torch_impl(impl, logits.device if isinstance(logits, Tensor) else "cpu")
     off = _check_step(logits, beam_scores, nodes, trie, level, W, normalize, vocab_offset, impl, edge_bias,
                       bias_row)
-    if validate:
+    if validate and not torch.compiler.is_compiling():
         _check_node_values(nodes, trie, level)
         _check_bias_row_values(edge_bias, bias_row)
     if logits.stride(-1) != 1:
@@ -324,7 +326,7 @@ def trie_aggregate(item_mass: Tensor, trie, items, *, eps: float = DEFAULT_EPS, 
         impl: ``None`` (Triton on CUDA, reference elsewhere), ``"reference"``
             or ``"triton"``.
         validate: check the values (masses >= 0 or NaN, ids < N, groups;
-            one host sync). Without it, bad ids give undefined masses (every
+            one host sync; skipped under ``torch.compile``). Without it, bad ids give undefined masses (every
             id is clamped as an address) and negative masses NaN biases.
 
     Returns ``TrieAggregate(node_mass [I], edge_mass [E], edge_bias [E])``
@@ -344,7 +346,7 @@ def trie_aggregate(item_mass: Tensor, trie, items, *, eps: float = DEFAULT_EPS, 
     eps = check_aggregate_args(mass=describe("item_mass", item_mass), edge_item=describe("edge_item", edge_item),
                                dup_ptr=describe("dup_ptr", dup_ptr), dup_items=describe("dup_items", dup_items),
                                num_edges=int(trie.num_edges), eps=eps, impl=impl, trie_device=str(dev))
-    if validate:
+    if validate and not torch.compiler.is_compiling():
         n = (item_mass.numel(), edge_item.numel(), dup_ptr.numel())
         host = torch.cat([t.reshape(-1).double() for t in (item_mass, edge_item, dup_ptr, dup_items)]).cpu().numpy()
         check_aggregate_values(host[:n[0]], host[n[0]:n[0] + n[1]].astype(np.int64),

@@ -103,9 +103,11 @@ def check_unpermute_values(rows: int, permutation_range: tuple[int, int], invers
                          "for every copy a), as moe_permute returns them")
 
 
-def check_grouped_matmul(x: Arr, w: Arr, group_sizes: Arr, transpose_w: bool, impl: str) -> None:
+def check_grouped_matmul(x: Arr, w: Arr, group_sizes: Arr, transpose_w: bool, impl: str,
+                         name: str = "group_sizes") -> None:
     """``grouped_matmul``: ``x [M, K]``, ``w [E, K, N]`` (``[E, N, K]``
-    transposed) of x's dtype and device, ``group_sizes`` integer ``[E]``."""
+    transposed) of x's dtype and device, ``group_sizes`` (or ``offs``, the
+    argument ``name``) integer ``[E]``."""
     _check_rows("x", x)
     if w.ndim != 3:
         raise ValueError(f"w must be a 3-D [E, K, N] array, got shape {list(w.shape)}")
@@ -116,7 +118,7 @@ def check_grouped_matmul(x: Arr, w: Arr, group_sizes: Arr, transpose_w: bool, im
     if w.dtype != x.dtype:
         raise TypeError(f"w has dtype {w.dtype} but x has {x.dtype}; they must match")
     check_device("w", w, "x", x)
-    check_index_array("group_sizes", group_sizes, (w.shape[0],), "x", x)
+    check_index_array(name, group_sizes, (w.shape[0],), "x", x)
     _check_kernel_dtype(impl, "x and w", x)
 
 
@@ -127,6 +129,20 @@ def check_group_sizes_values(sizes: Sequence[int], rows: int) -> None:
         raise ValueError(f"group_sizes must be non-negative, got {sizes}")
     if sum(sizes) != rows:
         raise ValueError(f"group_sizes must sum to M = x.shape[0] = {rows}, got {sum(sizes)}")
+
+
+def check_offs_values(offs: Sequence[int], rows: int) -> None:
+    """``torch._grouped_mm``-style cumulative end offsets: non-negative,
+    non-decreasing and ending at ``rows`` (M)."""
+    offs = [int(o) for o in offs]
+    if offs and offs[0] < 0:
+        raise ValueError(f"offs must be non-negative end rows, got offs[0] = {offs[0]}")
+    bad = [i for i in range(1, len(offs)) if offs[i] < offs[i - 1]]
+    if bad:
+        i = bad[0]
+        raise ValueError(f"offs must be non-decreasing, got offs[{i - 1}] = {offs[i - 1]} > offs[{i}] = {offs[i]}")
+    if (offs[-1] if offs else 0) != rows:
+        raise ValueError(f"offs must end at M = x.shape[0] = {rows}, got offs[-1] = {offs[-1] if offs else None}")
 
 
 def check_mlp(x: Arr, router_logits: Arr, w_gate_up: Arr, w_down: Arr, impl: str) -> None:

@@ -5,7 +5,8 @@ Public functions (re-exported by ``plum_kernels.torch``):
 - ``moe_route(router_logits, top_k, *, score, bias, renormalize, impl)``
 - ``moe_permute(x, expert_ids, num_experts, *, impl, validate)``
 - ``moe_unpermute(y, weights, permutation, inverse, *, impl, validate)``
-- ``grouped_matmul(x, w, group_sizes, *, transpose_w, impl, validate)``
+- ``grouped_matmul(x, w, group_sizes=None, *, offs=None, transpose_w, impl,
+  validate)`` (``offs``: ``torch._grouped_mm``'s cumulative end offsets)
 - ``moe_mlp(x, router_logits, w_gate_up, w_down, top_k, *, score, bias,
   renormalize, impl)``
 
@@ -25,7 +26,10 @@ The public ``moe_permute``, ``moe_unpermute`` and ``grouped_matmul`` check
 the *values* of ``expert_ids`` / ``permutation`` and ``inverse`` /
 ``group_sizes`` (ranges, consistency, sum) when ``validate=True`` (the
 default), which reads them back once per call; ``moe_mlp`` builds them itself
-and skips that. The argument checks are ``checks.py``'s, shared with the JAX
+and skips that. Under ``torch.compile`` (``torch.compiler.is_compiling()``)
+the value checks are skipped: they would need a host read in the middle of
+the graph (a graph break); the shape, dtype and device checks run on the
+static shapes while tracing. The argument checks are ``checks.py``'s, shared with the JAX
 ops. Without the value checks the results are undefined for bad values, but
 no kernel reads or writes outside its tensors (the Triton kernels clamp every
 row index they compute an address from).
@@ -45,6 +49,7 @@ from .checks import (
     check_group_sizes_values,
     check_grouped_matmul,
     check_mlp,
+    check_offs_values,
     check_permute,
     check_route,
     check_unpermute,
@@ -247,7 +252,8 @@ def moe_permute(x: Tensor, expert_ids: Tensor, num_experts: int, *, impl: str | 
       x: ``[T, d]`` tokens.
       expert_ids: ``[T, k]`` int32/int64 in ``[0, num_experts)`` (``moe_route``'s).
       num_experts: ``E >= 1``.
-      validate: check that every id is in range (one read-back to the host).
+      validate: check that every id is in range (one read-back to the host;
+        skipped under ``torch.compile``).
         Without it, ids outside ``[0, num_experts)`` give undefined
         ``group_sizes`` and a permutation that mixes those copies into the
         first or last group (memory-safe).
@@ -258,7 +264,7 @@ def moe_permute(x: Tensor, expert_ids: Tensor, num_experts: int, *, impl: str | 
     permutation. Differentiable w.r.t. ``x`` (the backward sums each token's
     ``k`` copies)."""
     check_permute(describe("x", x, "[T, d]"), describe("expert_ids", expert_ids, "[T, k]"), num_experts)
-    if validate and expert_ids.numel():
+    if validate and expert_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = torch.stack([expert_ids.min(), expert_ids.max()]).tolist()
         check_expert_ids_values(lo, hi, num_experts)
     impl = resolve_torch_impl(impl, x.device)
@@ -279,19 +285,26 @@ def _unpermute_summary(permutation: Tensor, inverse: Tensor) -> tuple:
 def moe_unpermute(y: Tensor, weights: Tensor, permutation: Tensor, inverse: Tensor, *,
                   impl: str | None = None, validate: bool = True) -> Tensor:
     """Weighted combine back to token order: ``out[t] = sum_j weights[t, j] *
-    y[inverse[t*k + j]]`` (float32 accumulation), ``y [T*k, d]`` sorted by
-    expert, ``weights [T, k]`` -> ``[T, d]`` in ``y.dtype``. Differentiable
-    w.r.t. ``y`` and ``weights`` (the backward reads ``permutation``).
+    y[inverse[t*k + j]]`` (float32 accumulation).
 
-    ``validate``: check that ``permutation`` and ``inverse`` lie in ``[0,
-    T*k)`` and are inverse permutations of each other, as ``moe_permute``
-    returns them (one read-back to the host). Without it, bad indices give
-    undefined values (and an ``IndexError`` from the reference); the Triton
-    kernels clamp every row index into ``[0, T*k)`` and never read or write
-    outside their tensors."""
+    Args:
+      y: ``[T*k, d]`` floating, rows sorted by expert (``moe_permute``'s order).
+      weights: ``[T, k]`` floating (``moe_route``'s), on y's device.
+      permutation: ``[T*k]`` int32/int64, ``moe_permute``'s ``permutation``.
+      inverse: ``[T*k]`` int32/int64, ``moe_permute``'s ``inverse``.
+      impl: ``None`` | ``"reference"`` | ``"triton"``.
+      validate: check that ``permutation`` and ``inverse`` lie in ``[0,
+        T*k)`` and are inverse permutations of each other (one read-back to
+        the host; skipped under ``torch.compile``). Without it, bad indices
+        give undefined values (and an ``IndexError`` from the reference); the
+        Triton kernels clamp every row index into ``[0, T*k)`` and never read
+        or write outside their tensors.
+
+    Returns ``[T, d]`` in ``y.dtype``. Differentiable w.r.t. ``y`` and
+    ``weights`` (the backward reads ``permutation``)."""
     check_unpermute(describe("y", y, "[T*k, d]"), describe("weights", weights, "[T, k]"),
                     describe("permutation", permutation, "[T*k]"), describe("inverse", inverse, "[T*k]"))
-    if validate and y.shape[0]:
+    if validate and y.shape[0] and not torch.compiler.is_compiling():
         check_unpermute_values(y.shape[0], *_unpermute_summary(permutation, inverse))
     impl = resolve_torch_impl(impl, y.device)
     return _unpermute_op(y, weights, permutation, inverse, impl)
@@ -350,31 +363,54 @@ def _gmm_backward(ctx, dy):
 _gmm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 
 
-def grouped_matmul(x: Tensor, w: Tensor, group_sizes: Tensor, *, transpose_w: bool = False,
-                   impl: str | None = None, validate: bool = True) -> Tensor:
+def _group_sizes_from_offs(offs: Tensor) -> Tensor:
+    """``torch._grouped_mm``'s cumulative end offsets ``offs [E]`` -> group sizes ``[E]``."""
+    starts = torch.cat([offs.new_zeros(1), offs[:-1]])
+    return offs - starts
+
+
+def grouped_matmul(x: Tensor, w: Tensor, group_sizes: Tensor | None = None, *, offs: Tensor | None = None,
+                   transpose_w: bool = False, impl: str | None = None, validate: bool = True) -> Tensor:
     """Grouped (ragged) matmul: rows of ``x`` sorted by group, each times its
     group's matrix.
 
     Args:
-      x: ``[M, K]``.
+      x: ``[M, K]`` floating (bf16, fp16 or fp32; float64 with
+        ``impl="reference"``).
       w: ``[E, K, N]`` (``[E, N, K]`` used transposed when ``transpose_w``),
         same dtype and device as ``x``.
       group_sizes: ``[E]`` int32/int64, non-negative, summing to ``M``; the
         rows of group ``e`` are ``offsets[e] : offsets[e+1]``. Empty groups are
         allowed (their ``dw`` is zero).
-      validate: check non-negativity and the sum (one read-back to the host).
-        Without it, negative sizes or a sum other than ``M`` give undefined
-        rows; the Triton kernels clamp the groups' row ranges into ``[0, M)``
-        and never read or write outside ``x`` and the output.
+      offs: instead of ``group_sizes`` (exactly one of the two): ``[E]``
+        int32/int64 cumulative end offsets as ``torch._grouped_mm`` takes
+        them, ``offs[e]`` = the end row of group ``e`` (non-decreasing,
+        ``offs[E-1] == M``).
+      transpose_w: use ``w[e]`` transposed (``w`` is ``[E, N, K]``).
+      impl: ``None`` | ``"reference"`` | ``"triton"``.
+      validate: check the values (sizes non-negative and summing to ``M``;
+        ``offs`` non-decreasing from >= 0 and ending at ``M``; one read-back
+        to the host; skipped under ``torch.compile``). Without it, bad values
+        give undefined rows; the Triton kernels clamp the groups' row ranges
+        into ``[0, M)`` and never read or write outside ``x`` and the output.
 
     Returns ``[M, N]`` in ``x.dtype`` (float32 accumulation; float32 inputs
     use exact float32 products in the Triton kernel, not tf32).
     Differentiable w.r.t. ``x`` and ``w``."""
     impl = resolve_torch_impl(impl, getattr(x, "device", "cpu"))
+    if (group_sizes is None) == (offs is None):
+        raise ValueError("pass exactly one of group_sizes (rows per group) and offs (cumulative end rows)")
+    name = "group_sizes" if offs is None else "offs"
+    groups = group_sizes if offs is None else offs
     check_grouped_matmul(describe("x", x, "[M, K]"), describe("w", w, "[E, K, N]"),
-                         describe("group_sizes", group_sizes, "[E]"), bool(transpose_w), impl)
-    if validate:
-        check_group_sizes_values(group_sizes.tolist(), x.shape[0])
+                         describe(name, groups, "[E]"), bool(transpose_w), impl, name=name)
+    if validate and not torch.compiler.is_compiling():
+        if offs is None:
+            check_group_sizes_values(group_sizes.tolist(), x.shape[0])
+        else:
+            check_offs_values(offs.tolist(), x.shape[0])
+    if offs is not None:
+        group_sizes = _group_sizes_from_offs(offs)
     return _gmm_op(x, w, group_sizes.to(torch.int32), bool(transpose_w), impl)
 
 

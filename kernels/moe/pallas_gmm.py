@@ -29,12 +29,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["tm", "tk", "tn"])
 @dataclasses.dataclass(frozen=True)
 class GmmTiles:
     """``(tm, tk, tn)`` of both kernels. Default 128 x 128 x 128, megablox's
     default tiling, chosen by that rule rather than by timing;
     ``tests/kernels/moe/test_ops_jax.py`` lowers ``gmm`` and ``tgmm`` with it for TPU
-    through Mosaic."""
+    through Mosaic. A pytree without leaves (the tiles are static aux data), so
+    it can be a ``jax.jit`` argument."""
 
     tm: int = 128
     tk: int = 128

@@ -66,12 +66,16 @@ def positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     return torch.arange(total, device=cu_seqlens.device) - starts
 
 
-def _check_cu_seqlens(cu_seqlens, total: int) -> None:
+def _check_cu_seqlens(cu_seqlens) -> None:
+    """Type and shape of ``cu_seqlens`` (static: also checked while tracing)."""
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
             or cu_seqlens.shape[0] < 2:
         got = f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} {tuple(getattr(cu_seqlens, 'shape', ()))}"
         raise ValueError(f"cu_seqlens must be an int32 tensor [B+1] with B >= 1, got {got}")
-    cu = cu_seqlens.tolist()
+
+
+def _check_cu_seqlens_values(cu: list[int], total: int) -> None:
+    """Host values of ``cu_seqlens``: 0, non-decreasing, T."""
     if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu[:-1], cu[1:])):
         raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T = {total} "
                          f"(the number of input_ids), got {cu[:4]}{'...' if len(cu) > 4 else ''}{cu[-1:]}")
@@ -160,7 +164,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         if kv_out is not None:
             kv_out.append((k.detach(), v.detach()))
-        o = K.history_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, impl=self.impl)
+        # cu_seqlens is checked once per batch in PlumLM.forward: no host read in the layer.
+        o = K.history_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, impl=self.impl, check_values=False)
         return self.o_proj(o.reshape(x.shape[0], self.hq * self.d_head))
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: "BeamCache", layer: int) -> Tensor:
@@ -171,8 +176,9 @@ class Attention(nn.Module):
         cache.k_suffix[layer][:, :, s] = k.to(cache.k_suffix[layer].dtype)
         cache.v_suffix[layer][:, :, s] = v.to(cache.v_suffix[layer].dtype)
         kp, vp = cache.k_prefix[layer], cache.v_prefix[layer]
+        # The cache's prefix_lens are checked once per step, by the first layer.
         o = K.beam_decode_attention(q.to(kp.dtype), kp, vp, cache.prefix_lens, cache.k_suffix[layer],
-                                    cache.v_suffix[layer], s + 1, impl=self.impl)
+                                    cache.v_suffix[layer], s + 1, impl=self.impl, check_values=layer == 0)
         o = o.reshape(B, W, self.hq * self.d_head)
         if not torch.is_autocast_enabled(x.device.type):
             o = o.to(self.o_proj.weight.dtype)
@@ -329,13 +335,35 @@ class PlumLM(nn.Module):
         return tokens_per_second * self.flops_per_token(seq_len, training=training) / peak_flops
 
     # -- forward ---------------------------------------------------------------------
-    def _check_ids(self, input_ids: Tensor) -> None:
+    def _check_ids(self, input_ids: Tensor, id_range: tuple[int, int] | None = None) -> None:
+        """dtype of ``input_ids``; with ``id_range`` (its host ``(min, max)``) also its values."""
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError("input_ids must be an int64/int32 tensor [T], got "
                             f"{getattr(input_ids, 'dtype', input_ids)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        if id_range is not None and (id_range[0] < 0 or id_range[1] >= self.config.vocab_size):
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got range "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+                             f"[{id_range[0]}, {id_range[1]}]")
+
+    def _check_batch_values(self, input_ids: Tensor, cu_seqlens: Tensor, positions: Tensor | None) -> int:
+        """The value checks of one packed batch from one host read of ``cu_seqlens`` and the
+        ``input_ids`` (and ``positions``) range; returns the longest sequence."""
+        T = input_ids.shape[0]
+        parts = [cu_seqlens.long()]
+        if T:
+            parts.append(torch.stack([input_ids.min(), input_ids.max()]).long())
+            if positions is not None:
+                parts.append(positions.max().long().reshape(1))
+        host = torch.cat(parts).tolist()
+        n = cu_seqlens.shape[0]
+        cu = host[:n]
+        _check_cu_seqlens_values(cu, T)
+        if T:
+            self._check_ids(input_ids, (host[n], host[n + 1]))
+        longest = max(b - a for a, b in zip(cu[:-1], cu[1:]))
+        top = host[n + 2] if T and positions is not None else longest - 1
+        if top >= self.config.max_position_embeddings:
+            raise ValueError(f"a position exceeds max_position_embeddings={self.config.max_position_embeddings}")
+        return longest
 
     def forward(self, input_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int | None = None, *,
                 positions: Tensor | None = None, logits: bool = True, logits_index: Tensor | None = None,
@@ -343,26 +371,37 @@ class PlumLM(nn.Module):
         """Run a packed batch.
 
         Args:
-            input_ids: int64 ``[T]``, B sequences back to back.
-            cu_seqlens: int32 ``[B+1]`` sequence boundaries (see ``history_attention``).
-            max_seqlen: longest sequence (computed from ``cu_seqlens`` when None).
+            input_ids: int64 (or int32) ``[T]``, B sequences back to back, in ``[0, vocab_size)``.
+            cu_seqlens: int32 ``[B+1]`` sequence boundaries on the model's device (see
+                ``history_attention``).
+            max_seqlen: Python int >= the longest sequence. When None, eager mode computes it from
+                ``cu_seqlens``; under ``torch.compile`` it is T (a valid bound: the Triton
+                attention kernels then launch programs for T query rows per sequence, most of
+                which exit at once; pass it when compiling for a GPU).
             positions: int64 ``[T]`` RoPE positions; default the position within each sequence.
             logits: compute the LM-head logits.
             logits_index: int64 ``[M]``: compute logits (and return hidden) only at these
                 token positions, e.g. the SFT targets (saves the ``[T, V]`` product).
             return_kv: also return every layer's ``(k, v)`` ``[T, Hkv, D]`` for a prefix cache.
+
+        The values of ``input_ids``, ``cu_seqlens`` and ``positions`` are checked here, once per
+        batch (one host read), in eager mode only: the layers run no value check and read nothing
+        back to the host. Under ``torch.compile`` only the dtypes and shapes are checked.
         """
         self._check_ids(input_ids)
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be packed to 1-D [T], got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[0]
-        _check_cu_seqlens(cu_seqlens, T)
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        _check_cu_seqlens(cu_seqlens)
+        if not torch.compiler.is_compiling():
+            longest = self._check_batch_values(input_ids, cu_seqlens, positions)
+            if max_seqlen is not None and max_seqlen < longest:
+                raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence ({longest})")
+            max_seqlen = longest if max_seqlen is None else max_seqlen
+        elif max_seqlen is None:
+            max_seqlen = T
         if positions is None:
             positions = positions_from_cu_seqlens(cu_seqlens, T)
-        if int(positions.max() if T else 0) >= self.config.max_position_embeddings:
-            raise ValueError(f"a position exceeds max_position_embeddings={self.config.max_position_embeddings}")
         cfg = self.config
         cos, sin = self.rotary(positions, self._rope_dtype)
         x = self.embed_tokens(input_ids)
@@ -413,6 +452,8 @@ class PlumLM(nn.Module):
         hidden states ``[B, W, d]``; the beams' KV is appended to ``cache``."""
         B, W = tokens.shape
         self._check_ids(tokens)
+        if tokens.numel() and not torch.compiler.is_compiling():
+            self._check_ids(tokens, tuple(torch.stack([tokens.min(), tokens.max()]).tolist()))
         pos = cache.prefix_lens.long() + cache.suffix_len                      # [B]
         cos, sin = self.rotary(pos, self._rope_dtype)
         x = self.embed_tokens(tokens)
