@@ -10,10 +10,20 @@ the winner is cached for the process); under the Triton interpreter, or after
 results are bitwise reproducible from one process to the next.
 
 ``chosen_configs()`` reports what the autotuners picked (for benchmarks).
+
+``triton_visible_op`` registers a ``torch.library`` custom op whose Triton
+branch ``torch.compile`` traces into (as ``torch.library.triton_op`` does: the
+kernels, called through ``wrapped(kernel)``, appear in the graph as
+``triton_kernel_wrapper_functional`` nodes that Inductor compiles), while its
+reference branch, and every branch under the Triton interpreter (whose
+kernels ``wrap_triton`` cannot trace), stays one opaque op with its fake.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Mapping, Sequence
+
+import torch
 
 _enabled = True
 _tuners: dict[str, object] = {}
@@ -79,3 +89,62 @@ def triton_config(cfg, pre_hook: Callable | None = None):
     import triton
 
     return triton.Config(cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages, pre_hook=pre_hook)
+
+
+def wrapped(kernel):
+    """``torch.library.wrap_triton(kernel)`` under a dispatch mode (the
+    tracing of a ``triton_visible_op`` body), a launch that ``torch.compile``
+    traces; the kernel itself otherwise (eager launches, the interpreter)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return kernel if _get_current_dispatch_mode() is None else torch.library.wrap_triton(kernel)
+
+
+def _interpreted() -> bool:
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def triton_visible_op(name: str, *, impl_arg: str = "impl"):
+    """Decorator: ``fn`` as the custom op ``name`` (schema inferred from its
+    annotations, no mutated arguments). In eager mode the op runs ``fn``.
+    Under functionalization (``torch.compile``'s AOT tracing) a call whose
+    ``impl_arg`` is ``"triton"`` decomposes into ``fn``'s body, i.e. its
+    ``wrapped`` kernel launches, when the kernels are compiled ones; other
+    calls stay opaque and use the fake registered on the returned op."""
+    from torch._library.infer_schema import infer_schema
+    from torch._library.triton import set_wrap_triton_enabled
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    def dec(fn: Callable):
+        signature = inspect.signature(fn)
+
+        def backend(*args, **kwargs):
+            with set_wrap_triton_enabled(False):
+                return fn(*args, **kwargs)
+
+        op = torch.library.custom_op(name, backend, mutates_args=(), schema=infer_schema(fn, mutates_args=()))
+
+        def decompose(mode, func, types, args, kwargs):
+            if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not torch.Tensor for t in types):
+                return NotImplemented
+            impl = signature.bind(*args, **kwargs).arguments[impl_arg]
+            if impl != "triton" or _interpreted():
+                return mode.__torch_dispatch__(func, types, args, kwargs)
+            with mode:
+                return fn(*args, **kwargs)
+
+        op.register_torch_dispatch(FunctionalTensorMode, decompose)
+        return op
+
+    return dec
+
+
+def registered_ops() -> list[str]:
+    """Sorted names of the registered ``plum_kernels::`` ops (every op once
+    ``plum_kernels.torch`` is imported), e.g. ``"moe_route"``."""
+    prefix = "plum_kernels::"
+    names = torch._C._dispatch_get_all_op_names()
+    return sorted({n[len(prefix):].split(".")[0] for n in names if n.startswith(prefix)})

@@ -16,6 +16,11 @@ Registered ops (namespace ``plum_kernels``): ``history_attention_fwd``,
 ``history_attention_bwd`` (the backward of the former, registered with
 ``register_autograd``) and ``beam_decode_attention`` (forward only).
 Contracts: docs/design.md, 'history_attention' and 'beam_decode_attention'.
+All three are opaque custom ops (``torch.compile`` does not trace into their
+Triton launches): the varlen launches refill their longest-first schedule for
+each autotuned tile configuration through a Triton ``pre_hook``, which
+``torch.library.wrap_triton`` does not support, and the decode launch sizes its
+split-K grid on CUDA by compiling the kernel for the actual arguments.
 
 Shape, dtype and device checks run in the Python wrappers on static shapes
 (so they also run while tracing under ``torch.compile``). The checks that need

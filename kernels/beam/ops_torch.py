@@ -15,6 +15,10 @@ both implementations go through one registration with a fake kernel for
 ``torch.compile``. ``trie`` is the ``TrieArrays`` object of
 ``SIDTrie.to_torch(device)``, read by attribute (``plum_kernels`` does not
 import ``plumrec``).
+The step is a ``triton_visible_op``: with ``impl="triton"`` ``torch.compile``
+traces into its two Triton launches. ``plum_kernels::trie_aggregate`` stays an
+opaque custom op: its Triton launcher reads ``level_ptr`` on the host (one
+launch per trie depth).
 
 Host synchronisation: ``validate=True`` reads back one flag to check the
 *values* of ``nodes`` (range and depth); the search skips it, its states
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._autotune import triton_visible_op
 from .._checks import describe
 from .._dispatch import resolve_torch_impl
 from . import reference as ref
@@ -83,7 +88,7 @@ def _triton():
     return triton_beam
 
 
-@torch.library.custom_op("plum_kernels::constrained_beam_step", mutates_args=())
+@triton_visible_op("plum_kernels::constrained_beam_step")
 def _step_op(logits: Tensor, beam_scores: Tensor, nodes: Tensor, child_ptr: Tensor, child_token: Tensor,
              edge_word: Tensor, codebook_sizes: list[int], num_internal: int, level: int, W: int,
              normalize: str, vocab_offset: int, impl: str, edge_bias: Optional[Tensor] = None,

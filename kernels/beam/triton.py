@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autotune import wrapped
 from .checks import MAX_BEAM  # noqa: F401  (parent index takes 9 bits of the key)
 
 POS_BITS = 23         # child position takes the other 23
@@ -331,14 +332,14 @@ def beam_step(logits: torch.Tensor, beam_scores: torch.Tensor, nodes: torch.Tens
     beam_scores = beam_scores.contiguous()
     shift, mask = int(trie.shift[level]), int(trie.mask[level])   # host ints: no device sync
     I, E = int(trie.num_internal), int(trie.num_edges)
-    _expand_kernel[(B * W_in,)](
+    wrapped(_expand_kernel)[(B * W_in,)](
         logits, logits.stride(0), logits.stride(1), beam_scores, nodes,
         trie.child_ptr, trie.child_token, trie.edge_word, beam_scores if edge_bias is None else edge_bias,
         nodes if bias_row is None else bias_row, keys,
         W_in, V, int(vocab_offset), I, E, 1 if bias_row is None else int(edge_bias.shape[0]), shift, mask,
         KP=KP, LOG_KP=LOG_KP, BLOCK_V=blocks.block_v, CHILDREN_NORM=normalize == "children",
         HAS_BIAS=edge_bias is not None, BIAS_ROWS=bias_row is not None, num_warps=warps)
-    _select_kernel[(B,)](
+    wrapped(_select_kernel)[(B,)](
         keys, nodes, trie.child_ptr, trie.child_token, trie.edge_word,
         scores, new_nodes, parent, token,
         W_in, W, I, E, shift, mask,

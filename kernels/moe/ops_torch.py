@@ -19,6 +19,14 @@ Triton interpreter (the caller sets ``TRITON_INTERPRET=1``). Contracts:
 docs/design.md, 'moe_route' .. 'moe_mlp'; exact semantics:
 ``kernels/moe/reference.py``.
 
+``moe_route``, ``moe_route_backward``, ``moe_permute``, ``moe_combine``,
+``moe_unpermute`` and ``moe_unpermute_backward`` are ``triton_visible_op``s:
+with ``impl="triton"`` ``torch.compile`` traces into their Triton launches
+(Inductor compiles the kernels). ``grouped_matmul`` and ``grouped_matmul_dw``
+stay opaque: the autotuned ``grouped_matmul`` launch refills its tile schedule
+for each configuration through a Triton ``pre_hook``, which
+``torch.library.wrap_triton`` does not support.
+
 Host synchronisation: none inside the ops on CUDA. On CPU tensors the
 reference grouped matmuls run one product per expert (``*_segments`` in the
 reference: the group sizes are read on the host, which costs nothing there).
@@ -41,6 +49,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .._autotune import triton_visible_op
 from .._checks import describe
 from .._dispatch import resolve_torch_impl
 from . import reference as ref
@@ -70,7 +79,7 @@ def _route_dtype(dtype: torch.dtype) -> torch.dtype:
 # ============================================================================= route
 
 
-@torch.library.custom_op("plum_kernels::moe_route", mutates_args=())
+@triton_visible_op("plum_kernels::moe_route")
 def _route_op(logits: Tensor, top_k: int, score: str, bias: Optional[Tensor], renormalize: bool,
               impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if impl == "triton":
@@ -89,7 +98,7 @@ def _(logits, top_k, score, bias, renormalize, impl):
             logits.new_empty((), dtype=dt), logits.new_empty((), dtype=dt), logits.new_empty(T, dtype=dt))
 
 
-@torch.library.custom_op("plum_kernels::moe_route_backward", mutates_args=())
+@triton_visible_op("plum_kernels::moe_route_backward")
 def _route_backward_op(logits: Tensor, ids: Tensor, lse: Tensor, bias: Optional[Tensor], top_k: int,
                        score: str, renormalize: bool, grad_weights: Tensor, grad_lb: Tensor,
                        grad_z: Tensor, impl: str) -> Tensor:
@@ -161,7 +170,7 @@ def moe_route(router_logits: Tensor, top_k: int, *, score: str = "softmax", bias
 # ============================================================================= permute / unpermute
 
 
-@torch.library.custom_op("plum_kernels::moe_combine", mutates_args=())
+@triton_visible_op("plum_kernels::moe_combine")
 def _combine_op(y: Tensor, weights: Optional[Tensor], inverse: Tensor, k: int, impl: str) -> Tensor:
     if impl == "triton":
         return _triton()[1].combine(y, weights, inverse, k)
@@ -173,7 +182,7 @@ def _(y, weights, inverse, k, impl):
     return y.new_empty(inverse.shape[0] // k, y.shape[1])
 
 
-@torch.library.custom_op("plum_kernels::moe_permute", mutates_args=())
+@triton_visible_op("plum_kernels::moe_permute")
 def _permute_op(x: Tensor, expert_ids: Tensor, num_experts: int, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     group_sizes, perm, inverse = ref.permute_indices(expert_ids, num_experts)
     k = expert_ids.shape[1]
@@ -206,7 +215,7 @@ def _permute_backward(ctx, gxs, ggs, gperm, ginv):
 _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 
-@torch.library.custom_op("plum_kernels::moe_unpermute", mutates_args=())
+@triton_visible_op("plum_kernels::moe_unpermute")
 def _unpermute_op(y: Tensor, weights: Tensor, permutation: Tensor, inverse: Tensor, impl: str) -> Tensor:
     return _combine_op(y, weights, inverse, weights.shape[1], impl)
 
@@ -216,7 +225,7 @@ def _(y, weights, permutation, inverse, impl):
     return y.new_empty(weights.shape[0], y.shape[1])
 
 
-@torch.library.custom_op("plum_kernels::moe_unpermute_backward", mutates_args=())
+@triton_visible_op("plum_kernels::moe_unpermute_backward")
 def _unpermute_backward_op(grad_out: Tensor, y: Tensor, weights: Tensor, permutation: Tensor,
                            impl: str) -> tuple[Tensor, Tensor]:
     if impl == "triton":

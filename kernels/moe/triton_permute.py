@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autotune import wrapped
 from .triton_gmm import cpu_interpreter, to_store
 
 
@@ -130,7 +131,7 @@ def gather_rows(x: torch.Tensor, permutation: torch.Tensor, k: int, *,
     if out is None:
         out = torch.empty(M, D, dtype=x.dtype, device=x.device)
     if M and D:
-        _gather_rows_kernel[(triton.cdiv(M, bs.block_rows),)](
+        wrapped(_gather_rows_kernel)[(triton.cdiv(M, bs.block_rows),)](
             x, out, permutation, M, D, k, x.stride(0), out.stride(0),
             BLOCK_R=bs.block_rows, BLOCK_D=bs.block_d, num_warps=bs.num_warps)
     return out
@@ -146,7 +147,7 @@ def combine(y: torch.Tensor, weights: torch.Tensor | None, inverse: torch.Tensor
     if T and D:
         w = weights.contiguous() if weights is not None else y
         grid = (triton.cdiv(T, bs.block_rows), triton.cdiv(D, bs.block_d))
-        _combine_kernel[grid](y, w, inverse, out, T, D, k, y.stride(0), out.stride(0),
+        wrapped(_combine_kernel)[grid](y, w, inverse, out, T, D, k, y.stride(0), out.stride(0),
                               HAS_W=weights is not None, BLOCK_R=bs.block_rows, BLOCK_D=bs.block_d,
                               CPU_INTERP=cpu_interpreter(y), num_warps=bs.num_warps)
     return out
@@ -162,7 +163,7 @@ def unpermute_backward(grad_out: torch.Tensor, y: torch.Tensor, weights: torch.T
     dy = torch.empty_like(y)
     dw = torch.empty_like(weights)
     if M:
-        _unpermute_bwd_kernel[(triton.cdiv(M, bs.block_rows),)](
+        wrapped(_unpermute_bwd_kernel)[(triton.cdiv(M, bs.block_rows),)](
             grad_out, y, weights, permutation, dy, dw, M, D, k,
             grad_out.stride(0), y.stride(0), dy.stride(0),
             BLOCK_R=bs.block_rows, BLOCK_D=bs.block_d, CPU_INTERP=cpu_interpreter(y), num_warps=bs.num_warps)

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autotune import wrapped
 from .reference import RENORM_EPS
 from .triton_gmm import cpu_interpreter, to_store
 
@@ -226,7 +227,7 @@ def launch_route_forward(logits: torch.Tensor, top_k: int, score: str, bias: tor
     nb = triton.cdiv(T, BT)
     psum = torch.empty(nb, E, dtype=torch.float32, device=dev)
     if T > 0:
-        _route_fwd_kernel[(nb,)](logits, bias if bias is not None else logits, w, ids, lse, psum,
+        wrapped(_route_fwd_kernel)[(nb,)](logits, bias if bias is not None else logits, w, ids, lse, psum,
                                  T, E, top_k, logits.stride(0),
                                  HAS_BIAS=bias is not None, SIGMOID=score == "sigmoid", RENORM=renormalize,
                                  EPS=RENORM_EPS, BLOCK_T=BT, BLOCK_E=BE, BLOCK_K=BK, num_warps=warps)
@@ -256,7 +257,7 @@ def route_backward(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, s
     gz_scale = (grad_z.float() * 2.0 / T).reshape(1)
     dl = torch.empty(T, E, dtype=logits.dtype, device=logits.device)
     if T > 0:
-        _route_bwd_kernel[(triton.cdiv(T, BT),)](
+        wrapped(_route_bwd_kernel)[(triton.cdiv(T, BT),)](
             logits, ids.contiguous(), grad_weights.float().contiguous(), c, lse, dl,
             T, E, k, logits.stride(0), dl.stride(0), gz_scale,
             SIGMOID=score == "sigmoid", RENORM=renormalize, EPS=RENORM_EPS,

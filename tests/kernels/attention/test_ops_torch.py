@@ -381,6 +381,13 @@ def test_opcheck():
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu, 6, True, 0.25, "reference", True,
             True)
     torch.library.opcheck(torch.ops.plum_kernels.history_attention_fwd.default, args)
+    out, lse = torch.ops.plum_kernels.history_attention_fwd.default(*(a.detach() if torch.is_tensor(a) else a
+                                                                      for a in args))
+    for dlse in (None, torch.randn_like(lse)):
+        # the backward op has no autograd of its own: no inputs that require grad
+        bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, dlse, cu, 6,
+                    True, 0.25, "reference", True)
+        torch.library.opcheck(torch.ops.plum_kernels.history_attention_bwd.default, bwd_args)
     qd, kp, vp, ks, vs = decode_inputs(torch.float32, b=2, w=2, d=16, s_cap=8, s=3)
     torch.library.opcheck(torch.ops.plum_kernels.beam_decode_attention.default,
                           (qd, kp, vp, torch.tensor([8, 2], dtype=torch.int32), ks, vs, 2, 0.25, "reference", True))

@@ -13,6 +13,7 @@ import torch
 from aggregate_oracle import make_items, oracle_aggregate
 
 import plum_kernels.torch as K
+from plum_kernels.beam.checks import item_arrays
 
 IMPLS = ["torch-reference64", "torch-reference", "torch-triton", "jax-reference", "jax-pallas"]
 
@@ -166,3 +167,14 @@ def test_bad_arguments_raise_the_same_error_in_every_implementation(case, exc, a
 def test_a_trie_of_the_other_framework_is_refused(impl):
     with pytest.raises(TypeError, match="SIDTrie.to_"):
         _bad_call(impl, "other_framework")
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_opcheck(impl):
+    rng = np.random.default_rng(11)
+    trie, codes, ids = make_items("small", rng)
+    tr = trie.to_torch()
+    edge_item, dup_ptr, dup_items = (torch.as_tensor(np.asarray(a)) for a in item_arrays(trie))
+    mass = torch.from_numpy(_masses(rng, int(ids.max()) + 3).astype(np.float32))
+    args = (mass, tr.child_ptr, tr.edge_word, tr.level_ptr, edge_item, dup_ptr, dup_items, 1e-6, impl)
+    torch.library.opcheck(torch.ops.plum_kernels.trie_aggregate.default, args)

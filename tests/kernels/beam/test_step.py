@@ -414,3 +414,42 @@ def test_unchecked_bias_rows_are_clamped_into_the_table():
                                        edge_bias=torch.from_numpy(table), bias_row=torch.tensor([0, 2]), impl=impl)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _op_args(trie, scores, nodes, level, impl, rng):
+    """``plum_kernels::constrained_beam_step`` arguments for beams ``(scores, nodes)`` at ``level``."""
+    tr = trie.to_torch()
+    B, W_in = nodes.shape
+    logits = torch.from_numpy(rng.standard_normal((B, W_in, NF_SIZES[level])).astype(np.float32))
+    return (logits, torch.from_numpy(scores), torch.from_numpy(nodes), tr.child_ptr, tr.child_token, tr.edge_word,
+            [int(v) for v in tr.codebook_sizes], int(tr.num_internal), level, 4, "codebook", 0, impl)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_opcheck(impl):
+    trie = _trie()
+    scores, nodes = _level1_beams(trie)
+    rng = np.random.default_rng(5)
+    args = _op_args(trie, scores, nodes, 1, impl, rng)
+    bias = torch.from_numpy(rng.standard_normal(int(trie.num_edges)).astype(np.float32))
+    for extra in ((), (bias, None)):
+        torch.library.opcheck(torch.ops.plum_kernels.constrained_beam_step.default, args + extra)
+
+
+def test_torch_compile_fullgraph_triton_step_matches_eager_and_reference():
+    trie = _trie()
+    scores, nodes = _level1_beams(trie)
+    tr = trie.to_torch()
+    logits = torch.from_numpy(np.random.default_rng(6).standard_normal((3, scores.shape[1], NF_SIZES[1]))
+                              .astype(np.float32))
+
+    def step(logits, scores, nodes):
+        return K.constrained_beam_step(logits, scores, nodes, tr, 1, 4, impl="triton")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(logits, torch.from_numpy(scores),
+                                                                        torch.from_numpy(nodes))
+    eager = step(logits, torch.from_numpy(scores), torch.from_numpy(nodes))
+    ref = _step("reference", logits.numpy(), scores, nodes, trie, 1, 4)
+    for c, e, r in zip(compiled, eager, ref):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
+        np.testing.assert_allclose(c.numpy(), r, rtol=1e-6, atol=1e-6)

@@ -204,6 +204,12 @@ def test_opcheck():
           torch.tensor(1.0), "reference")),
         (torch.ops.plum_kernels.moe_unpermute_backward.default, (torch.randn(T, d), xs.detach(), wts.detach(), perm,
                                                          "reference")),
+        (torch.ops.plum_kernels.moe_unpermute_backward.default, (torch.randn(T, d), xs.detach(), wts.detach(), perm,
+                                                         "triton")),
+        # moe_combine is moe_permute's backward, with no autograd of its own: no inputs that require grad
+        (torch.ops.plum_kernels.moe_combine.default, (xs.detach(), wts.detach(), inv, k, "reference")),
+        (torch.ops.plum_kernels.moe_combine.default, (xs.detach(), None, inv, k, "triton")),
+        (torch.ops.plum_kernels.moe_permute.default, (x, ids, E, "triton")),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration",
@@ -228,6 +234,31 @@ def test_torch_compile_fullgraph_moe_mlp():
     (r.out.sum() + r.load_balance_loss + r.z_loss).backward()
     for a, b in zip(ins, ref_ins):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_torch_compile_fullgraph_triton_moe_mlp_matches_eager_and_float64_oracle():
+    """Every MoE op with ``impl="triton"`` (route, permute, the grouped matmuls, unpermute and, in the
+    backward, route_backward, combine, unpermute_backward) under AOT tracing, in the interpreter."""
+    x, logits, wg, wd = _layer(12, 16, 8, 12, torch.float32, seed=4)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, logits, wg, wd):
+        r = K.moe_mlp(x, logits, wg, wd, 2, impl="triton")
+        return r.out, r.load_balance_loss, r.z_loss
+
+    ins = [t.clone().requires_grad_() for t in (x, logits, wg, wd)]
+    outs = step(*ins)
+    eager_ins = [t.clone().requires_grad_() for t in (x, logits, wg, wd)]
+    eager = K.moe_mlp(*eager_ins, 2, impl="triton")
+    leaves, _, o_out, o_lb, o_z = _oracle_layer(x, logits, wg, wd, 2)
+    cot = torch.randn(12, 16, dtype=torch.float64)
+    for got, e, o in zip(outs, eager, (o_out, o_lb, o_z)):
+        torch.testing.assert_close(got, e, rtol=0, atol=0)
+        torch.testing.assert_close(got.double(), o, rtol=1e-5, atol=1e-6)
+    grads = _grads(outs, ins, cot)
+    for g, e, o in zip(grads, _grads(tuple(eager), eager_ins, cot), _grads((o_out, o_lb, o_z), leaves, cot)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+        torch.testing.assert_close(g.double(), o, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["random", "one", "sparse"])
