@@ -11,11 +11,12 @@ Public functions (re-exported by ``plum_kernels.jax``):
   'constrained_beam_search')
 
 No ``custom_vjp``: beam search is not differentiated. ``trie`` is any object
-with the fields of ``TrieArrays`` (``SIDTrie.to_jax()``'s result);
-``TrieArrays`` itself is a JAX pytree (the seven arrays are its leaves, the
-integers its static aux data), so ``TrieArrays.from_trie(trie)`` can be an
-argument of a ``jax.jit`` / ``shard_map`` function: tries with equal shapes,
-dtypes and integers then share one trace. Integer outputs are int32 (JAX
+with the fields of ``TrieArrays`` (``SIDTrie.to_jax()`` returns one);
+``TrieArrays`` (``kernels/beam/trie_arrays.py``) is a JAX pytree (the seven
+arrays are its leaves, the integers its static aux data), so
+``SIDTrie.to_jax()`` / ``TrieArrays.from_trie(trie)`` can be an argument of a
+``jax.jit`` / ``shard_map`` function: tries with equal shapes, dtypes and
+integers then share one trace. Integer outputs are int32 (JAX
 without ``jax_enable_x64``). Inside ``jax.jit`` the trie's values are traced:
 ``max_children`` should then be given (``children_bounds(trie)[level]``,
 computed outside), else the codebook size is the (always safe, slower)
@@ -23,11 +24,10 @@ child-count bound, and the node values are not checked.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import weakref
 from types import SimpleNamespace
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,63 +48,11 @@ from .checks import (
     check_step_args,
     item_arrays,
 )
+from .trie_arrays import TRIE_ARRAYS, TRIE_META, narrow_int64, register_jax_pytree
+from .trie_arrays import TrieArrays as TrieArrays  # re-exported by plum_kernels.jax
 
 _BOUNDS_CACHE: dict[int, tuple] = {}
-TRIE_ARRAYS = ("child_ptr", "child_token", "edge_word", "level_ptr", "edge_level_ptr", "shift", "mask")
-TRIE_META = ("codebook_sizes", "num_internal", "num_edges", "chain_min_depth")
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=list(TRIE_ARRAYS), meta_fields=list(TRIE_META))
-@dataclasses.dataclass(frozen=True)
-class TrieArrays:
-    """The SID trie as JAX arrays, registered as a pytree (the fields of
-    ``plumrec.sid.TrieArrays``; format in ``plumrec/sid/trie.py``).
-
-    Leaves (``I`` internal nodes, ``E`` edges, ``L`` levels; int32 without
-    ``jax_enable_x64``): ``child_ptr [I+1]`` (children of node ``n`` are edges
-    ``child_ptr[n]:child_ptr[n+1]``), ``child_token [E]`` int16/int32 (code on
-    each edge), ``edge_word [E]`` int32 (``< 0``: internal child ``~w``;
-    ``>= 0``: packed codes of a single-SID chain), ``level_ptr [L+1]`` and
-    ``edge_level_ptr [L+1]`` (first node / edge of each depth), ``shift [L]``
-    and ``mask [L]`` int32 (decoding of chain words).
-    Static aux data: ``codebook_sizes`` (tuple of ``L`` ints), ``num_internal``
-    (``I``), ``num_edges`` (``E``), ``chain_min_depth`` (int).
-    """
-
-    child_ptr: Any
-    child_token: Any
-    edge_word: Any
-    level_ptr: Any
-    edge_level_ptr: Any
-    shift: Any
-    mask: Any
-    codebook_sizes: tuple[int, ...]
-    num_internal: int
-    num_edges: int
-    chain_min_depth: int = 0
-
-    @classmethod
-    def from_trie(cls, trie) -> "TrieArrays":
-        """The pytree of any object with these fields (``SIDTrie.to_jax()``'s
-        result, or the ``SIDTrie``): arrays become jax arrays (int64 host
-        arrays narrowed to int32 without ``jax_enable_x64``; ValueError if a
-        value does not fit), the integers Python ints."""
-        _check_trie(trie)
-        if isinstance(trie, cls):
-            return trie
-        arrays = {name: jnp.asarray(_index_array(getattr(trie, name), f"trie.{name}")) for name in TRIE_ARRAYS}
-        return cls(**arrays, codebook_sizes=tuple(int(v) for v in trie.codebook_sizes),
-                   num_internal=int(trie.num_internal), num_edges=int(trie.num_edges),
-                   chain_min_depth=int(getattr(trie, "chain_min_depth", 0)))
-
-    @property
-    def num_levels(self) -> int:
-        return len(self.codebook_sizes)
-
-    @property
-    def num_states(self) -> int:
-        """States are ``0 .. num_internal + num_edges - 1``."""
-        return self.num_internal + self.num_edges
+register_jax_pytree()
 
 
 class BeamStep(NamedTuple):
@@ -270,15 +218,6 @@ class TrieAggregate(NamedTuple):
     edge_bias: jax.Array   # [E] float32 smoothed log-ratio of each edge
 
 
-def _index_array(a, name: str):
-    """An int64 host array narrowed to int32 without ``jax_enable_x64``."""
-    if isinstance(a, np.ndarray) and a.dtype == np.int64 and not jax.config.jax_enable_x64:
-        if a.size and (int(a.max()) >= 2**31 or int(a.min()) < -(2**31)):
-            raise ValueError(f"{name} needs int64; enable jax_enable_x64")
-        a = a.astype(np.int32)
-    return a
-
-
 def trie_aggregate(item_mass, trie, items, *, eps: float = DEFAULT_EPS, impl: Optional[str] = None,
                    interpret: Optional[bool] = None) -> TrieAggregate:
     """Bottom-up sums of per-item masses over the SID trie and the per-edge
@@ -292,7 +231,7 @@ def trie_aggregate(item_mass, trie, items, *, eps: float = DEFAULT_EPS, impl: Op
     read), the ``"pallas"`` log-ratio in a Pallas kernel."""
     _check_trie(trie)
     impl = resolve_jax_impl(impl)
-    edge_item, dup_ptr, dup_items = (_index_array(a, f"items.{n}") for a, n in zip(item_arrays(items), ITEM_ARRAYS))
+    edge_item, dup_ptr, dup_items = (narrow_int64(a, f"items.{n}") for a, n in zip(item_arrays(items), ITEM_ARRAYS))
     eps = check_aggregate_args(mass=describe("item_mass", item_mass), edge_item=describe("edge_item", edge_item),
                                dup_ptr=describe("dup_ptr", dup_ptr), dup_items=describe("dup_items", dup_items),
                                num_edges=int(trie.num_edges), eps=eps, impl="jax", trie_device=None)

@@ -66,23 +66,22 @@ the beam's level. One step from state ``s`` at level ``l`` with code ``c``:
 A full SID always ends in a chain state, whose ``edge_item`` entry gives its
 items. ``-1`` is "absent" everywhere.
 
-Files (``save``/``load``) are safetensors files holding the arrays above plus
-``codebook_sizes``, with ``__metadata__`` ``{"format": "plum-sid-trie",
-"version": "1", ...counts}``. ``load`` checks the whole file first (a damaged
-one raises ``ValueError`` naming it); ``mmap=True`` maps the arrays read-only.
+Files (``save``/``load``): one safetensors file, :mod:`plumrec.sid.trie_file`.
+Devices: :meth:`SIDTrie.to_torch` / :meth:`SIDTrie.to_jax` give the kernel
+arrays as ``plum_kernels``' ``TrieArrays``.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
-from safetensors.numpy import save_file
 
-from plumrec.io import atomic_path
+from plum_kernels.beam.trie_arrays import TrieArrays
+from plumrec.sid.trie_file import ARRAYS as _ARRAYS
+from plumrec.sid.trie_file import FORMAT_NAME, FORMAT_VERSION, level_layout, read_trie_file, write_trie_file
+from plumrec.sid.trie_file import check_codebook_sizes as _check_codebook_sizes
 
 try:  # the C++ builder (csrc/), compiled by the package's build
     _sid_trie = importlib.import_module("plumrec.sid._sid_trie")
@@ -90,31 +89,7 @@ except ImportError as e:
     raise ImportError(f"the C++ extension plumrec.sid._sid_trie (the SID trie builder, csrc/) is not built or does "
                       f"not load ({e}): run `pip install -e .` in the checkout") from e
 
-FORMAT_NAME = "plum-sid-trie"
-FORMAT_VERSION = 1
-_ARRAYS = ("child_ptr", "child_token", "edge_word", "edge_item", "dup_ptr", "dup_items",
-           "level_ptr", "edge_level_ptr")
-_MAX_CODEBOOK = 2**31
-
-
-def level_layout(codebook_sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """``(bits, shift)`` int32 ``[L]`` of the packed key (level 0 highest)."""
-    bits = np.array([int(v - 1).bit_length() for v in codebook_sizes], dtype=np.int32)
-    shift = np.concatenate([np.cumsum(bits[::-1])[::-1][1:], [0]]).astype(np.int32)
-    return bits, shift
-
-
-def _check_codebook_sizes(codebook_sizes: Sequence[int]) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in codebook_sizes)
-    except TypeError as exc:
-        raise TypeError("codebook_sizes must be a sequence of ints") from exc
-    if not sizes:
-        raise ValueError("codebook_sizes must name at least one level")
-    for l, v in enumerate(sizes):
-        if not 1 <= v <= _MAX_CODEBOOK:
-            raise ValueError(f"codebook_sizes[{l}] = {v} must be in [1, 2**31]")
-    return sizes
+__all__ = ["SIDTrie", "TrieArrays", "build_trie", "level_layout", "FORMAT_NAME", "FORMAT_VERSION"]
 
 
 def _check_codes(codes: Any, name: str, num_levels: int, *, exact_levels: bool) -> np.ndarray:
@@ -129,36 +104,6 @@ def _check_codes(codes: Any, name: str, num_levels: int, *, exact_levels: bool) 
     if codes.shape[1] > num_levels:
         raise ValueError(f"{name} has {codes.shape[1]} levels, more than the trie's L = {num_levels}")
     return codes
-
-
-@dataclasses.dataclass(frozen=True)
-class TrieArrays:
-    """What the beam-search kernels read, on one device (torch or jax arrays).
-
-    Array fields follow the module docstring; ``shift``/``mask`` are int32
-    ``[L]`` for decoding chain words. Integer fields are host-side constants.
-    """
-
-    child_ptr: Any
-    child_token: Any
-    edge_word: Any
-    level_ptr: Any
-    edge_level_ptr: Any
-    shift: Any
-    mask: Any
-    codebook_sizes: tuple[int, ...]
-    num_internal: int
-    num_edges: int
-    chain_min_depth: int
-
-    @property
-    def num_levels(self) -> int:
-        return len(self.codebook_sizes)
-
-    @property
-    def num_states(self) -> int:
-        """States are ``0 .. num_internal + num_edges - 1``."""
-        return self.num_internal + self.num_edges
 
 
 class SIDTrie:
@@ -296,39 +241,28 @@ class SIDTrie:
                 "num_edges": self.num_edges, "chain_min_depth": self.chain_min_depth}
 
     def to_torch(self, device: Any = "cpu") -> TrieArrays:
-        """The kernel arrays as torch tensors on ``device``."""
+        """The kernel arrays (``plum_kernels.torch``'s trie argument): a
+        ``TrieArrays`` of torch tensors on ``device`` (dtypes of the module
+        docstring; ``shift``/``mask`` int32 ``[L]``)."""
         import torch
 
         arrs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in self._device_arrays().items()}
         return TrieArrays(**arrs, **self._meta())
 
     def to_jax(self, device: Any = None) -> TrieArrays:
-        """The kernel arrays as jax arrays. Without ``jax_enable_x64`` the
-        int64 arrays are stored as int32, which requires every value to fit."""
-        import jax
-        import jax.numpy as jnp
-
-        x64 = jax.config.jax_enable_x64
-        arrs = {}
-        for k, v in self._device_arrays().items():
-            if v.dtype == np.int64 and not x64:
-                if v.size and int(v.max()) >= 2**31:
-                    raise ValueError(f"trie array {k} needs int64; enable jax_enable_x64")
-                v = v.astype(np.int32)
-            a = jnp.asarray(np.ascontiguousarray(v))
-            arrs[k] = jax.device_put(a, device) if device is not None else a
-        return TrieArrays(**arrs, **self._meta())
+        """The kernel arrays (``plum_kernels.jax``'s trie argument): a
+        ``TrieArrays`` of jax arrays on ``device`` (a ``jax.Device`` or
+        sharding; ``None``: the default device), a JAX pytree whose integers
+        are static, so one ``jax.jit`` trace serves every trie of the same
+        shapes. Without ``jax_enable_x64`` the int64 arrays become int32,
+        ``ValueError`` if a value does not fit."""
+        return TrieArrays.from_trie(self, device)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the trie to one safetensors file (atomically)."""
-        path = os.fspath(path)
-        tensors = {n: np.ascontiguousarray(getattr(self, n)) for n in _ARRAYS}
-        tensors["codebook_sizes"] = np.asarray(self.codebook_sizes, dtype=np.int64)
-        meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "num_items": str(self.num_items),
-                "num_sids": str(self.num_sids), "num_logical_nodes": str(self.num_logical_nodes),
-                "chain_min_depth": str(self.chain_min_depth), "key_bits": str(self.key_bits)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+        """Write the trie to one safetensors file (atomically; format in :mod:`plumrec.sid.trie_file`)."""
+        counts = {"num_items": self.num_items, "num_sids": self.num_sids, "chain_min_depth": self.chain_min_depth,
+                  "num_logical_nodes": self.num_logical_nodes, "key_bits": self.key_bits}
+        write_trie_file(path, {n: getattr(self, n) for n in _ARRAYS}, self.codebook_sizes, counts)
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> "SIDTrie":
@@ -336,132 +270,8 @@ class SIDTrie:
         are memory-mapped read-only instead of read. The whole file is checked
         first (header against file size, dtypes, lengths, pointers, indices):
         a damaged file raises ``ValueError`` naming it and what is wrong."""
-        path = os.fspath(path)
-        arrays, meta = _read_file(path, mmap)
-        counts = _check_header_arrays(path, arrays, meta)
-        _check_edges(path, arrays, counts)
+        arrays, counts = read_trie_file(path, mmap)
         return cls(arrays, arrays["codebook_sizes"].tolist(), **counts)
-
-
-_DTYPES = {"I16": np.dtype("<i2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
-
-
-def _read_file(path: str, mmap: bool) -> tuple[dict[str, np.ndarray], dict]:
-    """``(arrays, __metadata__)`` of trie file ``path``, mapped or read. Checks the header's length against
-    the file size (and safetensors' 100 MiB limit) before reading it, the format and version, and that the
-    arrays are the trie's, 1-D, integer, aligned, and tile the rest of the file exactly."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else None
-        if n is None or not 2 <= n <= min(size - 8, 100 * 2**20):
-            raise ValueError(f"{path} is truncated or not a safetensors file: header length {n}, file size {size}")
-        try:
-            header = json.loads(f.read(n))
-            meta = dict(header.pop("__metadata__", None) or {})
-        except (ValueError, TypeError, AttributeError, RecursionError) as e:
-            raise ValueError(f"{path} has a damaged header (not a UTF-8 JSON object): {e}") from e
-    if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not a {FORMAT_NAME} file (format={meta.get('format')!r})")
-    if meta.get("version") != str(FORMAT_VERSION):
-        raise ValueError(f"{path} has trie format version {meta.get('version')}, this library reads {FORMAT_VERSION}")
-    names, start, spans = sorted((*_ARRAYS, "codebook_sizes")), 8 + n, []
-    _require(path, sorted(header) == names, f"it holds arrays {sorted(header)}, a trie holds {names}")
-    for name, info in header.items():
-        try:
-            dt, (count,), (b, e) = _DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-            ok = {type(count), type(b), type(e)} == {int} and b >= 0 and 0 <= count * dt.itemsize == e - b \
-                and (start + b) % dt.itemsize == 0
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        _require(path, ok, f"array {name} has the entry {info!r}; a trie holds aligned 1-D {'/'.join(_DTYPES)}")
-        spans.append((b, e, name, dt, count))
-    spans.sort()
-    ends = [0] + [e for _, e, *_ in spans]
-    _require(path, [b for b, *_ in spans] == ends[:-1], "its arrays overlap or leave gaps")
-    _require(path, ends[-1] == size - start, f"{'truncated' if ends[-1] > size - start else 'extended'}: its "
-             f"arrays take {ends[-1]} bytes after the header, the file holds {size - start}")
-    arrays = {}
-    for b, _, name, dt, count in spans:
-        arr = np.memmap(path, dtype=dt, mode="r", offset=start + b, shape=(count,)) if mmap and count \
-            else np.fromfile(path, dtype=dt, count=count, offset=start + b)
-        arrays[name] = arr if dt.isnative else arr.astype(dt.newbyteorder("="))
-    return arrays, meta
-
-
-def _require(path: str, ok: Any, what: str) -> None:
-    if not ok:
-        raise ValueError(f"{path} is damaged: {what}")
-
-
-def _check_header_arrays(path: str, a: dict[str, np.ndarray], meta: dict) -> dict[str, int]:
-    """Checks the metadata, every array's dtype and length, and the pointer arrays (``child_ptr``,
-    ``level_ptr``, ``edge_level_ptr``, ``dup_ptr``); returns the counts the metadata holds."""
-    try:
-        counts = {k: int(meta[k]) for k in ("num_items", "num_sids", "num_logical_nodes", "chain_min_depth",
-                                            "key_bits")}
-        sizes = _check_codebook_sizes(a["codebook_sizes"].tolist())
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path} is damaged: bad metadata or codebook_sizes ({e!r})") from e
-    L, (bits, shift) = len(sizes), level_layout(sizes)
-    dstar = next(d for d in range(1, L + 1) if shift[d - 1] <= 31)
-    _require(path, (counts["key_bits"], counts["chain_min_depth"]) == (bits.sum(), dstar) and bits.sum() <= 128,
-             f"key_bits, chain_min_depth = {counts['key_bits']}, {counts['chain_min_depth']}; the codebook_sizes "
-             f"give {bits.sum()}, {dstar} (at most 128 bits)")
-    item = np.int32 if a["edge_item"].dtype == np.int32 else np.int64
-    for name in _ARRAYS + ("codebook_sizes",):
-        dt = {"child_token": np.int16 if max(sizes) <= 32768 else np.int32, "edge_word": np.int32,
-              "edge_item": item, "dup_items": item}.get(name, np.int64)
-        _require(path, a[name].dtype == dt, f"{name} has dtype {a[name].dtype}, expected {np.dtype(dt)}")
-    cp, lp, elp, dp, di = (a[k] for k in ("child_ptr", "level_ptr", "edge_level_ptr", "dup_ptr", "dup_items"))
-    I, E = len(cp) - 1, len(a["edge_word"])
-    for name, n in (("child_token", E), ("edge_item", E), ("level_ptr", L + 1), ("edge_level_ptr", L + 1)):
-        _require(path, len(a[name]) == n, f"{name} has length {len(a[name])}, expected {n}")
-    _require(path, 1 <= I < 2**31 and len(dp) >= 1, f"child_ptr has length {I + 1}, dup_ptr {len(dp)}")
-    for name, v, hi, step, what in (("child_ptr", cp, E, 1, "edges"), ("level_ptr", lp, I, 0, "internal nodes"),
-                                    ("edge_level_ptr", elp, E, 0, "edges"), ("dup_ptr", dp, len(di), 2, "dup_items")):
-        _require(path, v[0] == 0 and v[-1] == hi and v.min() >= 0 and v.max() <= hi and (np.diff(v) >= step).all(),
-                 f"{name} does not rise from 0 to the {hi} {what} by steps of at least {step}")  # range first
-    _require(path, lp[1] == 1 and (cp[lp] == elp).all(), "level_ptr and edge_level_ptr disagree with child_ptr")
-    _require(path, not len(di) or di.min() >= 0, "dup_items holds a negative item id")
-    return counts
-
-
-def _check_edges(path: str, a: dict[str, np.ndarray], counts: dict[str, int]) -> None:
-    """Checks every edge, vectorised per level: its token is in its level's codebook and sorted within its
-    node; its word leads to the next internal node in breadth-first order or holds the codes of a chain;
-    its item is ``-1`` (internal edge), an item id, or the one reference to a collision group."""
-    sizes = tuple(int(v) for v in a["codebook_sizes"])
-    L, (bits, shift), chains, logical = len(sizes), level_layout(sizes), 0, 0
-    cp, tok, ew, ei, lp, elp = (a[k] for k in ("child_ptr", "child_token", "edge_word", "edge_item", "level_ptr",
-                                                "edge_level_ptr"))
-    I, E, C = len(cp) - 1, len(ew), len(a["dup_ptr"]) - 1
-    for l in range(L):
-        t, w = tok[elp[l]:elp[l + 1]], ew[elp[l]:elp[l + 1]]
-        _require(path, not len(t) or 0 <= t.min() <= t.max() < sizes[l],
-                 f"a level-{l} child_token is outside [0, {sizes[l]})")
-        below = int(lp[l + 2] - lp[l + 1]) if l + 2 <= L else 0  # internal nodes at depth l + 1
-        _require(path, np.count_nonzero(w < 0) == below,
-                 f"level {l}'s edge_word must lead to the {below} internal nodes at depth {l + 1}")
-        cw = w[w >= 0]
-        _require(path, not len(cw) or l + 1 >= counts["chain_min_depth"] and cw.max() >> int(shift[l]) == 0,
-                 f"a level-{l} edge_word holds a chain longer than the levels below it")
-        for k in range(l + 1, L) if len(cw) else ():
-            _require(path, ((cw >> int(shift[k])) & ((1 << int(bits[k])) - 1)).max() < sizes[k],
-                     f"a level-{l} edge_word holds a level-{k} code outside [0, {sizes[k]})")
-        chains, logical = chains + len(cw), logical + len(cw) * (L - l)
-    first = np.zeros(E, dtype=bool)
-    first[cp[:-1]] = True
-    _require(path, ((tok[1:] > tok[:-1]) | first[1:]).all(), "child_token is not sorted within a node")
-    _require(path, np.array_equal(~ew[ew < 0], np.arange(1, I, dtype=np.int32)),
-             "edge_word does not number the internal nodes 1, 2, ... in edge order")
-    _require(path, (ei[ew < 0] == -1).all(), "edge_item is not -1 on an internal edge")
-    ci = ei[ew >= 0]
-    groups = -ci[ci <= -2].astype(np.int64) - 2
-    _require(path, len(groups) == C and (groups < C).all() and (np.bincount(groups, minlength=C) == 1).all(),
-             f"edge_item does not name each of the {C} collision groups once")
-    found = {"num_sids": chains, "num_logical_nodes": I + logical, "num_items": len(ci) - C + len(a["dup_items"])}
-    wrong = {k: f"{counts[k]} in the metadata, {v} in the arrays" for k, v in found.items() if counts[k] != v}
-    _require(path, not wrong, f"counts differ: {wrong}")
 
 
 def build_trie(codes: Any, codebook_sizes: Sequence[int], item_ids: Any = None, *,

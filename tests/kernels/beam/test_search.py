@@ -104,6 +104,47 @@ def test_torch_search_narrow_beam_keeps_valid_sids():
         assert (scores[b, 1:] <= scores[b, :-1]).all()
 
 
+@pytest.mark.parametrize("normalize", ["codebook", "children"])
+def test_jax_search_on_to_jax_equals_torch_search_on_to_torch(normalize):
+    """A beam narrower than the SIDs (pruning matters): JAX on ``SIDTrie.to_jax()`` (the kernels' pytree)
+    returns the SIDs and scores of torch on ``to_torch()``, the trie passed as one ``jax.jit`` argument."""
+    import jax
+    import jax.numpy as jnp
+
+    import plum_kernels.jax as KJ
+    trie, sids, tables, B = _problem(21, n=60)
+    W = 6
+    assert len(sids) > 2 * W
+
+    def logits(level, tokens):
+        idx = _prefix_index(np.asarray(tokens).astype(np.int64))
+        return np.stack([tables[level][b][idx[b]] for b in range(B)]).astype(np.float32)
+
+    codes_t, scores_t = K.constrained_beam_search(lambda l, t, p: torch.from_numpy(logits(l, t)), trie.to_torch(),
+                                                  batch_size=B, beam_width=W, normalize=normalize)
+    ja = trie.to_jax()
+    assert isinstance(ja, KJ.TrieArrays)
+    codes_j, scores_j = KJ.constrained_beam_search(lambda l, t, p: jnp.asarray(logits(l, t)), ja, batch_size=B,
+                                                   beam_width=W, normalize=normalize, impl="reference")
+    np.testing.assert_array_equal(np.asarray(codes_j), codes_t.numpy())
+    np.testing.assert_allclose(np.asarray(scores_j), scores_t.numpy(), rtol=1e-5, atol=1e-5)
+    assert (scores_t.numpy() > -np.inf).all() and trie.contains(codes_t.reshape(-1, 3).numpy()).all()
+
+    bounds = KJ.children_bounds(ja)
+
+    @jax.jit
+    def first_step(t, x):
+        return KJ.constrained_beam_step(x, jnp.zeros((B, 1)), jnp.zeros((B, 1), jnp.int32), t, 0, W,
+                                        normalize=normalize, max_children=bounds[0], impl="reference", validate=False)
+
+    x = jnp.asarray(logits(0, np.zeros((B, 1, 0), np.int64)))                # [B, 1, V_0], the root's row
+    top = first_step(ja, x)
+    step_t = K.constrained_beam_step(torch.from_numpy(np.array(x)), torch.zeros(B, 1), torch.zeros(B, 1,
+                                     dtype=torch.int64), trie.to_torch(), 0, W, normalize=normalize)
+    np.testing.assert_array_equal(np.asarray(top.token), step_t.token.numpy())
+    np.testing.assert_allclose(np.asarray(top.scores), step_t.scores.numpy(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("impl", ["reference", "pallas"])
 def test_jax_search_is_exhaustive_ranking(impl):
     import jax.numpy as jnp

@@ -1,14 +1,13 @@
 """The C++ SID trie against the plain-Python and numpy reference builders."""
 from __future__ import annotations
 
-import json
-import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from safetensors.numpy import save, save_file
 from trie_checks import assert_same_trie
 
 from plumrec.sid import SIDTrie, build_trie
@@ -146,48 +145,91 @@ def test_non_contiguous_codes_are_read_in_place():
     assert_same_trie(build_trie(view, [8, 8, 8]), build_python(np.ascontiguousarray(view), [8, 8, 8]))
 
 
-@pytest.mark.parametrize("mmap", [True, False])
-def test_save_load_round_trip(tmp_path, mmap):
-    rng = np.random.default_rng(5)
-    codes = np.stack([rng.integers(0, v, 5000) for v in PLUM_SIZES], axis=1)
-    codes[:10] = codes[10]
-    trie = build_trie(codes, PLUM_SIZES, item_ids=np.arange(5000) * 7 + 2**33)
-    path = tmp_path / "trie.safetensors"
-    trie.save(path)
-    back = SIDTrie.load(path, mmap=mmap)
-    assert_same_trie(back, trie)
-    assert back.codebook_sizes == trie.codebook_sizes
-    if mmap:
-        assert isinstance(back.child_token, np.memmap)
-    np.testing.assert_array_equal(back.walk(codes[:100]), trie.walk(codes[:100]))
-    assert [x.tolist() for x in back.items(codes[:12])] == [x.tolist() for x in trie.items(codes[:12])]
-
-
-def test_load_rejects_other_files(tmp_path):
-    p = tmp_path / "other.safetensors"
-    save_file({"x": np.zeros(3)}, str(p), metadata={"format": "something-else"})
-    with pytest.raises(ValueError, match="not a plum-sid-trie"):
-        SIDTrie.load(p)
-    trie = build_trie(np.array([[1, 2]]), [4, 4])
-    q = tmp_path / "t.safetensors"
-    trie.save(q)
-    raw = q.read_bytes().replace(b'"version":"1"', b'"version":"9"')
-    q.write_bytes(raw)
-    with pytest.raises(ValueError, match="version 9"):
-        SIDTrie.load(q)
-
-
 def test_device_arrays():
     import torch
+
+    from plum_kernels.beam.trie_arrays import TrieArrays
 
     codes = np.array([[0, 1, 2], [0, 1, 3], [3, 3, 3]])
     trie = build_trie(codes, [4, 4, 4])
     ta = trie.to_torch("cpu")
-    assert ta.child_ptr.dtype == torch.int64 and ta.edge_word.dtype == torch.int32
+    assert type(ta) is TrieArrays and ta.child_ptr.dtype == torch.int64 and ta.edge_word.dtype == torch.int32
     assert ta.num_states == trie.num_states and ta.codebook_sizes == (4, 4, 4)
+    np.testing.assert_array_equal(ta.child_token.numpy(), trie.child_token)
+
+
+def _relabelled(codes, sizes, seed):
+    """The same trie shape with other tokens: each level's codes mapped by a random permutation."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(v)[codes[:, l]] for l, v in enumerate(sizes)], 1)
+
+
+def test_to_jax_is_the_kernels_pytree_and_jit_traces_once_per_shape():
+    import jax
+    import jax.numpy as jnp
+
+    import plum_kernels.jax as KJ
+
+    sizes = (6, 5, 7)
+    rng = np.random.default_rng(11)
+    codes = np.stack([rng.integers(0, v, 40) for v in sizes], 1)
+    trie, twin = build_trie(codes, sizes), build_trie(_relabelled(codes, sizes, 12), sizes)
+    assert (twin.num_internal, twin.num_edges) == (trie.num_internal, trie.num_edges)
+    assert not np.array_equal(twin.child_token, trie.child_token)
     ja = trie.to_jax()
-    np.testing.assert_array_equal(np.asarray(ja.edge_word), trie.edge_word)
-    np.testing.assert_array_equal(np.asarray(ja.child_ptr), trie.child_ptr)
+    assert type(ja) is KJ.TrieArrays and ja.chain_min_depth == trie.chain_min_depth
+    assert KJ.TrieArrays.from_trie(ja) is ja and ja.codebook_sizes == sizes
+    leaves, treedef = jax.tree_util.tree_flatten(ja)
+    assert len(leaves) == 7 and all(isinstance(x, jax.Array) for x in leaves)
+    for name in ("child_ptr", "child_token", "edge_word", "level_ptr", "edge_level_ptr", "shift", "mask"):
+        np.testing.assert_array_equal(np.asarray(getattr(ja, name)), getattr(trie, name), err_msg=name)
+    assert jax.tree_util.tree_unflatten(treedef, leaves) == ja
+    traces = []
+
+    @jax.jit
+    def root_tokens(t):
+        traces.append((t.num_internal, t.num_edges))
+        lo, hi = t.child_ptr[0], t.child_ptr[1]
+        lane = jnp.arange(t.codebook_sizes[0])
+        return jnp.where(lane < hi - lo, t.child_token[jnp.minimum(lo + lane, t.num_edges - 1)], -1)
+
+    for t in (trie, twin, trie):
+        np.testing.assert_array_equal(np.asarray(root_tokens(t.to_jax()))[:len(t.children(0))], t.children(0))
+    assert len(traces) == 1
+    other = build_trie(codes[:20], sizes)
+    assert (other.num_internal, other.num_edges) != (trie.num_internal, trie.num_edges)
+    root_tokens(other.to_jax())
+    assert len(traces) == 2
+
+
+def test_to_jax_narrows_int64_and_rejects_torch_arrays():
+    import jax
+
+    trie = build_trie(np.array([[0, 1], [1, 1]]), [2, 2])
+    assert not jax.config.jax_enable_x64
+    ja = trie.to_jax(jax.devices("cpu")[0])
+    assert ja.child_ptr.dtype == np.int32 and ja.edge_word.dtype == np.int32
+    from plum_kernels.beam.trie_arrays import TrieArrays
+    with pytest.raises(TypeError, match="not to_torch"):
+        TrieArrays.from_trie(trie.to_torch())
+    big = SIDTrie({**{n: getattr(trie, n) for n in ("child_token", "edge_word", "edge_item", "dup_ptr", "dup_items",
+                                                   "level_ptr", "edge_level_ptr")},
+                   "child_ptr": trie.child_ptr + np.int64(2**31)}, [2, 2], num_items=2, num_sids=2,
+                  num_logical_nodes=trie.num_nodes, chain_min_depth=trie.chain_min_depth, key_bits=2)
+    with pytest.raises(ValueError, match="trie.child_ptr needs int64"):
+        big.to_jax()
+
+
+def test_the_trie_works_without_jax():
+    """plumrec.sid imports, builds and moves to torch with jax absent; to_jax then names the missing jax."""
+    code = ("import sys; sys.modules['jax'] = None\n"
+            "import numpy as np, plumrec.sid as S\n"
+            "t = S.build_trie(np.array([[0, 1], [1, 1]]), [2, 2]); t.to_torch()\n"
+            "assert 'jax' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
+            "try:\n    t.to_jax()\nexcept ImportError as e:\n    print('no jax:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("no jax:")
 
 
 @pytest.mark.parametrize("codes, sizes, match, exc", [
@@ -240,94 +282,3 @@ def test_big_endian_codes_build_the_native_trie():
     np.testing.assert_array_equal(native.walk(codes[:, :2].astype(">u2")), native.walk(codes[:, :2]))
     assert [x.tolist() for x in native.items(codes[:25].astype(">i4"))] == \
         [x.tolist() for x in native.items(codes[:25])]
-
-
-
-def _header(raw: bytes) -> tuple[dict, int]:
-    n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]), 8 + n
-
-
-def _arrays(raw: bytes) -> dict[str, np.ndarray]:
-    header, start = _header(raw)
-    dtypes = {"I16": "<i2", "I32": "<i4", "I64": "<i8"}
-    return {k: np.frombuffer(raw[start + v["data_offsets"][0]:start + v["data_offsets"][1]], dtype=dtypes[v["dtype"]])
-            for k, v in header.items() if k != "__metadata__"}
-
-
-def _patched(name, fn):
-    """A damage that applies ``fn`` in place to array ``name`` and writes the file back."""
-    def damage(raw: bytes) -> bytes:
-        arrays = {k: v.copy() for k, v in _arrays(raw).items()}
-        fn(arrays[name])
-        return save(arrays, _header(raw)[0]["__metadata__"])
-    return damage
-
-
-def _retyped(name, dtype):
-    def damage(raw: bytes) -> bytes:
-        arrays = _arrays(raw)
-        return save({**arrays, name: arrays[name].astype(dtype)}, _header(raw)[0]["__metadata__"])
-    return damage
-
-
-def _set(index, value):
-    def fn(a):
-        a[index] = value
-    return fn
-
-
-def _swap(i, j):
-    def fn(a):
-        a[i], a[j] = a[j], a[i]
-    return fn
-
-
-# The trie of DAMAGE_CODES: internal nodes 0..3 (root, [0], [3], [0, 1]), chains below them, and one collision group.
-DAMAGE_CODES = np.array([[0, 1, 2], [0, 1, 3], [0, 2, 0], [3, 3, 3], [3, 3, 3], [3, 0, 1]])
-DAMAGES = {  # name: (damage of the file's bytes, what the error says)
-    "truncated": (lambda raw: raw[:-5], "is damaged: truncated"),
-    "extended": (lambda raw: raw + bytes(16), "is damaged: extended"),
-    "huge_header": (lambda raw: (10**15).to_bytes(8, "little") + raw[8:], "header length 1000000000000000, file size"),
-    "header_not_json": (lambda raw: raw[:9] + b"\xff" + raw[10:], "damaged header"),
-    "child_ptr_out_of_range": (_patched("child_ptr", _set(1, 10**15)), "child_ptr does not rise from 0 to the 8"),
-    "child_ptr_not_monotone": (_patched("child_ptr", _swap(1, 2)), "child_ptr does not rise from 0 to the 8"),
-    "level_ptr_out_of_range": (_patched("level_ptr", _set(2, -7)), "level_ptr does not rise from 0"),
-    "dup_ptr_not_monotone": (_patched("dup_ptr", _set(0, 2)), "dup_ptr does not rise from 0"),
-    "edge_word_internal_node": (_patched("edge_word", _set(0, ~10**6)), "edge_word"),
-    "edge_word_chain_code": (_patched("edge_word", lambda a: a.__setitem__(a >= 0, 2**30)), "edge_word"),
-    "child_token_outside_codebook": (_patched("child_token", _set(0, 9)), "child_token"),
-    "child_token_unsorted": (_patched("child_token", _swap(0, 1)), "child_token is not sorted"),
-    "edge_item_group": (_patched("edge_item", lambda a: a.__setitem__(a <= -2, -10**6)), "edge_item"),
-    "dup_items_negative": (_patched("dup_items", _set(0, -5)), "dup_items holds a negative"),
-    "wrong_dtype": (_retyped("child_ptr", np.int32), "child_ptr has dtype int32, expected int64"),
-    "wrong_token_dtype": (_retyped("child_token", np.int64), "child_token has dtype int64, expected int16"),
-    "missing_array": (lambda raw: save({k: v for k, v in _arrays(raw).items() if k != "dup_ptr"},
-                                       _header(raw)[0]["__metadata__"]), "it holds arrays"),
-    "metadata_count": (lambda raw: raw.replace(b'"num_items":"6"', b'"num_items":"7"'),
-                       "'num_items': '7 in the metadata, 6 in the arrays'"),
-}
-
-
-@pytest.mark.parametrize("mmap", [True, False])
-@pytest.mark.parametrize("damage", sorted(DAMAGES))
-def test_damaged_file_raises_naming_it(tmp_path, damage, mmap):
-    """Each damage class: ValueError naming the file and what is wrong, before any array reaches C++."""
-    trie = build_trie(DAMAGE_CODES, [4, 4, 4])
-    assert (trie.num_internal, len(trie.dup_ptr)) == (4, 2)
-    path = tmp_path / "damaged_trie.safetensors"
-    trie.save(path)
-    fn, message = DAMAGES[damage]
-    raw = fn(path.read_bytes())
-    assert raw != path.read_bytes()
-    path.write_bytes(raw)
-    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + re.escape(message)):
-        SIDTrie.load(path, mmap=mmap)
-
-
-def test_load_checks_the_header_before_reading(tmp_path):
-    path = tmp_path / "short.safetensors"
-    for raw in (b"", b"\x01\x02", (10**15).to_bytes(8, "little") + b"{}"):
-        path.write_bytes(raw)
-        with pytest.raises(ValueError, match=re.escape(str(path)) + ".*truncated or not a safetensors file"):
-            SIDTrie.load(path)
