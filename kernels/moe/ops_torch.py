@@ -22,10 +22,11 @@ docs/design.md, 'moe_route' .. 'moe_mlp'; exact semantics:
 ``moe_route``, ``moe_route_backward``, ``moe_permute``, ``moe_combine``,
 ``moe_unpermute`` and ``moe_unpermute_backward`` are ``triton_visible_op``s:
 with ``impl="triton"`` ``torch.compile`` traces into their Triton launches
-(Inductor compiles the kernels). ``grouped_matmul`` and ``grouped_matmul_dw``
-stay opaque: the autotuned ``grouped_matmul`` launch refills its tile schedule
-for each configuration through a Triton ``pre_hook``, which
-``torch.library.wrap_triton`` does not support.
+(Inductor compiles the kernels). ``grouped_matmul`` stays opaque: its
+autotuned launch refills its tile schedule for each configuration through a
+Triton ``pre_hook``, which ``torch.library.wrap_triton`` does not support.
+``grouped_matmul_dw`` (the weight gradient, no ``pre_hook``) is opaque as well,
+so that the forward and backward of one grouped matmul compile the same way.
 
 Host synchronisation: none inside the ops on CUDA. On CPU tensors the
 reference grouped matmuls run one product per expert (``*_segments`` in the
