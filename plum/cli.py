@@ -13,6 +13,7 @@ embedded synthetic catalogue and the ``tiny`` model)::
     plum demo      --out DIR             # the whole pipeline on the synthetic catalogue
     plum run       --dataset DIR --out OUT [--config amazon]   # the whole pipeline on a dataset directory
     plum trie-demo --out DIR             # SID trie build/query timings
+    plum export-hf --model DIR --out DIR [--max-shard-size 5GB]   # a saved model as a Hugging Face checkpoint
 
 ``plum demo`` and ``plum run`` compare ``plum`` (CPT then SFT) with the
 baselines (``popularity``, ``sasrec``; ``sft_only``, the same SFT from a fresh
@@ -39,12 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
+from plumrec.model.hf_export import DEFAULT_MAX_SHARD_SIZE, export_hf
 from plumrec.pipeline import stages
 from plumrec.pipeline.config import load_run_config
 from plumrec.pipeline.demo import RESULT_KEYS, demo, trie_demo
 from plumrec.pipeline.options import add_run_arguments, check_run_arguments
 from plumrec.pipeline.run import run_dataset
-from plumrec.pipeline.workspace import Workspace
+from plumrec.pipeline.workspace import Workspace, load_model
 from plumrec.retrieval.explore import ExplorationPolicy, fit_exploration
 from plumrec.train.distributed import init_distributed, shutdown_distributed
 
@@ -99,6 +101,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p_trie.add_argument("--out", default="runs/trie-demo", help="output directory")
     p_trie.add_argument("--items", type=int, default=1_000_000, help="number of generated SIDs")
     p_trie.add_argument("--seed", type=int, default=0)
+    p_hf = sub.add_parser("export-hf", help="a saved model as a Hugging Face Qwen3 / Qwen3-MoE checkpoint")
+    p_hf.add_argument("--model", required=True, help="saved model dir (e.g. WORKDIR/sft/model)")
+    p_hf.add_argument("--out", required=True,
+                      help="checkpoint directory to write: new, empty or an earlier export (replaced)")
+    p_hf.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                      help=f"most bytes per safetensors file: 500MB, 2GiB, 100000 (default {DEFAULT_MAX_SHARD_SIZE})")
     return parser, {"run": p_run, "recommend": p_rec, "explore-fit": p_fit}
 
 
@@ -215,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dataset(check_run_arguments(subparsers["run"], args), command=command)
     elif args.command == "trie-demo":
         trie_demo(args.out, num_items=args.items, seed=args.seed)
+    elif args.command == "export-hf":
+        model, vocab, text = load_model(args.model)
+        print(json.dumps(export_hf(model, vocab, text, args.out, max_shard_size=args.max_shard_size), indent=1))
     else:
         print(json.dumps(_run_stage(args), indent=1))
     return 0

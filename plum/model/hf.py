@@ -15,7 +15,9 @@ Weight mapping (``model.`` prefix dropped, ``lm_head.weight`` kept):
   memory), become ``mlp.w_gate_up [E, d, 2f]`` (gate then up) and
   ``mlp.w_down [E, f, d]``.
 
-Only what the model implements is accepted: ``model_type`` ``qwen3`` or
+``plum_hidden_dropout`` and ``plum_router_z_loss_coef``, written by
+:func:`plumrec.model.hf_export.export_hf`, restore those training-only
+settings. Only what the model implements is accepted: ``model_type`` ``qwen3`` or
 ``qwen3_moe``, default RoPE, no attention bias, no sliding window. Anything
 else, or a missing/unexpected tensor, raises a ``ValueError`` naming it; so does
 a damaged file (truncated, not JSON, not safetensors), naming the file.
@@ -87,6 +89,9 @@ def _config_fields(hf: dict, rope: dict, moe: bool, overrides: dict) -> ModelCon
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         num_experts=experts, initializer_range=float(hf.get("initializer_range", 0.02)),
     )
+    for name in ("hidden_dropout", "router_z_loss_coef"):  # training-only settings of plumrec.model.hf_export
+        if f"plum_{name}" in hf:
+            fields[name] = float(hf[f"plum_{name}"])
     if moe:
         fields.update(moe_intermediate_size=hf["moe_intermediate_size"],
                       num_experts_per_tok=hf["num_experts_per_tok"],

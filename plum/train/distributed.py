@@ -4,6 +4,10 @@ full state every rank can gather.
 
 Rank ``r`` of ``W`` takes micro-batches ``r, r + W, ...`` of one seeded stream
 (:func:`plumrec.train.loop.train`), so the data order does not depend on ``W``.
+
+Every collective that training issues itself goes through :func:`all_reduce_floats`, whose tensor lies
+on :func:`collective_device` (the current CUDA device under NCCL, which refuses CPU tensors; the CPU under
+gloo).
 """
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ import torch.distributed as dist
 
 from plumrec.train.config import TrainConfig
 
-__all__ = ["dist_env", "init_distributed", "shutdown_distributed", "default_device", "full_model_state",
-           "full_state", "restore_state", "wrap_model"]
+__all__ = ["dist_env", "grouped", "init_distributed", "shutdown_distributed", "default_device", "collective_device",
+           "all_reduce_floats", "full_model_state", "full_state", "wrap_model"]
 
 
 def dist_env() -> tuple[int, int]:
@@ -23,6 +27,34 @@ def dist_env() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def grouped() -> bool:
+    """Whether this process is in a process group (then collectives run, even with one rank)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def collective_device() -> torch.device:
+    """The device of the tensors that the default process group's collectives take: this process's current
+    CUDA device under NCCL, the CPU under any other backend (gloo) or without a group."""
+    if grouped() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_floats(values, op: str = "sum") -> list[float]:
+    """``values`` (a sequence of python floats, the same length on every rank) reduced over the ranks,
+    element-wise, in float64 on :func:`collective_device`; ``op`` is ``"sum"`` or ``"max"``. Without a
+    process group, ``values`` as floats. Every rank must call it."""
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    if op not in ops:
+        raise ValueError(f"op must be 'sum' or 'max', got {op!r}")
+    values = [float(v) for v in values]
+    if not grouped():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t, op=ops[op])
+    return t.cpu().tolist()
 
 
 def init_distributed() -> tuple[int, int]:
@@ -77,18 +109,6 @@ def full_model_state(model) -> dict:
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def restore_state(model, opt, ckpt: dict) -> None:
-    """Load a checkpoint's full model and optimizer states (sharded again under FSDP2)."""
-    if dist_env()[1] > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(model, opt, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-    else:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
 
 
 def wrap_model(model, cfg: TrainConfig):

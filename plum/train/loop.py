@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from plumrec.sequences import ExampleStream
 from plumrec.train.checkpoint import METRICS_NAME, resume_checkpoint, save_checkpoint
 from plumrec.train.config import TrainConfig
-from plumrec.train.distributed import dist_env, wrap_model
+from plumrec.train.distributed import all_reduce_floats, dist_env, grouped, wrap_model
 from plumrec.train.losses import LOGGED_PARTS, lm_loss
 from plumrec.train.optim import ParameterEMA, lr_lambda, make_optimizer
 
@@ -53,7 +53,7 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
     ``"skip"`` the step is skipped (the schedule still advances), warned about and counted in the
     ``skipped`` column of ``metrics.jsonl`` and of the returned row. The check reads the loss parts
     the loop already copies to the host and the gradient norm (one host sync per step; distributed
-    runs add a 1-element all-reduce, so that every rank decides alike).
+    runs add a 1-element all-reduce on the process group's device, so that every rank decides alike).
 
     With ``cfg.ema_decay > 0`` a :class:`ParameterEMA` of the weights is kept
     (and checkpointed), and once step ``cfg.steps`` is reached the model's
@@ -83,7 +83,7 @@ def train(model, dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *, resum
     while step < end:
         sums, gnorm, tokens = _step(wrapped, opt, stream, loss_fn, cfg, device, use_bf16)
         tokens_seen += tokens
-        bad = _nonfinite(sums, gnorm, device)
+        bad = _nonfinite(sums, gnorm)
         if bad is None:
             opt.step()
         elif cfg.nonfinite == "stop":
@@ -163,14 +163,13 @@ def _step(wrapped, opt, stream: ExampleStream, loss_fn: Callable, cfg: TrainConf
     return sums, gnorm, tokens
 
 
-def _nonfinite(sums: dict, gnorm: torch.Tensor, device) -> str | None:
+def _nonfinite(sums: dict, gnorm: torch.Tensor) -> str | None:
     """What is not finite in this step: the first such loss part (``"ce"``, ``"aux"``, ..., then ``"loss"``)
     on any rank, else ``"gradient"`` when the gradient norm is not, else None."""
     bad = next((k for k in [*(k for k in sums if k != "loss"), "loss"] if not math.isfinite(sums[k])), None)
-    if dist_env()[1] > 1:  # the parts are this rank's: every rank must decide alike
-        flag = torch.tensor([0.0 if bad is None else 1.0], device=device)
-        dist.all_reduce(flag)
-        if bad is None and flag.item() > 0:
+    if grouped():  # the parts are this rank's: every rank must decide alike
+        (flag,) = all_reduce_floats([0.0 if bad is None else 1.0], op="max")
+        if bad is None and flag > 0:
             bad = "loss (on another rank)"
     if bad is None and not math.isfinite(float(gnorm)):
         bad = "gradient"
@@ -188,10 +187,8 @@ def _log(out: Path, step: int, sums: dict, sched, stream: ExampleStream, skipped
     ``null``), appended to ``metrics.jsonl`` on rank 0."""
     rank, world = dist_env()
     sums = {k: float(v) for k, v in sums.items()}
-    if world > 1:
-        t = torch.tensor(list(sums.values()), dtype=torch.float64)
-        dist.all_reduce(t)
-        sums = dict(zip(sums, (t / world).tolist()))
+    if grouped():
+        sums = {k: v / world for k, v in zip(sums, all_reduce_floats(list(sums.values())))}
     row = {"step": step, **{k: v if math.isfinite(v) else None for k, v in sums.items()},
            "lr": sched.get_last_lr()[0], "epoch": stream.epoch, "skipped": skipped, "tokens_per_s": tokens_per_s}
     if rank == 0:

@@ -16,6 +16,7 @@ from plumrec.pipeline.plan import ATTR_FILE, COLLAB_FILE, run_config
 from plumrec.pipeline.report import RESULT_KEYS
 from plumrec.pipeline.settings import model_config
 from plumrec.pipeline.workspace import Workspace
+from plumrec.train.checkpoint import load_checkpoint
 
 
 def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
@@ -42,11 +43,10 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
     steps = meta["plan"]["steps"]
     assert set(steps) == {"cpt", "sft", "sasrec"} and min(steps.values()) >= 10
     for stage in ("cpt", "sft", "sasrec"):
-        assert (out / stage / "checkpoint.pt").exists()
+        assert (out / stage / "checkpoint" / "state.json").exists()
     # collaborative SIDs (the default): the trained SASRec's item table is the tokenizer's second input
-    import torch
 
-    table = torch.load(out / "sasrec" / "checkpoint.pt", weights_only=False)["model"]["item_embedding.weight"]
+    table = load_checkpoint(out / "sasrec" / "checkpoint", tensors=True)["model"]["item_embedding.weight"]
     np.testing.assert_array_equal(np.load(out / COLLAB_FILE), table.numpy())
     text_dim = np.load(out / "item_embeddings.npy").shape[1]
     assert json.loads((out / "sid" / "config.json").read_text())["input_dims"] == [text_dim, table.shape[1]]
@@ -251,7 +251,6 @@ def test_bench_retrieval_sasrec_overrides(tmp_path):
     """--sasrec-overrides reach the SASRec baseline and, with --collaborative-sids, the SIDs (the tokenizer's
     input widths: text, SASRec's table at the overridden width); a resume with another SASRec config is
     refused naming the field and OUT's own option, and the same config spelled otherwise resumes."""
-    import torch
 
     bench = load_bench()
     data = write_dataset(tmp_path / "data", seed=4)
@@ -266,7 +265,7 @@ def test_bench_retrieval_sasrec_overrides(tmp_path):
     text_dim = np.load(out / "item_embeddings.npy").shape[1]
     assert np.load(out / COLLAB_FILE).shape == (48, 12)
     assert json.loads((out / "sid" / "config.json").read_text())["input_dims"] == [text_dim, 12]
-    state = torch.load(out / "sasrec" / "checkpoint.pt", weights_only=False)["model"]
+    state = load_checkpoint(out / "sasrec" / "checkpoint", tensors=True)["model"]
     assert sum(1 for k in state if k.endswith("qkv.weight")) == 1 and state["item_embedding.weight"].shape[1] == 12
     meta = res["metadata"]
     assert meta["sasrec_overrides"] == {"hidden_size": 12, "num_heads": 2, "num_layers": 1}

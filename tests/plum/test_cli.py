@@ -82,13 +82,14 @@ def test_sft_distill_trains_the_run_sasrec_as_its_teacher(tmp_path):
     import torch
 
     from plumrec.pipeline import Workspace, load_run_config, run_sasrec
+    from plumrec.train.checkpoint import load_checkpoint
 
     cfg = tmp_path / "run.toml"
     small = {**SMALL, "sft": {**SMALL["sft"], "distill": 0.5, "distill_temperature": 2.0}}
     cfg.write_text(f'workdir = "{tmp_path / "work"}"\n' + _toml(small))
     for cmd in ("sid", "cpt", "sft"):
         assert main([cmd, "--config", str(cfg), "--no-progress"]) == 0
-    assert torch.load(tmp_path / "work" / "sasrec" / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert load_checkpoint(tmp_path / "work" / "sasrec" / "checkpoint")["step"] == 3
     rows = [json.loads(l) for l in (tmp_path / "work" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and all(r["distill"] > 0 for r in rows)
     assert all(abs(r["loss"] - (0.5 * r["ce"] + 0.5 * r["distill"] + r["aux"])) < 1e-5 for r in rows)

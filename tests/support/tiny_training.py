@@ -1,5 +1,10 @@
-"""The tiny PLUM LM, SFT data and training config that the training tests share."""
+"""The tiny PLUM LM, SFT data and training config that the training tests share, and a torchrun launcher."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,3 +32,11 @@ def tiny_train_config(**kw) -> TrainConfig:
     """Six logged steps of 96 tokens, warm-up 2, seed 5; ``kw`` replaces fields."""
     return TrainConfig(**{**dict(steps=6, lr=3e-3, warmup_steps=2, max_tokens=96, log_every=1, progress=False,
                                  seed=5), **kw})
+
+
+def run_torchrun(script: str, nproc: int = 2, timeout: int = 300):
+    """Run the python file ``script`` under ``torchrun --standalone`` with ``nproc`` CPU processes (one thread
+    each, the repository on ``PYTHONPATH``); the ``subprocess.CompletedProcess`` (text output captured)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(script)], capture_output=True, text=True, env=env, timeout=timeout)

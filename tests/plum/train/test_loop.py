@@ -52,11 +52,11 @@ def test_ema_is_the_moving_average_of_the_weights_after_each_step(tmp_path, d, w
     assert gap > 1e-3, "the average must differ from the raw weights for this test to mean anything"
     for n, p in avg.named_parameters():
         torch.testing.assert_close(p.detach().double(), ref[n], rtol=1e-6, atol=1e-7, msg=n)
-    ckpt = torch.load(tmp_path / "ema" / "checkpoint.pt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "ema" / "checkpoint", tensors=True)
     assert ckpt["config"]["ema_decay"] == d and ckpt["config"]["ema_warmup"] == w
     for n, p in raw.named_parameters():
         assert torch.equal(ckpt["model"][n], p.detach()), n
-        torch.testing.assert_close(ckpt["ema"][n].double(), ref[n], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ckpt["ema_state"][n].double(), ref[n], rtol=1e-6, atol=1e-7)
 
 
 def test_ema_warns_when_the_decay_is_never_reached(tmp_path):
@@ -68,8 +68,8 @@ def test_ema_warns_when_the_decay_is_never_reached(tmp_path):
         train(_setup()[0], data, _cfg(ema_decay=0.5), tmp_path / "a")
     with pytest.warns(UserWarning, match="ema_decay=0.9 is never reached"):
         train(_setup()[0], data, _cfg(ema_decay=0.9), tmp_path / "b")
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["ema"]
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["ema"]
+    a = load_checkpoint(tmp_path / "a" / "checkpoint", tensors=True)["ema_state"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint", tensors=True)["ema_state"]
     assert all(torch.equal(a[n], b[n]) for n in a), "decays above the warm-up must give the same average"
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
@@ -119,8 +119,8 @@ def test_a_nonfinite_loss_stops_the_run_and_nonfinite_skip_resumes_it(tmp_path, 
     with pytest.raises(FloatingPointError, match=rf"step 4: the loss part 'ce' is not finite \(loss={value}, "
                                                  rf"ce={value}, aux=.*\); .*the last checkpoint \(step 3\)"):
         train(model, data, _cfg(checkpoint_every=1), tmp_path, loss_fn=_Poisoned({4}, value))
-    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint-2.pt", "checkpoint-3.pt",
-                                                                   "checkpoint.pt"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint", "checkpoint-2",
+                                                                   "checkpoint-3"]
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3]
     resumed = _setup(seed=1)[0]
     with pytest.warns(UserWarning, match=r"step 4: the loss part 'ce' is not finite .*; the step is skipped "
@@ -128,7 +128,7 @@ def test_a_nonfinite_loss_stops_the_run_and_nonfinite_skip_resumes_it(tmp_path, 
         last = train(resumed, data, _cfg(checkpoint_every=1, nonfinite="skip"), tmp_path, loss_fn=_Poisoned({1}, value),
                      stop_after=1)
     assert last["step"] == 4 and last["skipped"] == 1 and last["loss"] is None and last["ce"] is None
-    c3, c4 = load_checkpoint(tmp_path / "checkpoint-3.pt"), load_checkpoint(tmp_path / "checkpoint-4.pt")
+    c3, c4 = (load_checkpoint(tmp_path / f"checkpoint-{s}", tensors=True) for s in (3, 4))
     assert c4["skipped"] == 1 and all(torch.equal(c3["model"][k], v) for k, v in c4["model"].items())
     assert train(_setup()[0], data, _cfg(nonfinite="skip"), tmp_path)["skipped"] == 1
     assert [(r["step"], r["skipped"]) for r in _rows(tmp_path)] == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (6, 1)]
@@ -209,7 +209,7 @@ def test_two_process_gloo_matches_gradient_accumulation(tmp_path, fsdp, loss, em
     assert res.returncode == 0, res.stderr[-3000:]
     ref, data = _setup(dtype=torch.float64)
     train(ref, data, _cfg(grad_accum=2, ema_decay=ema), tmp_path / "single", loss_fn=_loss(loss, data))
-    ddp = torch.load(out / "final.pt", weights_only=False)
+    ddp = torch.load(out / "final.pt", weights_only=True)
     for k, v in ref.state_dict().items():
         assert ddp[k].dtype == v.dtype == torch.float64, k
         torch.testing.assert_close(ddp[k], v, rtol=1e-9, atol=1e-11)
@@ -222,6 +222,7 @@ def test_two_process_gloo_matches_gradient_accumulation(tmp_path, fsdp, loss, em
         if loss == f"codebook-{part}":
             np.testing.assert_allclose([r[part] for r in rows], [r[part] for r in single], rtol=1e-9)
             assert all(r[part] > 0 for r in rows)
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert ckpt["world_size"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
-    assert (ckpt["ema"] is None) == (not ema) and not any(k.startswith("module.") for k in ckpt["ema"] or {})
+    ckpt = load_checkpoint(out / "checkpoint", tensors=True)
+    assert ckpt["world_size"] == 2 and ckpt["model"].keys() == ref.state_dict().keys()
+    assert ckpt["ema"] == bool(ema) and ckpt["ema_state"].keys() == ({n for n, _ in ref.named_parameters()} if ema
+                                                                     else set())
