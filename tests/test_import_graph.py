@@ -41,6 +41,7 @@ LAYERS = (
     {"plumrec.data", "plumrec.sid", "plumrec.model", "plumrec.metrics"},
     {"plumrec.sequences", "plumrec.explore"},
     {"plumrec.train", "plumrec.retrieval", "plumrec.baselines"},
+    {"plumrec.jax"},
     {"plumrec.pipeline"},
     {"plumrec.cli"},
 )

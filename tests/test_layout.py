@@ -4,7 +4,7 @@
   ``tests/kernels/<family>/``, ``tests/plum/<pkg>/``, ``tests/benchmarks/`` (one file per op of a kernel
   family, covering every implementation of that op; one file per module elsewhere, ``test_<name>.py``);
 - ahead-of-time builds (sm_90 through ``compile_checks``, TPU lowering through Mosaic) live only in
-  ``tests/kernels/<family>/test_aot.py``;
+  ``tests/kernels/<family>/test_aot.py`` (and, for the JAX model twin, ``tests/plum/jax/test_aot.py``);
 - helpers and oracles live in ``tests/support/`` (on the import path), never beside the tests.
 """
 from __future__ import annotations
@@ -51,4 +51,4 @@ def test_ahead_of_time_checks_live_in_test_aot():
     pattern = re.compile(r"\b(check_facts|lower_for_tpu|compile_in_clean_process)\(")
     elsewhere = [str(p.relative_to(TESTS)) for p in TESTS.rglob("test_*.py")
                  if p.name not in ("test_aot.py", "test_toolchain.py") and pattern.search(p.read_text())]
-    assert not elsewhere, f"ahead-of-time builds outside tests/kernels/<family>/test_aot.py: {elsewhere}"
+    assert not elsewhere, f"ahead-of-time builds outside a test_aot.py: {elsewhere}"

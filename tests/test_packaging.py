@@ -31,7 +31,7 @@ IMPORT_NAMES = {"plum_kernels": "kernels", "plumrec": "plum"}
 TAKEN_ELSEWHERE = {"kernels": "Hugging Face kernels", "plum": "plum-dispatch"}
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 TORCH_SIDE = {"torch", "triton"}
-JAX_SIDE = {"jax", "jaxlib"}
+JAX_SIDE = {"jax", "jaxlib", "optax"}  # optax: the optimizer of plumrec.jax
 # Imported by the model layer (plumrec) at module level or on its main paths, beside torch.
 MODEL_LAYER = {"safetensors", "tokenizers", "tqdm"}
 TEST_TOOLS = {"pytest", "hypothesis", "pytest-xdist", "transformers", "ruff"}
@@ -103,7 +103,7 @@ def test_extras_cover_the_third_party_imports():
         "transformers",           # plum_kernels.hf, plumrec.model.hf: patch or load the caller's HF model
     }
     import_to_dist = {"numpy": "numpy", "torch": "torch", "triton": "triton", "jax": "jax", "jaxlib": "jaxlib",
-                      "safetensors": "safetensors", "tokenizers": "tokenizers", "tqdm": "tqdm"}
+                      "optax": "optax", "safetensors": "safetensors", "tokenizers": "tokenizers", "tqdm": "tqdm"}
     found = set()
     for folder in ("kernels", "plum"):
         for path in (ROOT / folder).rglob("*.py"):
