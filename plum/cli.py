@@ -48,7 +48,7 @@ from plumrec.pipeline.options import add_run_arguments, check_run_arguments
 from plumrec.pipeline.run import run_dataset
 from plumrec.pipeline.workspace import Workspace, load_model
 from plumrec.retrieval.explore import ExplorationPolicy, fit_exploration
-from plumrec.train.distributed import init_distributed, shutdown_distributed
+from plumrec.train.distributed import dist_env, init_distributed, shutdown_distributed
 
 __all__ = ["main", "RESULT_KEYS"]
 
@@ -190,9 +190,10 @@ def _explore_fit(ws: Workspace, args) -> dict:
 
 
 def _run_stage(args) -> object:
-    """One stage over the run configuration of ``--config`` (``--workdir`` replacing its workdir)."""
-    if args.command in ("cpt", "sft"):
-        init_distributed()  # under torchrun: DDP (or FSDP2 with fsdp = true in the config)
+    """One stage over the run configuration of ``--config`` (``--workdir`` replacing its workdir); prints
+    its result as JSON."""
+    if args.command in ("cpt", "sft", "eval"):
+        init_distributed()  # under torchrun: DDP (or FSDP2 with fsdp = true) / the users split over the ranks
     ws = Workspace(load_run_config(args.config, **({"workdir": args.workdir} if args.workdir else {})))
     progress = not args.no_progress
     if args.command == "sid":
@@ -207,6 +208,8 @@ def _run_stage(args) -> object:
         out = _explore_fit(ws, args)
     else:
         out = _recommend(ws, args)
+    if dist_env()[0] == 0:  # under torchrun rank 0 prints
+        print(json.dumps(out, indent=1))
     shutdown_distributed()
     return out
 
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         model, vocab, text = load_model(args.model)
         print(json.dumps(export_hf(model, vocab, text, args.out, max_shard_size=args.max_shard_size), indent=1))
     else:
-        print(json.dumps(_run_stage(args), indent=1))
+        _run_stage(args)
     return 0
 
 

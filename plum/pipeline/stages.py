@@ -45,7 +45,7 @@ import torch
 from plumrec.baselines import SASRec, SASRecConfig, SequenceDataset, sasrec_loss
 from plumrec.data import cooccurrence_pairs
 from plumrec.io import atomic_dir, write_json
-from plumrec.metrics import item_popularity
+from plumrec.metrics import evaluate_lists, item_popularity
 from plumrec.model.config import preset
 from plumrec.model.hf import load_hf_model, load_tokenizer
 from plumrec.model.model import PlumLM
@@ -58,7 +58,7 @@ from plumrec.sid.trie import build_trie
 from plumrec.train.codebook_loss import CodebookLoss
 from plumrec.train.config import TrainConfig
 from plumrec.train.corpus import CPTCorpus, SequenceSFTDataset, SFTDataset
-from plumrec.train.distributed import default_device
+from plumrec.train.distributed import default_device, dist_env, gather_objects
 from plumrec.train.loop import train
 from plumrec.train.losses import (
     check_distill,
@@ -283,10 +283,30 @@ def run_eval(ws: Workspace, model_dir: str | os.PathLike | None = None) -> dict:
     writes ``eval.json``."""
     es = _eval_set(ws)
     r = retriever(ws, model_dir or ws.dir / "sft" / "model")
-    res = r.evaluate(list(es.histories), es.targets, ws.cfg["eval"]["ks"], exclude_history=exclude_history(ws),
-                     popularity=training_popularity(ws))
-    write_json(ws.dir / "eval.json", res, indent=1)
+    hist, ks, xh, pop = list(es.histories), ws.cfg["eval"]["ks"], exclude_history(ws), training_popularity(ws)
+    rank, world = dist_env()
+    if world == 1:
+        res = r.evaluate(hist, es.targets, ks, exclude_history=xh, popularity=pop)
+    else:
+        res = _evaluate_sharded(r, hist, es.targets, ks, xh, pop, rank, world)
+    if rank == 0:
+        write_json(ws.dir / "eval.json", res, indent=1)
     return res
+
+
+def _evaluate_sharded(r: GenerativeRetriever, hist, targets, ks, xh: bool, pop, rank: int, world: int) -> dict:
+    """``r.evaluate`` with the users split into ``world`` contiguous shards: each rank recommends for its
+    own, the lists and beam counts are gathered (:func:`gather_objects`) and every rank computes the
+    metrics of all users, the same as one process does."""
+    if max(ks) > r.beam_width:
+        raise ValueError(f"beam_width ({r.beam_width}) must be >= the largest K ({max(ks)})")
+    lo, hi = rank * len(hist) // world, (rank + 1) * len(hist) // world
+    rec = r.recommend(hist[lo:hi], max(ks), exclude_history=xh) if hi > lo else None
+    parts = gather_objects(None if rec is None else (rec.items, rec.invalid, rec.beams))
+    items = [i for p in parts if p is not None for i in p[0]]
+    invalid, beams = sum(p[1] for p in parts if p is not None), sum(p[2] for p in parts if p is not None)
+    return evaluate_lists(items, targets, r.num_items, ks, invalid_rate=invalid / beams if beams else 0.0,
+                          popularity=pop)
 
 
 def run_recommend(ws: Workspace, history_ids: list[str], k: int = 10, model_dir=None) -> list[dict]:

@@ -5,9 +5,9 @@ full state every rank can gather.
 Rank ``r`` of ``W`` takes micro-batches ``r, r + W, ...`` of one seeded stream
 (:func:`plumrec.train.loop.train`), so the data order does not depend on ``W``.
 
-Every collective that training issues itself goes through :func:`all_reduce_floats`, whose tensor lies
-on :func:`collective_device` (the current CUDA device under NCCL, which refuses CPU tensors; the CPU under
-gloo).
+Every collective that training and evaluation issue themselves goes through :func:`all_reduce_floats` or
+:func:`gather_objects`, whose tensors lie on :func:`collective_device` (the current CUDA device under NCCL,
+which refuses CPU tensors; the CPU under gloo).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from plumrec.train.config import TrainConfig
 
 __all__ = ["dist_env", "grouped", "init_distributed", "shutdown_distributed", "default_device", "collective_device",
-           "all_reduce_floats", "full_model_state", "full_state", "wrap_model"]
+           "all_reduce_floats", "gather_objects", "full_model_state", "full_state", "wrap_model"]
 
 
 def dist_env() -> tuple[int, int]:
@@ -55,6 +55,16 @@ def all_reduce_floats(values, op: str = "sum") -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=ops[op])
     return t.cpu().tolist()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (``all_gather_object``: through
+    :func:`collective_device` under NCCL); ``[obj]`` without a process group. Every rank must call it."""
+    if not grouped():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def init_distributed() -> tuple[int, int]:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from tiny_training import run_torchrun
 
 from plumrec.cli import RESULT_KEYS, main
 
@@ -62,6 +63,13 @@ def test_stage_subcommands_over_a_toml_config(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["invalid_rate"] == 0.0 and "recall@10" in res
     assert {"coverage@10", "entropy@10", "gini@10", "tail_exposure@10", "novelty@10"} <= res.keys()
+    # two processes (gloo) split the users and gather the lists: rank 0 prints the one-process result
+    (tmp_path / "work" / "eval.json").unlink()
+    script = tmp_path / "eval2.py"
+    script.write_text(f"import sys\nfrom plumrec.cli import main\nsys.exit(main(['eval', '--config', {str(cfg)!r}]))\n")
+    proc = run_torchrun(script, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == res == json.loads((tmp_path / "work" / "eval.json").read_text())
     assert main(["recommend", "--config", str(cfg), "--history", "item_3,item_7", "-k", "4"]) == 0
     recs = json.loads(capsys.readouterr().out)
     assert len(recs) == 4 and all(r["item"].startswith("item_") and r["title"] for r in recs)

@@ -55,6 +55,9 @@ def test_all_reduce_floats_checks_op_and_passes_values_through_without_a_group()
 
     with pytest.raises(ValueError, match="op must be 'sum' or 'max', got 'mean'"):
         all_reduce_floats([1.0], op="mean")
+    from plumrec.train.distributed import gather_objects
+
+    assert gather_objects({"a": [1, 2]}) == [{"a": [1, 2]}]  # no group: this process's object alone
 
 
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
