@@ -43,7 +43,12 @@ from plum_kernels.attention.checks import (
 from plum_kernels.attention.pallas import BlockSizes, heads_first, history_attention_fwd_padded, pack
 from plum_kernels.attention.pallas_bwd import history_attention_bwd_padded
 from plum_kernels.attention.pallas_decode import beam_decode_attention_pallas
-from plum_kernels.attention.reference_jax import beam_decode_attention_reference, history_attention_reference
+from plum_kernels.attention.reference_jax import (
+    band_width,
+    beam_decode_attention_reference,
+    history_attention_banded,
+    history_attention_reference,
+)
 
 __all__ = ["history_attention", "beam_decode_attention"]
 
@@ -116,7 +121,12 @@ def history_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = Tr
     q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (same dtype), cu_seqlens int32
     ``[B+1]`` (0, non-decreasing, ends at T). Returns ``out [T, Hq, D]`` or
     ``(out, lse [Hq, T] float32)``. ``impl="pallas"`` takes D in {64, 128}
-    and bf16/fp16/fp32; ``block_sizes`` overrides its tiles.
+    and bf16/fp16/fp32; ``block_sizes`` overrides its tiles. The jnp
+    reference reads, per block of 64 queries, only the keys within
+    ``max_seqlen - 1`` tokens of it once that band is shorter than ``T``
+    (``reference_jax.history_attention_banded``; ``T * band`` scores instead
+    of ``T^2``), so ``max_seqlen`` must bound every sequence, as for Pallas
+    (under ``jax.jit`` a longer one gives NaN outputs).
     """
     impl, interpret = _resolve(impl, interpret)
     check_history(describe("q", q, "[T, Hq, D]"), describe("k", k, "[T, Hkv, D]"), describe("v", v, "[T, Hkv, D]"),
@@ -128,6 +138,9 @@ def history_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = Tr
     if impl == "pallas":
         out, lse = _history_attention_pallas(q, k, v, cu_seqlens, bool(causal), resolve_scale(scale, D),
                                              block_sizes or BlockSizes(), interpret)
+    elif band_width(int(max_seqlen), causal) < T:  # short sequences in a long packed batch: the banded form
+        out, lse = history_attention_banded(q, k, v, cu_seqlens, int(max_seqlen), causal=causal,
+                                            scale=resolve_scale(scale, D))
     else:
         out, lse = history_attention_reference(q, k, v, cu_seqlens, causal=causal, scale=resolve_scale(scale, D))
     if cu is None:  # traced: a defined result (NaN) for invalid cu_seqlens

@@ -47,6 +47,53 @@ def history_attention_reference(q, k, v, cu_seqlens, *, causal: bool = True, sca
     return out.astype(q.dtype), lse.astype(jnp.float32 if acc == jnp.float32 else acc)
 
 
+BAND_BLOCK = 64  # queries per block of history_attention_banded
+
+
+def band_width(max_seqlen: int, causal: bool, block: int = BAND_BLOCK) -> int:
+    """Keys that one block of :func:`history_attention_banded` reads: the block and ``max_seqlen - 1``
+    before it (and after it, without ``causal``)."""
+    return block + (max_seqlen - 1) * (1 if causal else 2)
+
+
+def history_attention_banded(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = True,
+                             scale: float | None = None, block: int = BAND_BLOCK):
+    """:func:`history_attention_reference` computed per block of ``block`` queries over only the keys within
+    ``max_seqlen - 1`` tokens of the block (where every key of its queries' sequences lies when no
+    sequence is longer than ``max_seqlen``): ``T * band_width`` scores instead of ``T^2``, the same
+    results up to rounding. ``(out [T, Hq, D] in q.dtype, lse [Hq, T] float32)``."""
+    T, Hq, D = q.shape
+    S = int(max_seqlen)
+    group = Hq // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    acc = _acc(q.dtype)
+    nb = -(-T // block)
+    Tp = nb * block
+    before, after = S - 1, (0 if causal else S - 1)
+    W = band_width(S, causal, block)
+    seg = segment_ids(cu_seqlens, T)
+    pad = ((before, Tp - T + after), (0, 0), (0, 0))
+    kf = jnp.pad(jnp.repeat(k.astype(acc), group, axis=1), pad)
+    vf = jnp.pad(jnp.repeat(v.astype(acc), group, axis=1), pad)
+    idx = jnp.arange(nb)[:, None] * block + jnp.arange(W)[None, :]          # [nb, W] into the padded keys
+    seg_k = jnp.pad(seg, (before, Tp - T + after), constant_values=-1)[idx]  # pad keys: segment -1
+    pos_k = (jnp.arange(Tp + before + after) - before)[idx]
+    qb = jnp.pad(q.astype(acc), ((0, Tp - T), (0, 0), (0, 0))).reshape(nb, block, Hq, D)
+    seg_q = jnp.pad(seg, (0, Tp - T), constant_values=-2).reshape(nb, block)  # pad queries: segment -2
+    pos_q = jnp.arange(Tp).reshape(nb, block)
+    keep = seg_q[:, :, None] == seg_k[:, None, :]                            # [nb, block, W]
+    if causal:
+        keep = keep & (pos_k[:, None, :] <= pos_q[:, :, None])
+    s = jnp.einsum("bihd,bjhd->bhij", qb, kf[idx]) * scale                   # [nb, Hq, block, W]
+    # a pad query keeps no key: its row is left finite (uniform) and cut below, so no NaN reaches a gradient
+    s = jnp.where(keep[:, None], s, jnp.where(keep.any(-1)[:, None, :, None], -jnp.inf, 0.0))
+    lse = jax.nn.logsumexp(s, axis=-1)                                       # [nb, Hq, block]
+    p = jnp.exp(s - lse[..., None])
+    out = jnp.einsum("bhij,bjhd->bihd", p, vf[idx]).reshape(Tp, Hq, D)[:T]
+    lse = lse.transpose(1, 0, 2).reshape(Hq, Tp)[:, :T]
+    return out.astype(q.dtype), lse.astype(jnp.float32 if acc == jnp.float32 else acc)
+
+
 def beam_decode_attention_reference(q, k_prefix, v_prefix, prefix_lens, k_suffix, v_suffix, suffix_len: int, *,
                                     scale: float | None = None):
     """``out [B, W, Hq, D]`` in q.dtype; see reference.py."""

@@ -31,6 +31,11 @@ def _inputs(lens, hq, hkv, d, seed=0):
     return [rng.standard_normal((t, h, d)) for h in (hq, hkv, hkv)], cu
 
 
+# T = 334, max 16: the sequence at 49..64 reaches 15 keys back over the first block boundary (64), the one at
+# 127..142 15 keys ahead of the second block's last query (127): the band's edges, both ways
+BANDED_LENS = [16, 16, 16, 1, 16, 16, 16, 16, 14, 16, 9, 0, 12, 3, 15, 7, 1, 11, 5, 0, 14, 8, 13, 6, 4, 10, 1, 12, 9,
+               3, 7]
+
 # (impl, dtype, causal, lengths, Hq, Hkv, D). Pallas cases: lengths spanning two
 # 128-blocks (block skipping and clamped index maps), a length-1 and an empty
 # sequence, one case with kv blocks larger than q blocks; kept few because TPU
@@ -39,6 +44,10 @@ CASES = [
     ("reference", jnp.float32, True, [1, 37, 0, 5, 1], 4, 2, 16),
     ("reference", jnp.bfloat16, False, [1, 37, 0, 5, 1], 4, 2, 16),
     ("reference", jnp.float16, True, [1, 37, 0, 5, 1], 4, 2, 16),
+    # many short sequences: the banded reference (blocks of 64 queries, last block partial)
+    ("reference", jnp.float32, True, BANDED_LENS, 4, 2, 16),
+    ("reference", jnp.float32, False, BANDED_LENS, 4, 1, 16),
+    ("reference", jnp.bfloat16, True, BANDED_LENS, 2, 2, 16),
     ("pallas", jnp.float32, True, [1, 130, 0, 5], 2, 1, 64),
     ("pallas", jnp.float32, False, [70, 1, 200], 2, 1, 64),
     ("pallas", jnp.bfloat16, True, [1, 130, 0, 5], 2, 1, 64),
