@@ -43,7 +43,7 @@ import numpy as np
 from plumrec.model.hf_export import DEFAULT_MAX_SHARD_SIZE, export_hf
 from plumrec.pipeline import stages
 from plumrec.pipeline.config import load_run_config
-from plumrec.pipeline.demo import RESULT_KEYS, demo, trie_demo
+from plumrec.pipeline.demo import BACKENDS, RESULT_KEYS, demo, trie_demo
 from plumrec.pipeline.options import add_run_arguments, check_run_arguments
 from plumrec.pipeline.run import run_dataset
 from plumrec.pipeline.workspace import Workspace, load_model
@@ -94,6 +94,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p_demo.add_argument("--out", default="runs/demo", help="output directory")
     p_demo.add_argument("--config", default=None, help="optional run configuration to start from")
     p_demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p_demo.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="train and retrieve with torch (default) or the JAX twin (plumrec.jax: Pallas "
+                             "kernels on a TPU, the jnp reference kernels elsewhere)")
     p_demo.add_argument("--no-progress", action="store_true")
     p_run = sub.add_parser("run", help="the whole pipeline on a dataset directory, with the baselines")
     add_run_arguments(p_run)
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("recommend", "explore-fit"):
         _check_explore_arguments(subparsers[args.command], args)
     if args.command == "demo":
-        demo(args.out, config=args.config, threads=args.threads, progress=not args.no_progress)
+        demo(args.out, config=args.config, threads=args.threads, progress=not args.no_progress, backend=args.backend)
     elif args.command == "run":
         command = shlex.join(["plum", *(sys.argv[1:] if argv is None else argv)])
         run_dataset(check_run_arguments(subparsers["run"], args), command=command)

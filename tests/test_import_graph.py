@@ -32,6 +32,7 @@ LAZY_BACKENDS = {
     ("plum_kernels.moe.ops_torch", "plum_kernels.moe.triton_gmm"),
     ("plum_kernels.moe.ops_torch", "plum_kernels.moe.triton_permute"),
     ("plum_kernels.moe.ops_torch", "plum_kernels.moe.triton_route"),
+    ("plumrec.pipeline.demo", "plumrec.pipeline.jax_stages"),  # the JAX backend: a torch install has no jax
 }
 
 # The parts of plumrec (a subpackage or a top-level module), lowest first; a part imports only parts of

@@ -26,8 +26,8 @@ import plum_kernels.jax as KJ
 from plumrec.io import read_tensors
 from plumrec.model.config import ModelConfig
 
-__all__ = ["param_shapes", "init_params", "params_from_torch_state", "forward", "lm_logits", "output_embedding",
-           "positions_from_cu_seqlens", "rope_tables", "rms_norm"]
+__all__ = ["param_shapes", "init_params", "params_from_torch_state", "forward", "decode_step", "lm_logits",
+           "output_embedding", "positions_from_cu_seqlens", "rope_tables", "rms_norm"]
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -125,9 +125,9 @@ def rope_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.nda
 
 
 def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """``x [T, H, D]`` rotated by ``cos/sin [T, D]`` (``rotate_half``), in float32 or wider."""
+    """``x [..., H, D]`` rotated by ``cos/sin [..., D]`` (``rotate_half``), in float32 or wider."""
     ct = jnp.promote_types(x.dtype, jnp.float32)
-    xc, c, s = x.astype(ct), cos[:, None].astype(ct), sin[:, None].astype(ct)
+    xc, c, s = x.astype(ct), cos[..., None, :].astype(ct), sin[..., None, :].astype(ct)
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-xc[..., half:], xc[..., :half]], axis=-1)
     return (xc * c + rot * s).astype(x.dtype)
@@ -152,20 +152,41 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _attention(p, pre, x, cos, sin, cu_seqlens, max_seqlen, cfg, impl, interpret):
-    T, D = x.shape[0], cfg.head_dim
-    q = _linear(x, p[pre + "q_proj.weight"]).reshape(T, cfg.num_attention_heads, D)
-    k = _linear(x, p[pre + "k_proj.weight"]).reshape(T, cfg.num_key_value_heads, D)
-    v = _linear(x, p[pre + "v_proj.weight"]).reshape(T, cfg.num_key_value_heads, D)
+def _qkv(p, pre, x, cos, sin, cfg):
+    """``x [..., d]``, ``cos/sin [..., D]`` -> q ``[..., Hq, D]``, k, v ``[..., Hkv, D]`` (QK-norm, RoPE)."""
+    lead, D = x.shape[:-1], cfg.head_dim
+    q = _linear(x, p[pre + "q_proj.weight"]).reshape(*lead, cfg.num_attention_heads, D)
+    k = _linear(x, p[pre + "k_proj.weight"]).reshape(*lead, cfg.num_key_value_heads, D)
+    v = _linear(x, p[pre + "v_proj.weight"]).reshape(*lead, cfg.num_key_value_heads, D)
     q = _rope(rms_norm(q, p[pre + "q_norm.weight"], cfg.rms_norm_eps), cos, sin)
     k = _rope(rms_norm(k, p[pre + "k_norm.weight"], cfg.rms_norm_eps), cos, sin)
-    o = KJ.history_attention(q, k, v.astype(q.dtype), cu_seqlens, max_seqlen, causal=True, impl=impl,
-                             interpret=interpret)
-    return _linear(o.reshape(T, -1), p[pre + "o_proj.weight"])
+    return q, k, v.astype(q.dtype)
 
 
-def _mlp(p, pre, x, cfg, moe: bool, impl, interpret):
-    """-> ``(out [T, d], load_balance_loss, z_loss)`` (the losses 0 for a dense layer)."""
+def _attention(p, pre, x, cos, sin, cu_seqlens, max_seqlen, cfg, impl, interpret):
+    """-> ``(out [T, d], k [T, Hkv, D], v [T, Hkv, D])``."""
+    q, k, v = _qkv(p, pre, x, cos, sin, cfg)
+    o = KJ.history_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, impl=impl, interpret=interpret)
+    return _linear(o.reshape(x.shape[0], -1), p[pre + "o_proj.weight"]), k, v
+
+
+def _router_losses(logits: jax.Array, top_k: int, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The softmax router's ``(load_balance, z_loss)`` over the tokens where ``mask [T]`` is True only (the
+    formulas of ``plum_kernels.jax.moe_route`` with every mean taken over those tokens)."""
+    E = logits.shape[-1]
+    m = mask.astype(logits.dtype)
+    n = jnp.maximum(jnp.sum(m), 1.0)
+    p = jax.nn.softmax(logits, axis=-1)
+    _, ids = jax.lax.top_k(jax.lax.stop_gradient(p), top_k)
+    counts = jnp.zeros((E,), logits.dtype).at[ids].add(jnp.broadcast_to(m[:, None], ids.shape))
+    lb = E * jnp.sum(counts / (n * top_k) * (jnp.sum(p * m[:, None], axis=0) / n))
+    z = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * m) / n
+    return lb, z
+
+
+def _mlp(p, pre, x, cfg, moe: bool, impl, interpret, token_mask=None):
+    """-> ``(out [T, d], load_balance_loss, z_loss)`` (the losses 0 for a dense layer); with ``token_mask``
+    the router losses average over the masked-in tokens only."""
     if not moe:
         h = jax.nn.silu(_linear(x, p[pre + "gate_proj.weight"])) * _linear(x, p[pre + "up_proj.weight"])
         zero = jnp.zeros((), jnp.float32)
@@ -174,6 +195,8 @@ def _mlp(p, pre, x, cfg, moe: bool, impl, interpret):
     logits = _linear(x.astype(rdt), p[pre + "gate.weight"].astype(rdt))
     out, lb, z = KJ.moe_mlp(x, logits, p[pre + "w_gate_up"].astype(x.dtype), p[pre + "w_down"].astype(x.dtype),
                             cfg.num_experts_per_tok, renormalize=cfg.norm_topk_prob, impl=impl, interpret=interpret)
+    if token_mask is not None:
+        lb, z = _router_losses(logits, cfg.num_experts_per_tok, token_mask)
     return out, lb, z
 
 
@@ -182,7 +205,8 @@ def _mlp(p, pre, x, cfg, moe: bool, impl, interpret):
 
 def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, cu_seqlens: jax.Array, max_seqlen: int, *,
             positions: jax.Array | None = None, logits_index: jax.Array | None = None, logits: bool = True,
-            impl: str | None = None, interpret: bool | None = None, dropout_key: jax.Array | None = None):
+            impl: str | None = None, interpret: bool | None = None, dropout_key: jax.Array | None = None,
+            return_kv: bool = False, token_mask: jax.Array | None = None):
     """Run a packed batch; the twin of ``PlumLM.forward``.
 
     Args:
@@ -200,11 +224,16 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, cu_seqlens: ja
         impl, interpret: passed to the ``plum_kernels.jax`` ops (``impl=None``: Pallas on a TPU, the jnp
             reference elsewhere; ``"pallas"`` with ``interpret=None`` runs interpret mode off a TPU).
         dropout_key: a ``jax.random`` key turns on ``cfg.hidden_dropout`` (training); None: no dropout.
+        return_kv: also return every layer's keys and values (for a decoding cache, see :func:`decode_step`).
+        token_mask: bool ``[T]``: False marks padding tokens, left out of the router's aux losses (their
+            outputs are computed and meaningless); None: every token counts.
 
     Returns:
         ``(hidden [T or M, d], logits [T or M, V] or None, aux_loss [] float32)``: the final-norm hidden
         states, their logits against the output embedding and ``sum over MoE layers of
         router_aux_loss_coef * load_balance + router_z_loss_coef * z_loss`` (0 without MoE layers).
+        With ``return_kv`` a fourth element: per layer ``(k, v)``, each ``[T, Hkv, D]`` (after QK-norm and
+        RoPE, as the attention reads them).
     """
     if input_ids.ndim != 1 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be an integer array [T], got {input_ids.dtype} {input_ids.shape}")
@@ -215,6 +244,8 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, cu_seqlens: ja
         raise ValueError(f"max_seqlen must be a Python int in [1, max_position_embeddings="
                          f"{cfg.max_position_embeddings}], got {max_seqlen!r}")
     T = input_ids.shape[0]
+    if token_mask is not None and (token_mask.shape != (T,) or token_mask.dtype != jnp.bool_):
+        raise ValueError(f"token_mask must be a bool array [T={T}], got {token_mask.dtype} {token_mask.shape}")
     if positions is None:
         positions = positions_from_cu_seqlens(cu_seqlens, T)
     cos_t, sin_t = rope_tables(cfg.head_dim, float(cfg.rope_theta), cfg.max_position_embeddings)
@@ -223,13 +254,15 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, cu_seqlens: ja
         list(jax.random.split(dropout_key, 2 * cfg.num_hidden_layers + 1))
     x = _dropout(params["embed_tokens.weight"][input_ids], cfg.hidden_dropout, keys[0])
     aux = jnp.zeros((), jnp.float32)
+    kv = []
     for i in range(cfg.num_hidden_layers):
         pre = f"layers.{i}."
         h = rms_norm(x, params[pre + "input_layernorm.weight"], cfg.rms_norm_eps)
-        a = _attention(params, pre + "self_attn.", h, cos, sin, cu_seqlens, max_seqlen, cfg, impl, interpret)
+        a, k, v = _attention(params, pre + "self_attn.", h, cos, sin, cu_seqlens, max_seqlen, cfg, impl, interpret)
+        kv.append((k, v))
         x = x + _dropout(a.astype(x.dtype), cfg.hidden_dropout, keys[2 * i + 1])
         h = rms_norm(x, params[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        out, lb, z = _mlp(params, pre + "mlp.", h, cfg, cfg.is_moe_layer(i), impl, interpret)
+        out, lb, z = _mlp(params, pre + "mlp.", h, cfg, cfg.is_moe_layer(i), impl, interpret, token_mask)
         x = x + _dropout(out.astype(x.dtype), cfg.hidden_dropout, keys[2 * i + 2])
         if cfg.is_moe_layer(i):
             aux = aux + cfg.router_aux_loss_coef * lb.astype(jnp.float32) \
@@ -237,7 +270,57 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, cu_seqlens: ja
     if logits_index is not None:
         x = x[logits_index]
     hidden = rms_norm(x, params["norm.weight"], cfg.rms_norm_eps)
-    return hidden, (lm_logits(params, hidden) if logits else None), aux
+    out = hidden, (lm_logits(params, hidden) if logits else None), aux
+    return (*out, kv) if return_kv else out
+
+
+def decode_step(params: dict, cfg: ModelConfig, tokens: jax.Array, k_prefix: list, v_prefix: list,
+                prefix_lens: jax.Array, k_suffix: list, v_suffix: list, suffix_len: int, *, impl: str | None = None,
+                interpret: bool | None = None):
+    """Feed one new token per beam, the twin of ``PlumLM.decode_step`` (functional: returns the caches).
+
+    Args:
+        params, cfg: as in :func:`forward` (``cfg`` static under ``jax.jit``).
+        tokens: int ``[B, W]``, the newest token of each of the W beams of B users, in ``[0, vocab_size)``.
+        k_prefix, v_prefix: per layer ``[B, S, Hkv, D]``, each user's prompt keys / values (the
+            ``return_kv`` of :func:`forward` scattered per user; rows ``>= prefix_lens[b]`` are ignored).
+        prefix_lens: int32 ``[B]`` in ``[1, S]``, each user's prompt length.
+        k_suffix, v_suffix: per layer ``[B, W, s, Hkv, D]`` with ``s > suffix_len``: the keys / values
+            of each beam's generated tokens, rows ``< suffix_len`` filled.
+        suffix_len: Python int, the tokens each beam has generated before ``tokens`` (static).
+        impl, interpret: passed to ``plum_kernels.jax.beam_decode_attention`` and ``moe_mlp``.
+
+    Returns:
+        ``(hidden [B, W, d], k_suffix, v_suffix)``: the final-norm hidden states of ``tokens`` (RoPE
+        position ``prefix_lens[b] + suffix_len``) and the suffix caches with row ``suffix_len`` written.
+    """
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be an integer array [B, W], got {tokens.dtype} {tokens.shape}")
+    L = cfg.num_hidden_layers
+    if not all(len(c) == L for c in (k_prefix, v_prefix, k_suffix, v_suffix)):
+        raise ValueError(f"k_prefix, v_prefix, k_suffix and v_suffix must hold one array per layer ({L})")
+    if not isinstance(suffix_len, int) or not 0 <= suffix_len < k_suffix[0].shape[2]:
+        raise ValueError(f"suffix_len must be a Python int in [0, {k_suffix[0].shape[2]}), got {suffix_len!r}")
+    B, W = tokens.shape
+    cos_t, sin_t = rope_tables(cfg.head_dim, float(cfg.rope_theta), cfg.max_position_embeddings)
+    pos = prefix_lens.astype(jnp.int32) + suffix_len
+    cos, sin = jnp.asarray(cos_t)[pos][:, None], jnp.asarray(sin_t)[pos][:, None]   # [B, 1, D]
+    x = params["embed_tokens.weight"][tokens]
+    k_suffix, v_suffix = list(k_suffix), list(v_suffix)
+    for i in range(L):
+        pre = f"layers.{i}."
+        h = rms_norm(x, params[pre + "input_layernorm.weight"], cfg.rms_norm_eps)
+        q, k, v = _qkv(params, pre + "self_attn.", h, cos, sin, cfg)
+        k_suffix[i] = k_suffix[i].at[:, :, suffix_len].set(k.astype(k_suffix[i].dtype))
+        v_suffix[i] = v_suffix[i].at[:, :, suffix_len].set(v.astype(v_suffix[i].dtype))
+        kp = k_prefix[i]
+        o = KJ.beam_decode_attention(q.astype(kp.dtype), kp, v_prefix[i], prefix_lens, k_suffix[i], v_suffix[i],
+                                     suffix_len + 1, impl=impl, interpret=interpret)
+        x = x + _linear(o.reshape(B, W, -1), params[pre + "self_attn.o_proj.weight"]).astype(x.dtype)
+        h = rms_norm(x, params[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        out, _, _ = _mlp(params, pre + "mlp.", h.reshape(B * W, -1), cfg, cfg.is_moe_layer(i), impl, interpret)
+        x = x + out.reshape(B, W, -1).astype(x.dtype)
+    return rms_norm(x, params["norm.weight"], cfg.rms_norm_eps), k_suffix, v_suffix
 
 
 def output_embedding(params: dict) -> jax.Array:

@@ -29,7 +29,7 @@ from plumrec.train.config import TrainConfig
 from plumrec.train.optim import lr_lambda
 
 __all__ = ["Batch", "batch_from_packed", "level_bounds", "lm_loss", "codebook_loss", "make_loss", "clip_grad_norm",
-           "lr_schedule", "make_optimizer", "make_train_step"]
+           "lr_schedule", "make_optimizer", "make_train_step", "global_norm"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,9 @@ class Batch:
     ``input_ids`` int32 ``[T]``; ``cu_seqlens`` int32 ``[B+1]``; ``loss_index`` int32 ``[M]`` (packed
     positions whose next token carries a loss); ``targets`` int32 ``[M]`` (those next tokens);
     ``weights`` float32 ``[M]`` (their loss weights); ``max_seqlen``: Python int, static (a pytree
-    meta field: a new value retraces a jitted function).
+    meta field: a new value retraces a jitted function); ``token_mask``: optional bool ``[T]``, False on
+    padding tokens (added to reach a fixed shape), which then count in no router aux loss (they carry no
+    loss target either); None: every token is real.
     """
 
     input_ids: jax.Array
@@ -48,10 +50,11 @@ class Batch:
     targets: jax.Array
     weights: jax.Array
     max_seqlen: int
+    token_mask: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(Batch, data_fields=["input_ids", "cu_seqlens", "loss_index", "targets", "weights"],
-                                 meta_fields=["max_seqlen"])
+jax.tree_util.register_dataclass(Batch, data_fields=["input_ids", "cu_seqlens", "loss_index", "targets", "weights",
+                                                     "token_mask"], meta_fields=["max_seqlen"])
 
 
 def batch_from_packed(batch: PackedBatch) -> Batch:
@@ -86,7 +89,8 @@ def lm_loss(params: dict, cfg: ModelConfig, batch: Batch, *, impl: str | None = 
     """CPT's loss: weighted next-token cross-entropy over the whole vocabulary at ``batch.loss_index``
     (float32) plus the router aux losses. Returns ``(loss [], {"ce": [], "aux": []})``."""
     _, logits, aux = forward(params, cfg, batch.input_ids, batch.cu_seqlens, batch.max_seqlen,
-                             logits_index=batch.loss_index, impl=impl, interpret=interpret, dropout_key=dropout_key)
+                             logits_index=batch.loss_index, impl=impl, interpret=interpret, dropout_key=dropout_key,
+                             token_mask=batch.token_mask)
     logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
     ce = -jnp.take_along_axis(logp, batch.targets[:, None], axis=-1)[:, 0]
     return _weighted(jnp.sum(ce * batch.weights), batch, aux)
@@ -112,7 +116,7 @@ def codebook_loss(params: dict, cfg: ModelConfig, batch: Batch, bounds: tuple[in
         raise ValueError(f"level_weights must be {L} weights >= 0 (one per SID level), got {level_weights!r}")
     hidden, _, aux = forward(params, cfg, batch.input_ids, batch.cu_seqlens, batch.max_seqlen,
                              logits_index=batch.loss_index, logits=False, impl=impl, interpret=interpret,
-                             dropout_key=dropout_key)
+                             dropout_key=dropout_key, token_mask=batch.token_mask)
     logits = lm_logits(params, hidden, slice(bounds[0], bounds[-1]))                      # [M, S] all levels
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     col_level = np.repeat(np.arange(L), np.diff(bounds))                                   # [S]
@@ -146,13 +150,18 @@ def make_loss(cfg: ModelConfig, *, bounds: tuple[int, ...] | None = None, label_
                                                          dropout_key=key)
 
 
+def global_norm(tree) -> jax.Array:
+    """The L2 norm of all the leaves of ``tree`` together (torch's ``clip_grad_norm_`` total norm)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
 def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
     """torch's ``clip_grad_norm_``: gradients times ``min(1, max_norm / (global_norm + 1e-6))``."""
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
 
     def update(updates, state, params=None):
-        scale = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+        scale = jnp.minimum(1.0, max_norm / (global_norm(updates) + 1e-6))
         return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -188,6 +197,6 @@ def make_train_step(loss_fn: Callable, tcfg: TrainConfig) -> tuple[optax.Gradien
     def train_step(params, opt_state, batch: Batch, dropout_key=None):
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, dropout_key)
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, {**parts, "grad_norm": optax.global_norm(grads)}
+        return optax.apply_updates(params, updates), opt_state, loss, {**parts, "grad_norm": global_norm(grads)}
 
     return opt, train_step

@@ -33,6 +33,7 @@ from plumrec.sid.trie import SIDTrie, build_trie
 __all__ = ["demo", "trie_demo", "RESULT_KEYS", "PLUM_CODEBOOKS"]
 
 PLUM_CODEBOOKS = (2048, 1024, 512, 256, 128, 64, 32, 16)
+BACKENDS = ("torch", "jax")
 RESULT_KEYS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate")
 
 
@@ -43,13 +44,17 @@ def _timed(fn, *args, **kwargs):
 
 
 def demo(out_dir: str, *, config: str | None = None, threads: int | None = 1, progress: bool = True,
-         **overrides) -> dict:
+         backend: str = "torch", **overrides) -> dict:
     """The end-to-end job; returns ``{model: metrics}`` and writes ``out_dir/results.json``.
 
     ``threads``: torch intra-op threads (default 1: the tiny model's ops are
     too small to gain from more, and a loaded machine makes spinning threads
-    much slower). ``overrides`` replace run-config sections (the tests use a
-    scaled-down run)."""
+    much slower). ``backend``: ``"torch"``, or ``"jax"`` (CPT, SFT and retrieval
+    on :mod:`plumrec.jax`, compared with ``popularity``; the SIDs as for torch;
+    see :mod:`plumrec.pipeline.jax_stages`). ``overrides`` replace run-config
+    sections (the tests use a scaled-down run)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if threads:
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -57,6 +62,8 @@ def demo(out_dir: str, *, config: str | None = None, threads: int | None = 1, pr
     timings: dict[str, float] = {}
     ws, timings["data"] = _timed(Workspace, cfg)
     sid_info, timings["sid"] = _timed(run_sid, ws, progress=progress)
+    if backend == "jax":
+        return _demo_jax(ws, out_dir, sid_info, timings, t_start, progress)
     _, timings["cpt"] = _timed(run_cpt, ws, progress=progress)
     _, timings["sft"] = _timed(run_sft, ws, init="cpt", out="sft", progress=progress)
     _, timings["sft_only"] = _timed(run_sft, ws, init="scratch", out="sft_only", progress=progress)
@@ -74,19 +81,43 @@ def demo(out_dir: str, *, config: str | None = None, threads: int | None = 1, pr
     results["sasrec"] = sas.evaluate(hist, tgt, ks, exclude_history=xh, popularity=pop)
     timings["sasrec"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
+    return _report(ws, out_dir, results, sid_info, timings, {"backend": "torch"})
+
+
+def _demo_jax(ws: Workspace, out_dir: str, sid_info: dict, timings: dict, t_start: float, progress: bool) -> dict:
+    """The demo's model stages on the JAX twin: CPT, SFT, the JAX retriever; popularity beside it."""
+    from plumrec.pipeline import jax_stages as J  # only here: the torch install has no jax
+
+    _, timings["cpt"] = _timed(J.run_cpt_jax, ws, progress=progress)
+    _, timings["sft"] = _timed(J.run_sft_jax, ws, progress=progress)
+    es = ws.split.test
+    results: dict[str, dict] = {}
+    results["plum"], timings["eval_plum"] = _timed(J.run_eval_jax, ws, ws.dir / "sft" / "model")
+    results["popularity"] = Popularity(ws.split.train, ws.num_items).evaluate(
+        list(es.histories), es.targets, ws.cfg["eval"]["ks"], exclude_history=exclude_history(ws),
+        popularity=training_popularity(ws))
+    timings["total"] = time.perf_counter() - t_start
+    return _report(ws, out_dir, results, sid_info, timings, {"backend": "jax", "kernels": J.kernels_used(None)})
+
+
+def _report(ws: Workspace, out_dir: str, results: dict, sid_info: dict, timings: dict, run: dict) -> dict:
+    """Print the table and write ``out_dir/results.json``: the table, then ``details``."""
     table = {name: {k: float(r[k]) for k in RESULT_KEYS} for name, r in results.items()}
     extra = {name: {k: v for k, v in r.items() if k not in RESULT_KEYS} for name, r in results.items()}
-    out = {**table, "details": {"sid": sid_info, "metrics": extra, "timings_s": timings,
-                                "test_users": int(len(tgt)), "items": int(ws.num_items)}}
+    users = int(len(ws.split.test.targets))
+    out = {**table, "details": {**run, "sid": sid_info, "metrics": extra, "timings_s": timings, "test_users": users,
+                                "items": int(ws.num_items)}}
     write_json(os.path.join(out_dir, "results.json"), out, indent=1)
-    _print_table(table, sid_info, len(tgt), timings["total"])
+    _print_table(table, sid_info, users, timings["total"], run)
     print(f"wrote {os.path.join(out_dir, 'results.json')}")
     return out
 
 
-def _print_table(table: dict, sid_info: dict, users: int, seconds: float) -> None:
+def _print_table(table: dict, sid_info: dict, users: int, seconds: float, run: dict) -> None:
+    kernels = f", {run['backend']} backend" + (f" ({run['kernels']} kernels)" if "kernels" in run else "")
     print(f"\nPLUM demo: {sid_info['items']} items, SIDs {tuple(sid_info['codebook_sizes'])} "
-          f"({sid_info['unique_sid_fraction']:.1%} unique), {users} test users, full ranking, {seconds:.0f} s")
+          f"({sid_info['unique_sid_fraction']:.1%} unique), {users} test users, full ranking, {seconds:.0f} s"
+          f"{kernels}")
     head = f"  {'model':<12}" + "".join(f"{k:>13}" for k in RESULT_KEYS)
     print(head)
     print("  " + "-" * (len(head) - 2))

@@ -70,7 +70,7 @@ from plumrec.train.losses import (
 )
 
 __all__ = ["run_sid", "base_model", "cpt_corpus", "run_cpt", "sft_dataset", "sft_loss", "sasrec_baseline",
-           "run_sasrec", "run_sft", "exclude_history", "retriever", "training_popularity", "run_eval",
+           "run_sasrec", "run_sft", "exclude_history", "eval_set", "retriever", "training_popularity", "run_eval",
            "run_recommend", "SID_INIT_SEED_OFFSET"]
 
 
@@ -255,7 +255,8 @@ def exclude_history(ws: Workspace) -> bool:
     return x
 
 
-def _eval_set(ws: Workspace):
+def eval_set(ws: Workspace):
+    """The split that ``eval.split`` names (``"test"`` or ``"valid"``): histories and targets."""
     split = ws.cfg["eval"]["split"]
     if split not in ("test", "valid"):
         raise ValueError(f"eval.split must be 'test' or 'valid', got {split!r}")
@@ -281,7 +282,7 @@ def run_eval(ws: Workspace, model_dir: str | os.PathLike | None = None) -> dict:
     """Recall/NDCG@K and the exposure measures (:func:`plumrec.metrics.exposure_metrics`, popularity
     from the training split) of a saved model (default ``workdir/sft/model``) on ``eval.split``;
     writes ``eval.json``."""
-    es = _eval_set(ws)
+    es = eval_set(ws)
     r = retriever(ws, model_dir or ws.dir / "sft" / "model")
     hist, ks, xh, pop = list(es.histories), ws.cfg["eval"]["ks"], exclude_history(ws), training_popularity(ws)
     rank, world = dist_env()

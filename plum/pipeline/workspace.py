@@ -22,16 +22,15 @@ import numpy as np
 from plumrec.data import leave_one_out, load_dataset, make_synthetic_catalogue
 from plumrec.io import (
     MissingFileError,
-    atomic_dir,
     check_sidecars,
     read_json,
     read_npy,
     read_tensors,
     require_file,
     resolve_dir,
-    save_tensors,
 )
 from plumrec.model.config import ModelConfig
+from plumrec.model.folder import write_model_folder
 from plumrec.model.model import PlumLM
 from plumrec.model.vocab import SIDVocab, TextTokenizer
 from plumrec.sid.tokenizer import SemanticIdTokenizer, SIDConfig
@@ -54,13 +53,7 @@ def save_model(model: PlumLM, vocab: SIDVocab, text: TextTokenizer, path: str | 
     p = Path(path)
     if dist_env()[0] != 0:
         return p
-    with atomic_dir(p, keep=True) as tmp:
-        files = [tmp / "config.json", tmp / "vocab.json", tmp / "tokenizer.json"]
-        files[0].write_text(model.config.to_json())
-        files[1].write_text(json.dumps(vocab.to_dict()))
-        text.save(str(files[2]))
-        save_tensors(tmp / "model.safetensors", state, sidecars=files)
-    return p
+    return write_model_folder(p, state, model.config, vocab, text)
 
 
 def load_model(path: str | os.PathLike, device="cpu") -> tuple[PlumLM, SIDVocab, TextTokenizer]:

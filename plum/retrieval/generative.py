@@ -215,7 +215,7 @@ class GenerativeRetriever:
                     if u in bad:
                         items.append(np.zeros(0, np.int64))
                         continue
-                    ranked, n_live, n_invalid = self._beam_items(c, sc)
+                    ranked, n_live, n_invalid = self.trie.beam_items(c, sc)
                     ranked = ranked if explored is None else explored[u]  # ranked under the component's bias
                     beams += n_live
                     invalid += n_invalid
@@ -224,15 +224,6 @@ class GenerativeRetriever:
             self.model.train(was_training)
         return Recommendations(items, np.concatenate(all_codes), np.concatenate(all_scores), invalid, beams,
                                np.asarray(skipped, np.int64))
-
-    def _beam_items(self, codes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, int, int]:
-        """One user's beams (finite scores) -> ``(items best first, live beams, live beams not in the trie)``."""
-        live = np.isfinite(scores)
-        flat, offs = self.trie.items_flat(np.where(live[:, None], codes, 0).astype(np.int64))
-        present = np.diff(offs) > 0
-        ranked = [flat[offs[w]:offs[w + 1]] for w in np.flatnonzero(live & present)]
-        ranked = np.concatenate(ranked).astype(np.int64) if ranked else np.zeros(0, np.int64)
-        return ranked, int(live.sum()), int((live & ~present).sum())
 
     def evaluate(self, histories: Sequence[np.ndarray], targets, ks: Sequence[int] = (5, 10), *,
                  exclude_history: bool = False, return_ranks: bool = False, on_nonfinite: str = "raise",

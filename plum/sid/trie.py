@@ -200,6 +200,18 @@ class SIDTrie:
         flat[~single] = np.asarray(self.dup_items)[dup_start[row[~single]] + pos[~single]]
         return flat, offsets
 
+
+    def beam_items(self, codes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """One user's beams -> ``(items best first, live beams, live beams whose SID is not in the trie)``.
+
+        ``codes [W, L]`` int, ``scores [W]`` float, beams best first; a beam is live when its score is finite.
+        The items of the live beams' SIDs in beam order (colliding items all kept, in trie order), int64."""
+        live = np.isfinite(scores)
+        flat, offs = self.items_flat(np.where(live[:, None], codes, 0).astype(np.int64))
+        present = np.diff(offs) > 0
+        ranked = [flat[offs[w]:offs[w + 1]] for w in np.flatnonzero(live & present)]
+        ranked = np.concatenate(ranked).astype(np.int64) if ranked else np.zeros(0, np.int64)
+        return ranked, int(live.sum()), int((live & ~present).sum())
     def depth_of(self, state: int) -> int | None:
         """Depth of an internal state; ``None`` for a chain state (any depth below its entry edge)."""
         if not 0 <= state < self.num_states:

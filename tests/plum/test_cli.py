@@ -53,6 +53,30 @@ def test_demo_smoke_writes_results_for_every_model(tmp_path, capsys):
         assert (tmp_path / "demo" / d).exists()
 
 
+def test_demo_with_the_jax_backend(tmp_path, capsys):
+    """``plum demo --backend jax``: CPT, SFT and retrieval on plumrec.jax (the jnp reference kernels on the
+    CPU, said in the table's title), plum beside popularity; the models in the torch folder layout, which
+    the torch evaluation reads (the same beams: the same metrics within float rounding)."""
+    from plumrec.pipeline import Workspace, load_run_config, run_eval
+
+    cfg = tmp_path / "small.json"
+    cfg.write_text(json.dumps(SMALL))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--config", str(cfg), "--no-progress",
+                 "--backend", "jax"]) == 0
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert {"plum", "popularity"} <= res.keys() and "sasrec" not in res
+    assert res["details"]["backend"] == "jax" and res["details"]["kernels"] == "jnp reference (cpu)"
+    assert res["plum"]["invalid_rate"] == 0.0 and all(0.0 <= res["plum"][k] <= 1.0 for k in RESULT_KEYS)
+    assert "jax backend (jnp reference (cpu) kernels)" in capsys.readouterr().out
+    rows = [json.loads(l) for l in (tmp_path / "demo" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == SMALL["sft"]["steps"]
+    torch_side = run_eval(Workspace(load_run_config(str(cfg), workdir=str(tmp_path / "demo"))))
+    for k in RESULT_KEYS:
+        assert abs(torch_side[k] - res["plum"][k]) <= 1e-9, k
+    with pytest.raises(SystemExit):
+        main(["demo", "--backend", "tensorflow"])
+
+
 def test_stage_subcommands_over_a_toml_config(tmp_path, capsys):
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'workdir = "{tmp_path / "work"}"\n' + _toml(SMALL))

@@ -66,7 +66,7 @@ def test_loss_and_gradients_match_torch(kind):
     want_grads = dict(zip([n for n, _ in m64.named_parameters()],
                           torch.autograd.grad(want, list(m64.parameters()))))
     (loss, parts), grads = jax.jit(jax.value_and_grad(jax_loss, has_aux=True))(params, JT.batch_from_packed(b))
-    assert abs(float(loss) - float(want)) <= 1e-4 * abs(float(want))
+    assert abs(float(loss) - want.item()) <= 1e-4 * abs(want.item())
     assert abs(float(parts["aux"]) - float(want_parts["aux"])) <= 1e-4 * float(want_parts["aux"])
     assert float(parts["aux"]) > 0
     assert set(grads) == set(want_grads)

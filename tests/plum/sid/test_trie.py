@@ -282,3 +282,16 @@ def test_big_endian_codes_build_the_native_trie():
     np.testing.assert_array_equal(native.walk(codes[:, :2].astype(">u2")), native.walk(codes[:, :2]))
     assert [x.tolist() for x in native.items(codes[:25].astype(">i4"))] == \
         [x.tolist() for x in native.items(codes[:25])]
+
+
+def test_beam_items_ranks_the_live_beams_items_and_counts_the_invalid():
+    """Beams best first: a SID's items (a collision keeps both, in trie order), a SID not in the trie
+    counted invalid, a dead beam (-inf) neither ranked nor counted live."""
+    trie = build_trie(np.array([[0, 1], [1, 0], [0, 1], [1, 1]]), [2, 2])   # items 0 and 2 share (0, 1)
+    codes = np.array([[1, 1], [0, 1], [0, 0], [1, 0], [1, 0]])
+    scores = np.array([-0.1, -0.5, -0.7, -np.inf, -1.0], np.float32)
+    items, live, invalid = trie.beam_items(codes, scores)
+    assert items.dtype == np.int64 and items.tolist() == [3, 0, 2, 1]
+    assert (live, invalid) == (4, 1)
+    empty, live, invalid = trie.beam_items(codes[:1], np.array([np.nan], np.float32))
+    assert empty.tolist() == [] and (live, invalid) == (0, 0)
