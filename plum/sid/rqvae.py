@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["RQVAE", "kmeans", "mlp"]
+__all__ = ["RQVAE", "kmeans", "mlp", "nearest"]
 
 
 def mlp(dims: Sequence[int]) -> nn.Sequential:
@@ -34,16 +34,43 @@ def mlp(dims: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+# k-means fits its centroids on at most this many points per centroid, a uniform sample of the rest (as faiss
+# does by default): the seeding's k passes and the Lloyd steps then cost O(k^2), whatever the catalogue size
+KMEANS_POINTS_PER_CENTROID = 256
+# rows per block of a nearest-centroid search: CHUNK x k distances in memory at a time, not n x k
+CHUNK = 65536
+
+
 def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances ``[n, k]`` (expanded form, clamped at 0)."""
     return (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(1)[None]).clamp_min_(0)
 
 
+def nearest(x: torch.Tensor, c: torch.Tensor, *, dist=_sq_dists,
+            chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x [n, d]``'s nearest row of ``c [k, d]``: ``(index [n] int64, distance [n])`` under
+    ``dist`` (``(x, c) -> [n, k]``, default squared Euclidean), ``chunk`` rows at a time (memory
+    ``chunk x k``; ties go to the lowest index, as ``argmin``)."""
+    idx, best = [], []
+    for s in range(0, x.shape[0], chunk):
+        dd = dist(x[s:s + chunk], c)
+        i = dd.argmin(1)
+        idx.append(i)
+        best.append(dd.gather(1, i[:, None]).squeeze(1))
+    if not idx:
+        return torch.zeros(0, dtype=torch.int64), x.new_zeros(0)
+    return torch.cat(idx), torch.cat(best)
+
+
 @torch.no_grad()
-def kmeans(x: torch.Tensor, k: int, *, iters: int, generator: torch.Generator) -> torch.Tensor:
+def kmeans(x: torch.Tensor, k: int, *, iters: int, generator: torch.Generator,
+           max_points: int | None = None) -> torch.Tensor:
     """k-means++ seeding then ``iters`` Lloyd steps; returns centroids ``[k, d]``.
 
-    With fewer distinct points than ``k`` the surplus centroids are copies of
+    The centroids are fitted on at most ``max_points`` rows of ``x`` (default
+    ``KMEANS_POINTS_PER_CENTROID * k``), drawn uniformly without replacement
+    when ``x`` has more; distances are computed ``CHUNK`` rows at a time. With
+    fewer distinct points than ``k`` the surplus centroids are copies of
     random points plus small noise (they start dead and are revived by the
     restarts during training). An empty cluster in a Lloyd step is re-seeded
     at the point farthest from its centroid.
@@ -51,6 +78,12 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int, generator: torch.Generator) -
     n, d = x.shape
     if n == 0:
         raise ValueError("kmeans needs at least one point")
+    cap = KMEANS_POINTS_PER_CENTROID * k if max_points is None else int(max_points)
+    if cap < k:
+        raise ValueError(f"max_points must be >= k={k}, got {max_points}")
+    if n > cap:
+        x = x[torch.randperm(n, generator=generator)[:cap]]
+        n = cap
     noise = 1e-3 * x.std().clamp_min(1e-6)
     if n <= k:
         extra = torch.randint(n, (k - n,), generator=generator)
@@ -69,14 +102,13 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int, generator: torch.Generator) -
         c[j] = x[idx]
         best = torch.minimum(best, _sq_dists(x, c[j:j + 1]).squeeze(1))
     for _ in range(iters):
-        dist = _sq_dists(x, c)
-        assign = dist.argmin(1)
+        assign, dist = nearest(x, c)
         counts = torch.bincount(assign, minlength=k)
         sums = torch.zeros_like(c).index_add_(0, assign, x)
         live = counts > 0
         c[live] = sums[live] / counts[live, None].to(x.dtype)
         if not live.all():
-            far = dist.gather(1, assign[:, None]).squeeze(1).argsort(descending=True)
+            far = dist.argsort(descending=True)
             c[~live] = x[far[: int((~live).sum())]]
     return c
 

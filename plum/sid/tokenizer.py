@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from plumrec.sid.quality import SIDQuality, sid_quality
-from plumrec.sid.rqvae import RQVAE, kmeans
+from plumrec.sid.rqvae import RQVAE, kmeans, nearest
 from plumrec.sid.saved import build_rqvae, read_tokenizer, write_tokenizer
 
 __all__ = ["SIDConfig", "SemanticIdTokenizer", "multi_resolution_codebooks", "TIGER_CODEBOOKS"]
@@ -369,7 +369,7 @@ class SemanticIdTokenizer:
         for l, cb in enumerate(model.codebooks):
             c = kmeans(r, cb.shape[0], iters=self.config.kmeans_iters, generator=gen)
             cb.copy_(c)
-            r = r - c[torch.cdist(r, c).argmin(1)]
+            r = r - c[nearest(r, c, dist=torch.cdist)[0]]
 
     @torch.no_grad()
     def _restart_dead_codes(self, model: RQVAE, xs, gen, opt) -> int:

@@ -3,7 +3,7 @@ state shapes a saved model is checked against (fitting: test_tokenizer.py)."""
 import pytest
 import torch
 
-from plumrec.sid.rqvae import RQVAE, kmeans, mlp
+from plumrec.sid.rqvae import RQVAE, _sq_dists, kmeans, mlp, nearest
 
 
 def test_straight_through_gradients():
@@ -33,6 +33,34 @@ def test_kmeans():
     assert few.shape == (8, 2) and torch.isfinite(few).all()
     with pytest.raises(ValueError, match="kmeans needs at least one point"):
         kmeans(x[:0], 3, iters=1, generator=g)
+    with pytest.raises(ValueError, match="max_points must be >= k=3"):
+        kmeans(x, 3, iters=1, generator=g, max_points=2)
+
+
+def test_nearest_in_chunks_is_the_whole_argmin():
+    """Chunked nearest-centroid search == the argmin over the whole distance matrix (indices and
+    distances), for the squared distances and for a given ``dist`` (cdist), including a last partial chunk."""
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(103, 5, generator=g), torch.randn(17, 5, generator=g)
+    for dist in (_sq_dists, torch.cdist):
+        whole = dist(x, c)
+        i, d = nearest(x, c, dist=dist, chunk=10)
+        assert torch.equal(i, whole.argmin(1)) and torch.allclose(d, whole.min(1).values, rtol=1e-6, atol=1e-6)
+    i, d = nearest(x[:0], c)
+    assert i.shape == d.shape == (0,)
+
+
+def test_kmeans_fits_a_sample_above_the_cap():
+    """Above ``max_points`` the centroids are fitted on a uniform sample and still find the clusters of
+    the whole set; at or below it the sample is the set itself (the same centroids as without a cap)."""
+    g = torch.Generator().manual_seed(2)
+    centres = 20.0 * torch.randn(8, 4, generator=g)
+    x = torch.cat([c + 0.2 * torch.randn(500, 4, generator=g) for c in centres])
+    c = kmeans(x, 8, iters=10, generator=torch.Generator().manual_seed(0), max_points=200)
+    assert (torch.cdist(centres, c).min(1).values < 0.3).all()
+    a = kmeans(x[:300], 8, iters=5, generator=torch.Generator().manual_seed(0))
+    b = kmeans(x[:300], 8, iters=5, generator=torch.Generator().manual_seed(0), max_points=300)
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dims", [(12,), (12, 5, 7)])
