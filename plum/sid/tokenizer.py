@@ -376,12 +376,14 @@ class SemanticIdTokenizer:
         """Move unused codewords onto residuals of badly quantised items.
 
         Level by level over the whole catalogue (a restart at level l changes
-        the residuals below it). Returns how many codewords were restarted.
+        the residuals below it; the nearest codewords are found in blocks of
+        rows, :func:`~plumrec.sid.rqvae.nearest`). Returns how many codewords
+        were restarted.
         """
         r = self._latents(model, xs)
         restarted = 0
         for cb in model.codebooks:
-            codes = torch.cdist(r, cb).argmin(1)
+            codes = nearest(r, cb, dist=torch.cdist)[0]
             dead = torch.bincount(codes, minlength=cb.shape[0]) == 0
             n_dead = int(dead.sum())
             if n_dead:
@@ -395,7 +397,7 @@ class SemanticIdTokenizer:
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in state:
                         state[key][dead] = 0
-                codes = torch.cdist(r, cb).argmin(1)
+                codes = nearest(r, cb, dist=torch.cdist)[0]
                 restarted += n_dead
             r = r - cb[codes]
         return restarted
