@@ -23,7 +23,6 @@ per bucket, shared by every retriever of the same shapes.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import jax
@@ -32,26 +31,13 @@ import numpy as np
 
 import plum_kernels.jax as KJ
 from plumrec.jax.model import decode_step, forward, lm_logits
-from plumrec.metrics import drop_history, evaluate_lists
 from plumrec.model.config import ModelConfig
 from plumrec.model.vocab import SIDVocab
+from plumrec.retrieval.generative import Recommendations, collect_recommendations, evaluate_recommendations
 from plumrec.sequences import check_histories, history_tokens
 from plumrec.sid.trie import SIDTrie
 
 __all__ = ["JaxRetriever", "Recommendations", "token_bucket"]
-
-NONFINITE = ("raise", "skip")
-
-
-@dataclass
-class Recommendations:
-    items: list[np.ndarray]   # per user, ranked item indices (<= k); empty for a skipped non-finite user
-    codes: np.ndarray         # [U, W, L] int64 generated SIDs, best first (-1 in dead slots)
-    scores: np.ndarray        # [U, W] float32 log-probabilities (-inf in dead slots)
-    invalid: int              # finite-score beams whose SID is not in the trie
-    beams: int                # finite-score beams of the users with finite scores
-    nonfinite: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # users with non-finite scores
-
 
 def token_bucket(n: int) -> int:
     """The packed length a batch of ``n`` tokens is padded to: the next multiple of 64 up to 512, then of
@@ -102,11 +88,6 @@ def _search(params, first, kp, vp, lens, trie, *, cfg, offsets, slices, beam_wid
         return lm_logits(params, h, slice(*slices[level])).astype(jnp.float32)
 
     return KJ.constrained_beam_search(step_fn, trie, batch_size=B, beam_width=W, impl=impl, interpret=interpret)
-
-
-def _nonfinite_users(scores: np.ndarray) -> np.ndarray:
-    """Rows of ``scores [U, W]`` holding a NaN or ``+inf`` (``-inf`` marks an empty slot)."""
-    return np.flatnonzero((np.isnan(scores) | np.isposinf(scores)).any(axis=1)).astype(np.int64)
 
 
 def _check_int(name: str, value, low: int = 1) -> int:
@@ -202,32 +183,12 @@ class JaxRetriever:
         if any(len(h) == 0 for h in histories):
             raise ValueError("histories: every history needs at least one item")
         k = _check_int("k", k)
-        if on_nonfinite not in NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
-        all_codes, all_scores, items, skipped = [], [], [], []
-        invalid = beams = 0
-        for s in range(0, len(histories), self.batch_size):
-            batch = list(histories[s:s + self.batch_size])
-            codes, scores = self.search(batch)
-            bad = _nonfinite_users(scores)
-            if len(bad) and on_nonfinite == "raise":
-                raise ValueError(f"the model's scores are not finite (NaN or inf) for histories "
-                                 f"{(bad + s).tolist()[:10]}; pass on_nonfinite='skip' to give them empty lists")
-            skipped.extend((bad + s).tolist())
-            all_codes.append(codes)
-            all_scores.append(scores)
-            for u, (c, sc, h) in enumerate(zip(codes, scores, batch)):
-                if u in bad:
-                    items.append(np.zeros(0, np.int64))
-                    continue
-                ranked, n_live, n_invalid = self.trie.beam_items(c, sc)
-                beams += n_live
-                invalid += n_invalid
-                items.append((drop_history(ranked, h) if exclude_history else ranked)[:k])
-        L = self.vocab.num_levels
-        codes = np.concatenate(all_codes) if all_codes else np.zeros((0, self.beam_width, L), np.int64)
-        scores = np.concatenate(all_scores) if all_scores else np.zeros((0, self.beam_width), np.float32)
-        return Recommendations(items, codes, scores, invalid, beams, np.asarray(skipped, np.int64))
+
+        def search(users: np.ndarray, batch: list) -> tuple[np.ndarray, np.ndarray, None]:
+            return (*self.search(batch), None)
+
+        return collect_recommendations(histories, self.batch_size, search, self.trie, k, beam_width=self.beam_width,
+                                       exclude_history=exclude_history, on_nonfinite=on_nonfinite)
 
     def evaluate(self, histories: Sequence[np.ndarray], targets, ks: Sequence[int] = (5, 10), *,
                  exclude_history: bool = False, return_ranks: bool = False, on_nonfinite: str = "raise",
@@ -238,6 +199,5 @@ class JaxRetriever:
         if not len(ks) or max(ks) > self.beam_width:
             raise ValueError(f"ks must be non-empty with max(ks) <= beam_width ({self.beam_width}), got {ks!r}")
         rec = self.recommend(histories, max(ks), exclude_history=exclude_history, on_nonfinite=on_nonfinite)
-        invalid_rate = rec.invalid / rec.beams if rec.beams else (float("nan") if len(rec.nonfinite) else 0.0)
-        return evaluate_lists(rec.items, targets, self.num_items, ks, invalid_rate=invalid_rate,
-                              nonfinite=len(rec.nonfinite), return_ranks=return_ranks, popularity=popularity)
+        return evaluate_recommendations(rec, targets, self.num_items, ks, return_ranks=return_ranks,
+                                        popularity=popularity)

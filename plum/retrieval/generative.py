@@ -36,7 +36,8 @@ from plumrec.model.vocab import SIDVocab
 from plumrec.sequences import check_histories, history_tokens
 from plumrec.sid.trie import SIDTrie
 
-__all__ = ["GenerativeRetriever", "Recommendations", "nonfinite_users"]
+__all__ = ["GenerativeRetriever", "Recommendations", "collect_recommendations", "evaluate_recommendations",
+           "nonfinite_users"]
 
 
 NONFINITE = ("raise", "skip")
@@ -64,6 +65,54 @@ def _nonfinite_error(users: np.ndarray, first: int) -> ValueError:
                       f"at history {first}: histories [{shown}] (indices into histories; the search stops at the "
                       "first such batch). A NaN weight or activation in the model is the usual cause. Pass "
                       "on_nonfinite='skip' to give these users empty lists and count them in nonfinite")
+
+
+def collect_recommendations(histories: Sequence[np.ndarray], batch_size: int, search, trie: SIDTrie, k: int, *,
+                            beam_width: int, exclude_history: bool, on_nonfinite: str) -> Recommendations:
+    """Run ``search`` over the histories in batches of ``batch_size`` and turn its beams into item lists.
+
+    ``search(users [n] int64, batch: list of n histories) -> (codes [n, W, L], scores [n, W], explored)``
+    returns numpy beams, best first; ``explored`` is None (each beam's items ranked by the trie,
+    :meth:`~plumrec.sid.trie.SIDTrie.beam_items`) or one ranked item array per user. Users with non-finite
+    scores raise or are skipped (``on_nonfinite``, see :meth:`GenerativeRetriever.recommend`). Shared by the
+    torch and JAX retrievers."""
+    if on_nonfinite not in NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
+    all_codes, all_scores, items, skipped = [], [], [], []
+    invalid = beams = 0
+    for s in range(0, len(histories), batch_size):
+        users = np.arange(s, min(s + batch_size, len(histories)))
+        batch = [histories[i] for i in users]
+        codes, scores, explored = search(users, batch)
+        bad = nonfinite_users(scores)
+        if len(bad) and on_nonfinite == "raise":
+            raise _nonfinite_error(users[bad], int(users[0]))
+        skipped.extend(users[bad].tolist())
+        all_codes.append(codes)
+        all_scores.append(scores)
+        for u, (c, sc, h) in enumerate(zip(codes, scores, batch)):
+            if u in bad:
+                items.append(np.zeros(0, np.int64))
+                continue
+            ranked, n_live, n_invalid = trie.beam_items(c, sc)
+            ranked = ranked if explored is None else explored[u]
+            beams += n_live
+            invalid += n_invalid
+            items.append((drop_history(ranked, h) if exclude_history else ranked)[:k])
+    if not all_codes:
+        all_codes = [np.zeros((0, beam_width, len(trie.codebook_sizes)), np.int64)]
+        all_scores = [np.zeros((0, beam_width), np.float32)]
+    return Recommendations(items, np.concatenate(all_codes), np.concatenate(all_scores), invalid, beams,
+                           np.asarray(skipped, np.int64))
+
+
+def evaluate_recommendations(rec: Recommendations, targets, num_items: int, ks: Sequence[int], *,
+                             return_ranks: bool = False, popularity=None):
+    """:func:`plumrec.metrics.evaluate_lists` of ``rec``'s lists with its invalid-SID rate (over the beams of
+    the users with finite scores; NaN when every user was skipped) and its count of non-finite users."""
+    invalid_rate = rec.invalid / rec.beams if rec.beams else (float("nan") if len(rec.nonfinite) else 0.0)
+    return evaluate_lists(rec.items, targets, num_items, ks, invalid_rate=invalid_rate,
+                          nonfinite=len(rec.nonfinite), return_ranks=return_ranks, popularity=popularity)
 
 
 class GenerativeRetriever:
@@ -192,38 +241,21 @@ class GenerativeRetriever:
             raise ValueError("every history needs at least one item")
         if not 1 <= k:
             raise ValueError(f"k must be >= 1, got {k}")
-        if on_nonfinite not in NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
         was_training = self.model.training
         self.model.eval()
-        all_codes, all_scores, items, skipped = [], [], [], []
-        invalid = beams = 0
         try:
-            for s in range(0, len(histories), self.batch_size):
-                users = np.arange(s, min(s + self.batch_size, len(histories)))
-                batch = [histories[i] for i in users]
-                codes, scores, explored = ((*self._search(batch), None) if self.explore is None
-                                           else self.explore.search(self, batch, users, seed))
-                codes, scores = codes.cpu().numpy(), scores.cpu().numpy()
-                bad = nonfinite_users(scores)
-                if len(bad) and on_nonfinite == "raise":
-                    raise _nonfinite_error(users[bad], int(users[0]))
-                skipped.extend(users[bad].tolist())
-                all_codes.append(codes)
-                all_scores.append(scores)
-                for u, (c, sc, h) in enumerate(zip(codes, scores, batch)):
-                    if u in bad:
-                        items.append(np.zeros(0, np.int64))
-                        continue
-                    ranked, n_live, n_invalid = self.trie.beam_items(c, sc)
-                    ranked = ranked if explored is None else explored[u]  # ranked under the component's bias
-                    beams += n_live
-                    invalid += n_invalid
-                    items.append((drop_history(ranked, h) if exclude_history else ranked)[:k])
+            return collect_recommendations(histories, self.batch_size, self._search_batch(seed), self.trie, k,
+                                           beam_width=self.beam_width, exclude_history=exclude_history,
+                                           on_nonfinite=on_nonfinite)
         finally:
             self.model.train(was_training)
-        return Recommendations(items, np.concatenate(all_codes), np.concatenate(all_scores), invalid, beams,
-                               np.asarray(skipped, np.int64))
+
+    def _search_batch(self, seed: int):
+        def search(users: np.ndarray, batch: list) -> tuple[np.ndarray, np.ndarray, list | None]:
+            codes, scores, explored = ((*self._search(batch), None) if self.explore is None
+                                       else self.explore.search(self, batch, users, seed))
+            return codes.cpu().numpy(), scores.cpu().numpy(), explored
+        return search
 
     def evaluate(self, histories: Sequence[np.ndarray], targets, ks: Sequence[int] = (5, 10), *,
                  exclude_history: bool = False, return_ranks: bool = False, on_nonfinite: str = "raise",
@@ -241,6 +273,5 @@ class GenerativeRetriever:
         if max(ks) > self.beam_width:
             raise ValueError(f"beam_width ({self.beam_width}) must be >= the largest K ({max(ks)})")
         rec = self.recommend(histories, max(ks), exclude_history=exclude_history, on_nonfinite=on_nonfinite)
-        invalid_rate = rec.invalid / rec.beams if rec.beams else (float("nan") if len(rec.nonfinite) else 0.0)
-        return evaluate_lists(rec.items, targets, self.num_items, ks, invalid_rate=invalid_rate,
-                              nonfinite=len(rec.nonfinite), return_ranks=return_ranks, popularity=popularity)
+        return evaluate_recommendations(rec, targets, self.num_items, ks, return_ranks=return_ranks,
+                                        popularity=popularity)
