@@ -29,6 +29,9 @@ from plumrec.model.vocab import SIDVocab
 
 __all__ = ["Example", "PackedBatch", "ExampleStream", "check_histories", "history_tokens", "pack", "token_items"]
 
+FULL_SHUFFLE_MAX = 1 << 22  # up to 4M examples a full permutation per epoch (32 MB): small datasets' order is kept
+SHUFFLE_BLOCK = 1 << 16  # block-shuffle unit above it: 512 KB of permutation in memory, blocks mix across the epoch
+
 
 def check_histories(sequences: Sequence[np.ndarray], num_items: int, name: str = "histories") -> None:
     """Raise a ``ValueError`` naming the first history with an item outside ``[0, num_items)``."""
@@ -139,6 +142,14 @@ class ExampleStream:
 
     ``position`` (examples consumed so far) is the whole state: a stream built
     with the same dataset and seed at the same position yields the same batches.
+
+    Order: a dataset of at most :data:`FULL_SHUFFLE_MAX` examples is read in
+    the permutation ``default_rng([seed, epoch]).permutation(n)`` of each
+    epoch. A larger one is cut into contiguous blocks of :data:`SHUFFLE_BLOCK`
+    indices (the last one partial); an epoch reads the blocks in the order
+    ``default_rng([seed, epoch]).permutation(num_blocks)`` and the indices of
+    block ``b`` in the order ``default_rng([seed, epoch, b]).permutation``, so
+    the memory is ``O(num_blocks + SHUFFLE_BLOCK)``, not ``O(n)``.
     """
 
     def __init__(self, dataset, *, max_tokens: int, seed: int = 0, position: int = 0):
@@ -147,15 +158,34 @@ class ExampleStream:
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
         self.dataset, self.max_tokens, self.seed, self.position = dataset, max_tokens, seed, position
-        self._perm_epoch, self._perm = -1, None
+        self._perm_epoch, self._perm, self._last_slot = -1, None, 0
+        self._block, self._block_perm = None, None  # (epoch, block) and its permutation
 
     def _index(self, p: int) -> int:
         n = len(self.dataset)
-        epoch = p // n
+        epoch, r = divmod(p, n)
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            size = n if n <= FULL_SHUFFLE_MAX else -(-n // SHUFFLE_BLOCK)
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(size)
             self._perm_epoch = epoch
-        return int(self._perm[p % n])
+            if n > FULL_SHUFFLE_MAX:  # the slot of the partial last block in the epoch's block order
+                self._last_slot = int(np.flatnonzero(self._perm == size - 1)[0])
+        if n <= FULL_SHUFFLE_MAX:
+            return int(self._perm[r])
+        block_n, last_n, j = SHUFFLE_BLOCK, n - (len(self._perm) - 1) * SHUFFLE_BLOCK, self._last_slot
+        if r < j * block_n:
+            slot, off = divmod(r, block_n)
+        elif r < j * block_n + last_n:
+            slot, off = j, r - j * block_n
+        else:
+            slot, off = divmod(r - j * block_n - last_n, block_n)
+            slot += j + 1
+        b = int(self._perm[slot])
+        if self._block != (epoch, b):
+            size = last_n if b == len(self._perm) - 1 else block_n
+            self._block_perm = np.random.default_rng([self.seed, epoch, b]).permutation(size)
+            self._block = (epoch, b)
+        return b * block_n + int(self._block_perm[off])
 
     @property
     def epoch(self) -> float:

@@ -5,11 +5,14 @@
 - Loaders for the LC-Rec/LETTER JSON pair, the S3-Rec/SASRec text format (and
   its item attributes) and CSV/TSV/Parquet tables, and :func:`load_dataset` to pick one (``formats.py``).
 - :func:`leave_one_out`: the S3-Rec/TIGER split (``splits.py``).
+- :func:`write_event_store` / :class:`EventStore`: users' item sequences on disk (CSR, memory-mapped),
+  built from sorted Parquet shards in bounded memory, for logs that do not fit in RAM (``events.py``).
 - :func:`make_synthetic_catalogue`: the seeded synthetic catalogue used by the
   demo and the tests (``synthetic.py``).
 - :func:`embed_texts`: cached sentence embeddings from a local BERT
   sentence-transformers directory (``text.py``).
 """
+from plumrec.data.events import EventStore, write_event_store
 from plumrec.data.formats import (
     load_dataset,
     load_inter_json,
@@ -24,6 +27,8 @@ from plumrec.data.synthetic import SyntheticCatalogue, SyntheticConfig, make_syn
 from plumrec.data.text import TextEmbedder, embed_texts
 
 __all__ = [
+    "EventStore",
+    "write_event_store",
     "InteractionData",
     "cooccurrence_pairs",
     "item_text",

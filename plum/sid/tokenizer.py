@@ -34,6 +34,7 @@ draw; parameters are initialised under a forked, seeded RNG).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from plumrec.sid.quality import SIDQuality, sid_quality
+from plumrec.sid.rows import Rows, as_tensor, block_stats, validate_embeddings, validate_pairs
 from plumrec.sid.rqvae import RQVAE, kmeans, nearest
 from plumrec.sid.saved import build_rqvae, read_tokenizer, write_tokenizer
 
@@ -92,6 +94,10 @@ class SIDConfig:
     # normalised to mean 1, so only the ratios matter. Raising one input's weight makes the
     # latent, and hence the coarse SID levels, follow that input more.
     input_weights: tuple[float, ...] | None = None
+    # items per training epoch, and the most the k-means initialisation and the dead-code restarts read:
+    # a larger catalogue trains on a fresh uniform draw of this many items per epoch, read from its
+    # arrays (memory maps included) batch by batch, and all its items are encoded at the end
+    train_items: int = 1 << 20
     seed: int = 0
 
     def __post_init__(self):
@@ -100,7 +106,7 @@ class SIDConfig:
         object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
         if not sizes or min(sizes) < 2:
             raise ValueError(f"codebook_sizes must be a non-empty sequence of ints >= 2, got {self.codebook_sizes}")
-        for name in ("latent_dim", "epochs", "batch_size", "cooccurrence_batch_size"):
+        for name in ("latent_dim", "epochs", "batch_size", "cooccurrence_batch_size", "train_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(h < 1 for h in self.hidden_dims):
@@ -124,72 +130,6 @@ class SIDConfig:
     @property
     def num_levels(self) -> int:
         return len(self.codebook_sizes)
-
-
-# -- input validation ----------------------------------------------------------
-
-def _as_float_tensor(x, name: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        if not np.issubdtype(x.dtype, np.floating):
-            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(x))
-    elif isinstance(x, torch.Tensor):
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        t = x.detach().cpu()
-    else:
-        raise TypeError(f"{name} must be a numpy array or torch tensor [N, d], got {type(x).__name__}")
-    if t.ndim != 2:
-        raise ValueError(f"{name} must have shape [N, d], got shape {tuple(t.shape)}")
-    if t.shape[1] == 0:
-        raise ValueError(f"{name} has zero width (shape {tuple(t.shape)})")
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).any(1).nonzero()[0])
-        raise ValueError(f"{name} contains NaN or infinite values (first at row {bad})")
-    return t.to(torch.float32)
-
-
-def _validate_embeddings(embeddings, expected_dims: tuple[int, ...] | None = None) -> list[torch.Tensor]:
-    """One ``[N, d]`` array or a list of them -> list of float32 tensors."""
-    if isinstance(embeddings, (list, tuple)):
-        if len(embeddings) == 0:
-            raise ValueError("embeddings is an empty list: pass one [N, d] array or a list of them")
-        xs = [_as_float_tensor(x, f"embeddings[{m}]") for m, x in enumerate(embeddings)]
-    else:
-        xs = [_as_float_tensor(embeddings, "embeddings")]
-    n = xs[0].shape[0]
-    if n == 0:
-        raise ValueError("embeddings: the catalogue is empty (0 items)")
-    for m, x in enumerate(xs[1:], 1):
-        if x.shape[0] != n:
-            raise ValueError(
-                f"embeddings[{m}] has {x.shape[0]} rows but embeddings[0] has {n}: "
-                "every content embedding needs one row per item"
-            )
-    if expected_dims is not None:
-        dims = tuple(x.shape[1] for x in xs)
-        if dims != expected_dims:
-            raise ValueError(
-                f"embeddings widths {dims} do not match the fitted tokenizer's input widths {expected_dims}"
-            )
-    return xs
-
-
-def _validate_pairs(cooccurrence, num_items: int) -> torch.Tensor:
-    pairs = np.asarray(cooccurrence.cpu() if isinstance(cooccurrence, torch.Tensor) else cooccurrence)
-    if pairs.ndim != 2 or pairs.shape[1] != 2:
-        raise ValueError(f"cooccurrence must have shape [P, 2] (pairs of item indices), got {pairs.shape}")
-    if pairs.size and not np.issubdtype(pairs.dtype, np.integer):
-        raise TypeError(f"cooccurrence must hold integer item indices, got dtype {pairs.dtype}")
-    if pairs.shape[0] == 0:
-        raise ValueError("cooccurrence is empty: pass None to train without the co-occurrence loss")
-    lo, hi = int(pairs.min()), int(pairs.max())
-    if lo < 0 or hi >= num_items:
-        bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"cooccurrence names item {bad}, but the catalogue has {num_items} items (indices 0..{num_items - 1})"
-        )
-    return torch.from_numpy(pairs.astype(np.int64))
 
 
 # -- the tokenizer -------------------------------------------------------------
@@ -243,12 +183,21 @@ class SemanticIdTokenizer:
         return self.model
 
     # -- training ---------------------------------------------------------------
-    def fit(self, embeddings, cooccurrence=None, *, progress: bool = True) -> np.ndarray:
+    def fit(self, embeddings, cooccurrence=None, *, progress: bool = True,
+            codes_path: str | Path | None = None) -> np.ndarray:
         """Train on the catalogue and return its codes ``[N, L]`` (int64).
 
         Runs on the CPU. The model is small, so on a busy machine with few
         cores ``torch.set_num_threads(1)`` is often faster than the default
         (3.5 s vs 10 s per Beauty epoch on a loaded 2-core machine).
+
+        A catalogue of more than ``train_items`` items is never read whole: the
+        input statistics come from two passes over blocks of rows, each epoch
+        trains on ``train_items`` items drawn afresh and read batch by batch, the
+        k-means initialisation and the dead-code restarts use a fixed draw of
+        ``train_items`` items, and the codes are assigned block by block. Pass
+        ``np.load(path, mmap_mode="r")`` (or a ``np.memmap``) for an embedding
+        file larger than memory.
 
         Args:
             embeddings: ``[N, d]`` array/tensor, or a list of them (one per
@@ -257,27 +206,37 @@ class SemanticIdTokenizer:
                 together (e.g. :func:`plumrec.data.cooccurrence_pairs` on the
                 training sequences); enables the co-occurrence loss when
                 ``cooccurrence_weight > 0``.
-            progress: show a tqdm bar over epochs.
+            progress: show tqdm bars over the epochs and the encoding.
+            codes_path: write the codes to this ``.npy`` file block by block as
+                they are assigned (swapped in when complete) and return it
+                memory-mapped, instead of an array in memory.
         """
         from tqdm.auto import tqdm
 
         cfg = self.config
-        xs = _validate_embeddings(embeddings)
-        n = xs[0].shape[0]
-        pairs = _validate_pairs(cooccurrence, n) if cooccurrence is not None else None
+        inputs = validate_embeddings(embeddings)
+        n = inputs[0].shape[0]
+        pairs = validate_pairs(cooccurrence, n) if cooccurrence is not None else None
         use_cooc = pairs is not None and cfg.cooccurrence_weight > 0
-        if cfg.input_weights is not None and len(cfg.input_weights) != len(xs):
-            raise ValueError(f"input_weights has {len(cfg.input_weights)} weights but fit() got {len(xs)} "
+        if cfg.input_weights is not None and len(cfg.input_weights) != len(inputs):
+            raise ValueError(f"input_weights has {len(cfg.input_weights)} weights but fit() got {len(inputs)} "
                              "embeddings: give one weight per input")
-        weights = [1.0] * len(xs) if cfg.input_weights is None else \
-            [w * len(xs) / sum(cfg.input_weights) for w in cfg.input_weights]
+        weights = [1.0] * len(inputs) if cfg.input_weights is None else \
+            [w * len(inputs) / sum(cfg.input_weights) for w in cfg.input_weights]
 
         gen = torch.Generator().manual_seed(cfg.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model = RQVAE([x.shape[1] for x in xs], cfg.latent_dim, cfg.hidden_dims, cfg.codebook_sizes)
-        model.set_input_stats(xs)
-        xs = model.standardise(xs)
+            model = RQVAE([x.shape[1] for x in inputs], cfg.latent_dim, cfg.hidden_dims, cfg.codebook_sizes)
+        if n <= cfg.train_items:
+            inputs = [as_tensor(x) for x in inputs]
+            model.set_input_stats(inputs)
+            sample = None
+        else:
+            for m, x in enumerate(inputs):
+                model.set_stats(m, *block_stats(x))
+            sample = torch.randperm(n, generator=gen)[:cfg.train_items].sort().values
+        rows = self._rows(model, inputs)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.history = []
 
@@ -285,32 +244,37 @@ class SemanticIdTokenizer:
         for epoch in bar:
             quantize = epoch >= cfg.warmup_epochs
             if epoch == cfg.warmup_epochs:
-                self._kmeans_init(model, xs, gen)
-            record = {**self._train_epoch(model, xs, pairs if use_cooc else None, weights, opt, gen, quantize),
+                self._kmeans_init(model, rows, sample, gen)
+            record = {**self._train_epoch(model, rows, pairs if use_cooc else None, weights, opt, gen, quantize),
                       "epoch": epoch}
             if quantize and cfg.restart_every and (epoch - cfg.warmup_epochs + 1) % cfg.restart_every == 0 \
                     and epoch < cfg.epochs - 1:
-                record["restarted"] = self._restart_dead_codes(model, xs, gen, opt)
+                record["restarted"] = self._restart_dead_codes(model, rows, sample, gen, opt)
             self.history.append(record)
             bar.set_postfix(recon=f"{record['recon']:.4f}", vq=f"{record['vq']:.4f}")
         model.eval()
         self.model = model
-        self.codes = self._encode_standardised(xs)
-        return self.codes.copy()
+        self.codes = self._encode_rows(rows, codes_path, progress)
+        return self.codes if codes_path is not None else self.codes.copy()
 
-    def _train_epoch(self, model: RQVAE, xs, pairs: torch.Tensor | None, weights: list[float], opt, gen,
+    @staticmethod
+    def _rows(model: RQVAE, inputs: list) -> Rows:
+        return Rows(inputs, [getattr(model, f"in_mean_{m}") for m in range(len(inputs))],
+                    [getattr(model, f"in_scale_{m}") for m in range(len(inputs))])
+
+    def _train_epoch(self, model: RQVAE, rows: Rows, pairs: torch.Tensor | None, weights: list[float], opt, gen,
                      quantize: bool) -> dict:
-        """One epoch over the catalogue in shuffled batches; the mean of each loss term. ``quantize``:
-        after the warm-up, with the quantiser (straight-through) and progressive masking; ``pairs``:
-        the co-occurrence pairs when their loss is on."""
-        cfg, L, n = self.config, self.config.num_levels, xs[0].shape[0]
+        """One epoch over ``train_items`` items (all of a smaller catalogue) in shuffled batches; the mean
+        of each loss term. ``quantize``: after the warm-up, with the quantiser (straight-through) and
+        progressive masking; ``pairs``: the co-occurrence pairs when their loss is on."""
+        cfg, L = self.config, self.config.num_levels
         model.train()
         sums = {"recon": 0.0, "vq": 0.0, "cooc": 0.0}
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(rows.num_rows, generator=gen)[:cfg.train_items]
         steps = 0
-        for start in range(0, n, cfg.batch_size):
+        for start in range(0, len(perm), cfg.batch_size):
             idx = perm[start:start + cfg.batch_size]
-            xb = [x[idx] for x in xs]
+            xb = rows.take(idx)
             z = model.encode_latent(xb)
             if quantize:
                 _, q, r = model.quantize(z)  # [L, B, D] each
@@ -331,7 +295,7 @@ class SemanticIdTokenizer:
             recon = sum(w * F.mse_loss(xh, x) for w, xh, x in zip(weights, model.decode(z_in), xb)) / len(xb)
             loss = recon + vq
             if pairs is not None:
-                cooc = self._cooc_loss(model, xs, pairs, gen)
+                cooc = self._cooc_loss(model, rows, pairs, gen)
                 loss = loss + cfg.cooccurrence_weight * cooc
                 sums["cooc"] += float(cooc.detach())
             opt.zero_grad(set_to_none=True)
@@ -342,12 +306,12 @@ class SemanticIdTokenizer:
             steps += 1
         return {k: v / steps for k, v in sums.items()}
 
-    def _cooc_loss(self, model: RQVAE, xs, pairs: torch.Tensor, gen) -> torch.Tensor:
+    def _cooc_loss(self, model: RQVAE, rows: Rows, pairs: torch.Tensor, gen) -> torch.Tensor:
         cfg = self.config
         pick = torch.randint(len(pairs), (min(cfg.cooccurrence_batch_size, len(pairs)),), generator=gen)
         a, b = pairs[pick, 0], pairs[pick, 1]
-        za = F.normalize(model.encode_latent([x[a] for x in xs]), dim=1)
-        zb = F.normalize(model.encode_latent([x[b] for x in xs]), dim=1)
+        za = F.normalize(model.encode_latent(rows.take(a)), dim=1)
+        zb = F.normalize(model.encode_latent(rows.take(b)), dim=1)
         logits = za @ zb.T / cfg.cooccurrence_temperature
         # The same item may appear twice in a batch: only exact partners are positives.
         same = (a[:, None] == a[None, :]) & (b[:, None] == b[None, :])
@@ -356,31 +320,31 @@ class SemanticIdTokenizer:
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
     @torch.no_grad()
-    def _latents(self, model: RQVAE, xs, chunk: int = 8192) -> torch.Tensor:
+    def _latents(self, model: RQVAE, rows: Rows, sample: torch.Tensor | None) -> torch.Tensor:
+        """Latents ``[K, D]`` of the rows ``sample`` (every row when None)."""
         model.eval()
-        out = torch.cat([model.encode_latent([x[s:s + chunk] for x in xs])
-                         for s in range(0, xs[0].shape[0], chunk)])
+        out = torch.cat([model.encode_latent(xb) for xb in rows.blocks(sample)])
         model.train()
         return out
 
     @torch.no_grad()
-    def _kmeans_init(self, model: RQVAE, xs, gen) -> None:
-        r = self._latents(model, xs)
+    def _kmeans_init(self, model: RQVAE, rows: Rows, sample: torch.Tensor | None, gen) -> None:
+        r = self._latents(model, rows, sample)
         for l, cb in enumerate(model.codebooks):
             c = kmeans(r, cb.shape[0], iters=self.config.kmeans_iters, generator=gen)
             cb.copy_(c)
             r = r - c[nearest(r, c, dist=torch.cdist)[0]]
 
     @torch.no_grad()
-    def _restart_dead_codes(self, model: RQVAE, xs, gen, opt) -> int:
+    def _restart_dead_codes(self, model: RQVAE, rows: Rows, sample: torch.Tensor | None, gen, opt) -> int:
         """Move unused codewords onto residuals of badly quantised items.
 
-        Level by level over the whole catalogue (a restart at level l changes
-        the residuals below it; the nearest codewords are found in blocks of
-        rows, :func:`~plumrec.sid.rqvae.nearest`). Returns how many codewords
-        were restarted.
+        Level by level over the catalogue (or its draw ``sample``; a restart at
+        level l changes the residuals below it; the nearest codewords are found
+        in blocks of rows, :func:`~plumrec.sid.rqvae.nearest`). Returns how many
+        codewords were restarted.
         """
-        r = self._latents(model, xs)
+        r = self._latents(model, rows, sample)
         restarted = 0
         for cb in model.codebooks:
             codes = nearest(r, cb, dist=torch.cdist)[0]
@@ -404,21 +368,45 @@ class SemanticIdTokenizer:
 
     # -- inference ----------------------------------------------------------------
     @torch.no_grad()
-    def _encode_standardised(self, xs, chunk: int = 8192) -> np.ndarray:
+    def _encode_rows(self, rows: Rows, codes_path: str | Path | None = None, progress: bool = False,
+                     chunk: int = 8192) -> np.ndarray:
+        """Codes ``[N, L]`` int64 of every row, block by block: in memory, or written into the ``.npy``
+        file ``codes_path`` as they come (a temporary file beside it, renamed when complete) and returned
+        memory-mapped read-only."""
+        from tqdm.auto import tqdm
+
         model = self._require_fitted()
-        out = []
-        for s in range(0, xs[0].shape[0], chunk):
-            codes, _, _ = model.quantize(model.encode_latent([x[s:s + chunk] for x in xs]))
-            out.append(codes)
-        return torch.cat(out).numpy().astype(np.int64)
+        shape = (rows.num_rows, self.num_levels)
+        if codes_path is None:
+            out, tmp = np.empty(shape, np.int64), None
+        else:
+            codes_path = Path(codes_path)
+            tmp = codes_path.with_name(f".{codes_path.name}.tmp")
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=shape)
+        bar = tqdm(total=rows.num_rows, desc="SID codes", disable=not progress, unit="item", unit_scale=True)
+        s = 0
+        for xb in rows.blocks(rows=chunk):
+            codes, _, _ = model.quantize(model.encode_latent(xb))
+            out[s:s + len(codes)] = codes.numpy()
+            s += len(codes)
+            bar.update(len(codes))
+        bar.close()
+        if tmp is None:
+            return out
+        out.flush()
+        del out
+        os.replace(tmp, codes_path)
+        return np.load(codes_path, mmap_mode="r")
 
     @torch.no_grad()
-    def encode(self, embeddings) -> np.ndarray:
-        """Codes ``[N, L]`` (int64) of items, fitted or new, without retraining."""
+    def encode(self, embeddings, *, codes_path: str | Path | None = None, progress: bool = False) -> np.ndarray:
+        """Codes ``[N, L]`` (int64) of items, fitted or new, without retraining; read and assigned in
+        blocks of rows (an array larger than memory can be a memory map). ``codes_path``: write them to
+        that ``.npy`` file as they come and return it memory-mapped (see :meth:`fit`)."""
         model = self._require_fitted()
         model.eval()
-        xs = _validate_embeddings(embeddings, model.input_dims)
-        return self._encode_standardised(model.standardise(xs))
+        xs = validate_embeddings(embeddings, model.input_dims)
+        return self._encode_rows(self._rows(model, xs), codes_path, progress)
 
     @torch.no_grad()
     def reconstruct(self, embeddings, levels: int | None = None) -> list[np.ndarray]:
@@ -428,7 +416,7 @@ class SemanticIdTokenizer:
         levels = self.num_levels if levels is None else levels
         if not 1 <= levels <= self.num_levels:
             raise ValueError(f"levels must be in [1, {self.num_levels}], got {levels}")
-        xs = _validate_embeddings(embeddings, model.input_dims)
+        xs = [as_tensor(x) for x in validate_embeddings(embeddings, model.input_dims)]
         _, q, _ = model.quantize(model.encode_latent(model.standardise(xs)), levels)
         outs = model.decode(q.sum(0))
         return [(o * getattr(model, f"in_scale_{m}") + getattr(model, f"in_mean_{m}")).numpy()
@@ -440,7 +428,7 @@ class SemanticIdTokenizer:
         all levels, averaged over the content embeddings (0 = perfect, 1 = no
         better than predicting the mean)."""
         model = self._require_fitted()
-        xs = _validate_embeddings(embeddings, model.input_dims)
+        xs = [as_tensor(x) for x in validate_embeddings(embeddings, model.input_dims)]
         recon = self.reconstruct(xs)
         errs = []
         for x, xh in zip(xs, recon):
@@ -462,7 +450,7 @@ class SemanticIdTokenizer:
         model = self._require_fitted()
         tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         if self.codes is not None:
-            tensors["fitted_codes"] = torch.from_numpy(self.codes)
+            tensors["fitted_codes"] = torch.from_numpy(np.array(self.codes, np.int64))
         return write_tokenizer(path, dataclasses.asdict(self.config), model.input_dims, tensors)
 
     @classmethod

@@ -79,3 +79,42 @@ def test_check_histories_names_the_bad_history():
         check_histories([np.array([-1])], 3)
     with pytest.raises(TypeError, match=r"histories\[0\] must be a 1-D integer array"):
         check_histories([np.array([0.5])], 3)
+
+
+def _order(stream, start, count):
+    return [stream._index(p) for p in range(start, start + count)]
+
+
+def _block_order(n, block, seed, epoch):
+    """The expected epoch order of the block shuffle, written out block by block."""
+    nb = -(-n // block)
+    out = []
+    for b in np.random.default_rng([seed, epoch]).permutation(nb):
+        size = min(block, n - b * block)
+        out += (b * block + np.random.default_rng([seed, epoch, int(b)]).permutation(size)).tolist()
+    return out
+
+
+@pytest.mark.parametrize("n", [23, 24])  # a partial last block, and none
+def test_block_shuffle_visits_every_index_once_and_resumes_anywhere(monkeypatch, n):
+    import plumrec.sequences as sequences
+
+    monkeypatch.setattr(sequences, "FULL_SHUFFLE_MAX", 8)
+    monkeypatch.setattr(sequences, "SHUFFLE_BLOCK", 4)
+    stream = ExampleStream(list(range(n)), max_tokens=8, seed=3)
+    order = _order(stream, 0, 3 * n)
+    for e in range(3):
+        epoch = order[e * n:(e + 1) * n]
+        assert sorted(epoch) == list(range(n))
+        assert epoch == _block_order(n, 4, 3, e)
+    assert order[:n] != order[n:2 * n]
+    for p in range(0, 3 * n, 5):  # a stream rebuilt at p continues identically
+        assert _order(ExampleStream(list(range(n)), max_tokens=8, seed=3, position=p), p, 2 * n) \
+            == _order(stream, p, 2 * n)
+
+
+def test_small_datasets_keep_the_full_permutation():
+    n = 37
+    stream = ExampleStream(list(range(n)), max_tokens=8, seed=4)
+    expected = np.concatenate([np.random.default_rng([4, e]).permutation(n) for e in range(2)]).tolist()
+    assert _order(stream, 0, 2 * n) == expected

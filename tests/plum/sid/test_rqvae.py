@@ -63,6 +63,29 @@ def test_kmeans_fits_a_sample_above_the_cap():
     assert torch.equal(a, b)
 
 
+def test_sampled_seeding_above_the_seed_cap(monkeypatch):
+    """Above ``max(SEED_POINTS, SEED_POINTS_PER_CENTROID * k)`` points the k-means++ seeding draws its
+    centroids from a uniform sample (inverse-CDF draws): every seed is a data point, the seeds of well
+    separated clusters land one per cluster, and k-means still finds the clusters."""
+    import plumrec.sid.rqvae as rq
+
+    monkeypatch.setattr(rq, "SEED_POINTS", 64)
+    monkeypatch.setattr(rq, "SEED_POINTS_PER_CENTROID", 8)
+    g = torch.Generator().manual_seed(3)
+    centres = 50.0 * torch.randn(6, 3, generator=g)
+    x = torch.cat([c + 0.1 * torch.randn(400, 3, generator=g) for c in centres])
+    seeds = rq._kmeanspp_sampled(x, 6, torch.Generator().manual_seed(0), 64)
+    assert (seeds[:, None] == x[None]).all(-1).any(1).all()
+    assert len(set(torch.cdist(seeds, centres).argmin(1).tolist())) == 6
+    calls = []
+    monkeypatch.setattr(rq, "_kmeanspp", lambda *a: calls.append(a) or seeds)
+    c = kmeans(x, 6, iters=5, generator=torch.Generator().manual_seed(0), max_points=2400)
+    assert not calls  # 2,400 points > max(64, 8 * 6): the sampled seeding ran
+    assert (torch.cdist(centres, c).min(1).values < 0.1).all()
+    kmeans(x[:40], 6, iters=1, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1  # 40 points <= 64: the seeding over all points
+
+
 @pytest.mark.parametrize("dims", [(12,), (12, 5, 7)])
 def test_state_shapes_are_the_built_models(dims):
     """The shapes a saved state is checked against before anything is built."""

@@ -237,11 +237,11 @@ def test_dead_code_restart_revives_codes(cat):
     with torch.no_grad():
         m.codebooks[0][:5] = 1e3  # five codewords no item can reach
         m.codebooks[1][:3] = -1e3
-    xs = m.standardise([torch.from_numpy(cat.embeddings["text"])])
+    rows = tok._rows(m, [torch.from_numpy(cat.embeddings["text"])])
     used_before = np.unique(tok.encode(cat.embeddings["text"])[:, 0])
     assert not np.isin(np.arange(5), used_before).any()
     opt = torch.optim.AdamW(m.parameters())
-    n = tok._restart_dead_codes(m, xs, torch.Generator().manual_seed(0), opt)
+    n = tok._restart_dead_codes(m, rows, None, torch.Generator().manual_seed(0), opt)
     assert n >= 8
     codes = tok.encode(cat.embeddings["text"])
     assert np.isin(np.arange(5), codes[:, 0]).all()
@@ -261,6 +261,35 @@ def test_codebook_presets():
     assert SemanticIdTokenizer(TIGER_CODEBOOKS).codebook_sizes == (256, 256, 256)
     with pytest.raises(ValueError, match=">= 2"):
         multi_resolution_codebooks(8, 4, factor=4)
+
+
+def test_a_catalogue_above_train_items_streams_from_a_memory_map(tmp_path):
+    """More items than ``train_items``: fitted from a memory-mapped file (epochs of fresh draws, statistics
+    in blocks), codes written to ``codes_path`` as they come and returned memory-mapped; they equal
+    ``encode`` of the same rows in memory, follow the clusters (first-level purity) and are nearly unique."""
+    from plumrec.data.scale import write_clustered_embeddings
+    from plumrec.sid import first_level_purity
+
+    path, labels = write_clustered_embeddings(tmp_path / "emb.npy", 3000, dim=16, num_clusters=12, noise=0.3,
+                                              progress=False)
+    emb = np.load(path, mmap_mode="r")
+    cfg = dict(TINY, epochs=24, warmup_epochs=6, train_items=1000)
+    tok = SemanticIdTokenizer((24, 64, 64), seed=0, **cfg)
+    codes = tok.fit(emb, progress=False, codes_path=tmp_path / "codes.npy")
+    assert isinstance(codes, np.memmap) and codes.shape == (3000, 3) and codes.dtype == np.int64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.npy", "emb.clusters.npy", "emb.npy"]
+    np.testing.assert_array_equal(codes, tok.encode(np.array(emb)))
+    assert first_level_purity(codes, np.load(labels)) >= 0.9
+    again = SemanticIdTokenizer((24, 64, 64), seed=0, **cfg).fit(emb, progress=False)
+    np.testing.assert_array_equal(again, codes)
+    same_steps = dict(cfg, epochs=8, warmup_epochs=2, train_items=3000)  # in memory, as many training items
+    whole = SemanticIdTokenizer((24, 64, 64), seed=0, **same_steps).fit(np.array(emb), progress=False)
+    uniqueness = [sid_quality(c, tok.codebook_sizes).uniqueness for c in (codes, whole)]
+    assert uniqueness[0] >= uniqueness[1] - 0.05, uniqueness
+    stats = [tok.model.in_mean_0.numpy(), tok.model.in_scale_0.item()]
+    whole = np.array(emb, np.float64)
+    np.testing.assert_allclose(stats[0], whole.mean(0), atol=1e-5)
+    assert stats[1] == pytest.approx(np.sqrt(((whole - whole.mean(0)) ** 2).mean()), rel=1e-5)
 
 
 # -- bad input -------------------------------------------------------------------
