@@ -1,4 +1,4 @@
-"""Generative retrieval on a dataset directory against the published Amazon Beauty numbers (TIGER, SASRec).
+"""Generative retrieval on a dataset directory against the published numbers of Amazon Beauty, Toys or Sports.
 
     python benchmarks/bench_retrieval.py --dataset /work/shared/data/amazon-beauty --out runs/beauty \\
         [--budget-minutes 30] [--seed 0] [--beam-width 20] [--split valid] [--exclude-history] [--sft-only]
@@ -6,7 +6,7 @@
 The same pipeline and options as ``plum run`` (:mod:`plumrec.pipeline.run`):
 text embeddings, the SASRec baseline, SIDs, CPT, SFT distilled from SASRec,
 trie-constrained beam search over every item, the popularity and SASRec
-baselines on the same users, a table beside the published numbers and
+baselines on the same users, a table beside the dataset's published numbers and
 ``OUT/results*.json``; resumable with the same OUT. Its defaults are
 ``plumrec/configs/amazon.toml``, each with the comparison that chose it.
 ``benchmarks/compare_retrieval.py OUT_A OUT_B`` compares two runs on the same

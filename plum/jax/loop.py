@@ -57,7 +57,8 @@ class TrainResult(NamedTuple):
 
 def check_supported(tcfg: TrainConfig) -> None:
     """``ValueError`` naming the :class:`TrainConfig` fields this single-process JAX loop does not apply:
-    ``bf16=True`` (the JAX model trains in its parameters' dtype) and ``fsdp=True``."""
+    ``bf16=True`` (the JAX model trains in its parameters' dtype), ``fsdp=True``, and the validation checks
+    with early stopping (``eval_every`` / ``patience``: the torch loop's)."""
     if not isinstance(tcfg, TrainConfig):
         raise TypeError(f"tcfg must be a TrainConfig, got {type(tcfg).__name__}")
     if tcfg.bf16:
@@ -65,6 +66,9 @@ def check_supported(tcfg: TrainConfig) -> None:
                          "dtype: pass bfloat16 params instead); use bf16=None or False")
     if tcfg.fsdp:
         raise ValueError("TrainConfig.fsdp=True is not supported by the JAX loop (single process); use fsdp=False")
+    if tcfg.eval_every or tcfg.patience:
+        raise ValueError(f"TrainConfig.eval_every={tcfg.eval_every} / patience={tcfg.patience}: the JAX loop has no "
+                         "validation checks or early stopping (the torch loop has); use 0 for both")
 
 
 def _bucket(n: int, cap: int) -> int:

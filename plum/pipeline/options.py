@@ -25,7 +25,8 @@ __all__ = ["MIN_BEAM_WIDTH", "add_run_arguments", "check_run_arguments", "parse_
 
 MIN_BEAM_WIDTH = 20  # TIGER's beam width: the published numbers are at this width
 ATTRIBUTES_GLOB = "*_item2attributes.json"  # S3-Rec's item attributes beside the interactions
-TRAIN_RESERVED = {"steps": "--steps or --budget-minutes", "seed": "--seed", "progress": "--no-progress"}
+TRAIN_RESERVED = {"steps": "--steps or --budget-minutes", "seed": "--seed", "progress": "--no-progress",
+                  "epochs": "--sft-epochs"}
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-minutes", type=float, default=30.0, help="total training time: CPT+SFT+SASRec")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", default=None, help="CPT,SFT,SASREC steps: pin them instead of calibrating")
+    p.add_argument("--sft-epochs", type=float, default=None,
+                   help="SFT's length in epochs of its examples: ceil(E * examples / examples per step) steps "
+                        "(plumrec.train.steps_for_epochs), in place of the SFT steps of the budget or --steps "
+                        "(default: the config's sft.epochs; 0: off)")
+    p.add_argument("--sft-eval-every", type=int, default=None,
+                   help="score SFT's model on the validation users (recall@10, at most sft.eval_users of them) "
+                        "every N steps and keep the best one (default: the config's sft.eval_every; 0: off)")
+    p.add_argument("--sft-patience", type=int, default=None,
+                   help="stop SFT after N evaluations without a new best (needs --sft-eval-every; default: the "
+                        "config's sft.patience; 0: never early)")
     _add_model_arguments(p)
     _add_input_arguments(p)
     p.add_argument("--beam-width", type=int, default=MIN_BEAM_WIDTH,
@@ -129,7 +140,7 @@ def check_run_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> ar
     a.sid_overrides = json_fields_arg(p, "--sid-overrides", a.sid_overrides, SIDConfig,
                                       {"codebook_sizes": "--codebook-sizes", "epochs": "--sid-epochs",
                                        "seed": "--seed"})
-    a.train_overrides = train_overrides_arg(p, json_fields_arg(p, "--train-overrides", a.train_overrides), d)
+    a.train_overrides = train_overrides_arg(p, _sft_selection_args(p, a), d)
     a.sasrec_overrides = json_fields_arg(p, "--sasrec-overrides", a.sasrec_overrides, SASRecConfig,
                                          {"num_items": "the dataset (its item count)",
                                           "max_len": "--train-overrides '{\"sft\": {\"max_items\": N}}'"})
@@ -149,6 +160,26 @@ def check_run_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> ar
             p.error(f"--steps must be three positive integers CPT,SFT,SASREC, got {a.steps!r}")
         a.steps = dict(zip(TRAIN_STAGES, steps))
     return a
+
+
+def _sft_selection_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
+    """``--train-overrides`` as a dict, with ``--sft-eval-every`` and ``--sft-patience`` as its ``sft``
+    ``eval_every`` and ``patience`` (given twice: ``p.error``); sets ``a.sft_epochs`` (the config's
+    ``sft.epochs`` when not given)."""
+    obj = json_fields_arg(p, "--train-overrides", a.train_overrides)
+    for flag, key, value in (("--sft-eval-every", "eval_every", a.sft_eval_every),
+                             ("--sft-patience", "patience", a.sft_patience)):
+        if value is None:
+            continue
+        if value < 0:
+            p.error(f"{flag} must be >= 0 (0: off), got {value}")
+        if isinstance(obj.get("sft"), dict) and key in obj["sft"]:
+            p.error(f"{flag} and --train-overrides sft.{key} both set it: give one")
+        obj["sft"] = {**obj.get("sft", {}), key: value}
+    a.sft_epochs = float(a.defaults["sft"].get("epochs", 0)) if a.sft_epochs is None else a.sft_epochs
+    if not (math.isfinite(a.sft_epochs) and a.sft_epochs >= 0):
+        p.error(f"--sft-epochs must be a finite number >= 0 (0: off), got {a.sft_epochs}")
+    return obj
 
 
 def _check_model_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:

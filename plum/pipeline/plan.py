@@ -5,8 +5,11 @@ it (``[run.budget]`` of the defaults), turned into a step count from a short
 timed calibration run of that stage (``OUT/calibration/``). The step counts
 are written to ``OUT/plan.json`` and reused on every later run with the same
 OUT, so a run is deterministic for a seed given its plan; ``--steps
-CPT,SFT,SASREC`` pins the steps and skips calibration. The SID fit and the
-evaluations are outside the budget and are timed separately.
+CPT,SFT,SASREC`` pins the steps and skips calibration. ``--sft-epochs E``
+(``sft.epochs``) sets SFT's steps instead, from ``E`` epochs of its examples
+(:func:`sft_epoch_steps`), so that a smaller catalogue does not train more
+epochs for the same steps. The SID fit and the evaluations are outside the
+budget and are timed separately.
 """
 from __future__ import annotations
 
@@ -18,14 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from plumrec.io import read_json, write_json
+from plumrec.model.vocab import SIDVocab
 from plumrec.pipeline.config import load_run_config, train_config
 from plumrec.pipeline.settings import TRAIN_STAGES, check_run_settings, run_settings
 from plumrec.pipeline.stages import base_model, cpt_corpus, sasrec_baseline, sft_dataset, sft_loss
 from plumrec.pipeline.workspace import Workspace
-from plumrec.train.loop import train
+from plumrec.train.loop import steps_for_epochs, train
 from plumrec.train.losses import lm_loss
 
-__all__ = ["CALIBRATION_STEPS", "COLLAB_FILE", "ATTR_FILE", "run_config", "calibrate", "read_plan", "make_plan"]
+__all__ = ["CALIBRATION_STEPS", "COLLAB_FILE", "ATTR_FILE", "run_config", "sft_epoch_steps", "calibrate", "read_plan",
+           "make_plan"]
 
 CALIBRATION_STEPS = 3
 COLLAB_FILE = "sasrec_item_embeddings.npy"  # SASRec's item table under OUT, with --collaborative-sids
@@ -46,6 +51,7 @@ def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
         sections[k]["progress"] = not args.no_progress
         sections[k]["warmup_steps"] = min(sections[k]["warmup_steps"], max(sections[k]["steps"] // 10, 1))
         sections[k].update(args.train_overrides.get(k, {}))  # an explicit warmup_steps is kept as given
+    sections["sft"]["epochs"] = getattr(args, "sft_epochs", sections["sft"].get("epochs", 0))
     return load_run_config(
         None, workdir=str(out), seed=args.seed,
         data={"path": args.dataset, "embeddings": [str(emb_path), *args.extra_embeddings, *attrs, *collab]},
@@ -64,6 +70,8 @@ def read_plan(args, out: Path, emb_path: Path) -> tuple[dict | None, dict]:
     plan = read_json(plan_path) if plan_path.exists() else None
     if plan is not None and not (isinstance(plan, dict) and "steps" in plan):
         raise ValueError(f"{plan_path}: expected a plan (a JSON object with 'steps'); use a new --out")
+    if plan is not None and args.steps and plan.get("sft_epochs"):  # SFT's steps came from its epochs
+        args.steps = {**args.steps, "sft": plan["steps"]["sft"]}
     if plan is not None and args.steps and args.steps != plan["steps"]:
         raise ValueError(f"{out} was planned with steps {plan['steps']}, not {args.steps}; use a new --out")
     cfg = run_config(args, out, emb_path, plan["steps"] if plan else args.steps)
@@ -85,12 +93,28 @@ def make_plan(ws: Workspace, args, out: Path, emb_path: Path) -> dict:
     else:
         per_step = calibrate(ws, args, out)
         steps = {k: max(int(budget_s * shares[k] / per_step[k]), 10) for k in shares}
+    epochs = getattr(args, "sft_epochs", 0)
+    if epochs:
+        steps = {**steps, "sft": sft_epoch_steps(ws, epochs)}
     plan = {"budget_minutes": None if args.steps else args.budget_minutes, "shares": shares,
-            "seconds_per_step": per_step, "steps": steps}
+            "seconds_per_step": per_step, "steps": steps, **({"sft_epochs": epochs} if epochs else {})}
     ws.cfg = run_config(args, out, emb_path, steps)
     plan["settings"] = run_settings(args, ws.cfg)
     write_json(out / "plan.json", plan, indent=1)
     return plan
+
+
+def sft_epoch_steps(ws: Workspace, epochs: float) -> int:
+    """SFT's steps for ``epochs`` passes over its examples (:func:`plumrec.train.loop.steps_for_epochs` with
+    the ``sft`` section's ``max_tokens`` and ``grad_accum``). Runs before the SID fit: the examples are built
+    on random codes of the configured codebook sizes, which give the fitted SIDs' token counts."""
+    sizes = tuple(ws.cfg["sid"]["codebook_sizes"])
+    rng = np.random.default_rng(0)
+    codes = np.stack([rng.integers(0, n, ws.num_items) for n in sizes], axis=1)
+    c = ws.cfg["sft"]
+    data = sft_dataset(ws, SIDVocab(0, sizes), codes)
+    return steps_for_epochs(data, epochs, max_tokens=c["max_tokens"], grad_accum=c.get("grad_accum", 1),
+                            seed=ws.cfg["seed"])
 
 
 def calibrate(ws: Workspace, args, out: Path) -> dict:
@@ -115,8 +139,8 @@ def calibrate(ws: Workspace, args, out: Path) -> dict:
         data = cpt_corpus(ws, vocab, text, codes) if name == "cpt" else sft_dataset(ws, vocab, codes)
         t0 = time.perf_counter()
         loss = lm_loss if name == "cpt" else sft_loss(ws, vocab, codes, teacher=teacher)
-        train(model, data, train_config(c, ws.cfg["seed"], False), cal / name, loss_fn=loss,
-              stop_after=CALIBRATION_STEPS)
+        tcfg = dataclasses.replace(train_config(c, ws.cfg["seed"], False), eval_every=0, patience=0)
+        train(model, data, tcfg, cal / name, loss_fn=loss, stop_after=CALIBRATION_STEPS)
         per_step[name] = (time.perf_counter() - t0) / CALIBRATION_STEPS
     ws.cfg = base
     model, data, tcfg, loss = sasrec_baseline(ws, args.sasrec_overrides)

@@ -9,13 +9,16 @@ same users with a paired standard error. The results are written to
 ``OUT/results{protocol}{beam}.json`` in ``plum demo``'s format (model ->
 recall@5, recall@10, ndcg@5, ndcg@10, invalid_rate, and the exposure measures
 of :data:`EXPOSURE_KEYS` where the evaluation has them) plus ``metadata``.
-The printed table has a second block with the exposure of our rows' top-10
+The published rows beside ours are the dataset's own (:func:`published_rows`: Amazon Beauty, Toys or
+Sports, recognised from the dataset's folder or file name, each row with its protocol); another dataset
+gets none. The printed table has a second block with the exposure of our rows' top-10
 lists: coverage, entropy and Gini of the aggregate exposure, the tail items'
 share and novelty (:mod:`plumrec.metrics`; popularity from the training split).
 An evaluation cached before these measures existed shows ``-`` there.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -25,18 +28,74 @@ from plumrec.io import atomic_path, read_json, write_json
 from plumrec.metrics import HEAD_FRACTION
 from plumrec.pipeline.options import MIN_BEAM_WIDTH
 
-__all__ = ["RESULT_KEYS", "EXPOSURE_KEYS", "PUBLISHED", "split_tag", "beam_tag", "ranks_path", "cached_evaluation",
-           "print_table"]
+__all__ = ["RESULT_KEYS", "EXPOSURE_KEYS", "PUBLISHED", "PUBLISHED_BY_DATASET", "published_dataset", "published_rows",
+           "split_tag", "beam_tag", "ranks_path", "cached_evaluation", "print_table"]
 
 RESULT_KEYS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate")
 EXPOSURE_KEYS = ("coverage@10", "entropy@10", "entropy_norm@10", "gini@10", "tail_exposure@10", "novelty@10")
 
-# Published Amazon Beauty test numbers (the same S3-Rec leave-one-out split, full ranking), printed beside ours.
-PUBLISHED = {
-    "TIGER (paper)": {"recall@5": 0.0454, "ndcg@5": 0.0321, "recall@10": 0.0648, "ndcg@10": 0.0384},
-    "SASRec (TIGER table)": {"recall@5": 0.0387, "ndcg@5": 0.0249, "recall@10": 0.0605, "ndcg@10": 0.0318},
-    "SASRec CE (RecBole)": {"recall@10": 0.0821, "ndcg@10": 0.0405},
+_SPLIT = "S3-Rec 5-core leave-one-out, full ranking, test split"
+_NOT_STATED = "history excluded: not stated"
+
+
+def _row(r10: float, n10: float, note: str, r5: float | None = None, n5: float | None = None) -> dict:
+    at5 = {} if r5 is None else {"recall@5": r5, "ndcg@5": n5}
+    return {**at5, "recall@10": r10, "ndcg@10": n10, "protocol": note}
+
+
+# Published test numbers on the Amazon 2014 datasets (S3-Rec's leave-one-out split, full ranking), per dataset:
+# row name -> metrics and "protocol" (what the number was measured under, as far as its source says).
+PUBLISHED_BY_DATASET: dict[str, dict[str, dict]] = {
+    "Beauty": {
+        "TIGER (paper)": _row(0.0648, 0.0384, f"TIGER (NeurIPS 2023) table, beam 20; {_NOT_STATED}", 0.0454, 0.0321),
+        "SASRec (TIGER table)": _row(0.0605, 0.0318, f"SASRec row of TIGER's table; {_NOT_STATED}", 0.0387, 0.0249),
+        "SASRec CE (RecBole)": _row(0.0821, 0.0405, "RecBole SASRec, cross-entropy; RecBole's full sort: history "
+                                    "excluded"),
+        "RPG": _row(0.0809, 0.0464, f"RPG (KDD 2025); {_NOT_STATED}"),
+        "ActionPiece": _row(0.0775, 0.0424, f"ActionPiece (ICML 2025), beam 50, 5-way inference ensemble; "
+                            f"{_NOT_STATED}"),
+        "SASRec well tuned": _row(0.0928, 0.0531, "'SASRec is Still Strong' (range R@10 .0921-.0928, N@10 "
+                                  f".0523-.0531; the top shown); {_NOT_STATED}"),
+        "LLM SFT on SIDs": _row(0.0925, 0.0501, f"OneRec-style SFT of a 1.7B Qwen3 on SIDs; {_NOT_STATED}"),
+    },
+    "Toys": {
+        "TIGER (paper)": _row(0.0712, 0.0432, f"TIGER (NeurIPS 2023) table, beam 20; {_NOT_STATED}", 0.0521, 0.0371),
+        "SASRec (TIGER table)": _row(0.0675, 0.0374, f"SASRec row of TIGER's table; {_NOT_STATED}", 0.0463, 0.0306),
+        "RPG": _row(0.0869, 0.0490, f"RPG (KDD 2025); {_NOT_STATED}"),
+        "SASRec well tuned": _row(0.0970, 0.0580, f"'SASRec is Still Strong'; {_NOT_STATED}"),
+        "LLM SFT on SIDs": _row(0.0946, 0.0541, f"OneRec-style SFT of a 1.7B Qwen3 on SIDs; {_NOT_STATED}"),
+    },
+    "Sports": {
+        "TIGER (paper)": _row(0.0400, 0.0225, f"TIGER (NeurIPS 2023) table, beam 20; {_NOT_STATED}", 0.0264, 0.0181),
+        "SASRec (TIGER table)": _row(0.0350, 0.0192, f"SASRec row of TIGER's table; {_NOT_STATED}", 0.0233, 0.0154),
+    },
 }
+# Amazon Beauty's rows (the dataset the defaults were chosen on)
+PUBLISHED = PUBLISHED_BY_DATASET["Beauty"]
+# lower-case words of a dataset's folder or file name -> the dataset of PUBLISHED_BY_DATASET
+_DATASET_WORDS = {"beauty": "Beauty", "toys": "Toys", "sports": "Sports"}
+
+
+def published_dataset(dataset: str | os.PathLike) -> str | None:
+    """The dataset of :data:`PUBLISHED_BY_DATASET` that the path or name ``dataset`` is (its last component,
+    case-insensitive: ``amazon-beauty``, ``Beauty``, ``beauty_2014``, ``Toys_and_Games``, ``sports``, ...; for a
+    file, e.g. ``Beauty.txt``, its name or else its folder's), or None when no one dataset matches."""
+    if not isinstance(dataset, (str, os.PathLike)):
+        raise TypeError(f"dataset must be a path or a name, got {type(dataset).__name__}")
+    path = Path(dataset)
+    names = [path.name] + ([path.parent.name] if path.suffix else [])
+    for name in names:
+        found = {canon for word, canon in _DATASET_WORDS.items() if word in name.lower()}
+        if len(found) == 1:
+            return found.pop()
+    return None
+
+
+def published_rows(dataset: str | os.PathLike) -> dict:
+    """The published rows of ``dataset`` (:func:`published_dataset`): row name -> metrics and ``"protocol"``;
+    ``{}`` for a dataset without published rows."""
+    name = published_dataset(dataset)
+    return {} if name is None else {row: dict(r) for row, r in PUBLISHED_BY_DATASET[name].items()}
 
 
 def split_tag(split: str, exclude_history: bool) -> str:
@@ -68,8 +127,11 @@ def cached_evaluation(path: Path, fn, targets: np.ndarray, k: int) -> tuple[dict
     return res, time.perf_counter() - t0
 
 
-def print_table(table: dict, meta: dict, sid_info: dict) -> None:
-    """Our rows (``table``: model -> metrics) beside :data:`PUBLISHED`, with the run's setting."""
+def print_table(table: dict, meta: dict, sid_info: dict, dataset: str | os.PathLike | None = None) -> None:
+    """Our rows (``table``: model -> metrics) beside the published rows of the dataset (``dataset``, by
+    default ``meta["dataset"]``; :func:`published_rows`), each with its protocol, and the run's setting."""
+    dataset = meta.get("dataset") if dataset is None else dataset
+    published = published_rows(dataset) if dataset is not None else {}
     users = f"{meta['test_users']} {meta['split']} users" + (
         f" (FIRST {meta['test_users']} OF {meta['all_test_users']}: subsampled)" if meta["subsampled_users"] else "")
     print(f"\nGenerative retrieval: {meta['items']} items, SIDs {tuple(sid_info['codebook_sizes'])} "
@@ -78,16 +140,25 @@ def print_table(table: dict, meta: dict, sid_info: dict) -> None:
         print("history items excluded from every ranking of our rows (RecBole's full-sort protocol)")
     budget = ("steps pinned by --steps (no budget)" if meta["plan"].get("seconds_per_step") is None
               else f"budget {meta['budget_minutes']} min training")
+    if meta["plan"].get("sft_epochs"):
+        budget += f", SFT {meta['plan']['sft_epochs']:g} epochs"
     print(f"{budget}, steps {meta['plan']['steps']}, training took {meta['training_seconds'] / 60:.1f} min, "
           f"this run {meta['wall_seconds_this_run'] / 60:.1f} min wall")
     cols = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "invalid_rate")
-    head = f"  {'model':<22}" + "".join(f"{k:>13}" for k in cols)
+    width = max(22, *(len(name) + 2 for name in {**table, **published}))
+    head = f"  {'model':<{width}}" + "".join(f"{k:>13}" for k in cols)
     print(head)
     print("  " + "-" * (len(head) - 2))
-    for name, row in {**table, **PUBLISHED}.items():
-        print(f"  {name:<22}" + "".join(f"{row[k]:>13.4f}" if k in row else f"{'-':>13}" for k in cols))
-    if meta["split"] != "test":
-        print(f"  (our rows: the {meta['split']} split; the published rows are test-split numbers)")
+    for name, row in {**table, **published}.items():
+        print(f"  {name:<{width}}" + "".join(f"{row[k]:>13.4f}" if k in row else f"{'-':>13}" for k in cols))
+    if not published:
+        print(f"  (no published rows for this dataset: {dataset})")
+    else:
+        print(f"  published rows ({published_dataset(dataset)}, {_SPLIT}):")
+        for name, row in published.items():
+            print(f"    {name}: {row['protocol']}")
+        if meta["split"] != "test":
+            print(f"  (our rows: the {meta['split']} split; the published rows are test-split numbers)")
     _print_exposure(table)
 
 

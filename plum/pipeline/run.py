@@ -11,7 +11,10 @@
    thread (multi-threaded fits are not bit-reproducible across processes);
 5. CPT then SFT of the PLUM model (distilled from the SASRec baseline when
    ``sft.distill`` > 0), and with ``--sft-only`` PLUM's ablation: the same
-   SFT from a fresh model, row ``sft_only``;
+   SFT from a fresh model, row ``sft_only``; ``--sft-epochs`` sets SFT's
+   length in epochs of its examples, ``--sft-eval-every`` / ``--sft-patience``
+   score it on validation users during training, stop early and keep the best
+   (:func:`plumrec.pipeline.stages.run_sft`);
 6. trie-constrained beam search over every item for every user of
    ``--split`` (``--max-users``: the first N), and the baselines on the same
    users: popularity and SASRec;
@@ -48,11 +51,11 @@ from plumrec.pipeline.options import check_item_embeddings
 from plumrec.pipeline.plan import ATTR_FILE, COLLAB_FILE, make_plan, read_plan
 from plumrec.pipeline.report import (
     EXPOSURE_KEYS,
-    PUBLISHED,
     RESULT_KEYS,
     beam_tag,
     cached_evaluation,
     print_table,
+    published_rows,
     split_tag,
 )
 from plumrec.pipeline.settings import TRAIN_STAGES
@@ -263,7 +266,8 @@ class _Run:
                         **{k: float(r[k]) for k in EXPOSURE_KEYS if k in r}} for name, r in results.items()}
         extra = {name: {k: v for k, v in r.items() if k not in RESULT_KEYS} for name, r in results.items()}
         meta = self.metadata(command)
-        res = {**table, "details": {"sid": self.sid_info, "metrics": extra, "published": PUBLISHED}, "metadata": meta}
+        details = {"sid": self.sid_info, "metrics": extra, "published": published_rows(args.dataset)}
+        res = {**table, "details": details, "metadata": meta}
         res_path = self.out / f"results{split_tag(args.split, args.exclude_history)}{beam_tag(args.beam_width)}.json"
         write_json(res_path, res, indent=1)
         print_table(table, meta, self.sid_info)

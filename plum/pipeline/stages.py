@@ -38,6 +38,7 @@ run.toml`` (DDP; ``fsdp = true`` in the section for FSDP2).
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -70,8 +71,8 @@ from plumrec.train.losses import (
 )
 
 __all__ = ["run_sid", "base_model", "cpt_corpus", "run_cpt", "sft_dataset", "sft_loss", "sasrec_baseline",
-           "run_sasrec", "run_sft", "exclude_history", "eval_set", "retriever", "training_popularity", "run_eval",
-           "run_recommend", "SID_INIT_SEED_OFFSET"]
+           "run_sasrec", "validation_scorer", "run_sft", "exclude_history", "eval_set", "retriever",
+           "training_popularity", "run_eval", "run_recommend", "SID_INIT_SEED_OFFSET"]
 
 
 def run_sid(ws: Workspace, *, progress: bool = True) -> dict:
@@ -222,12 +223,38 @@ def run_sasrec(ws: Workspace, *, progress: bool = True):
     return model
 
 
+def validation_scorer(ws: Workspace, model, vocab: SIDVocab, codes: np.ndarray, trie) -> Callable[[int], float]:
+    """``score(step) -> recall@10`` of ``model`` (as it is when called) on the validation split: trie-constrained
+    beam search (section ``eval``: beam width, batch size, ``exclude_history``) for at most ``sft.eval_users``
+    validation users, a subsample drawn once with the run's seed (all of them when there are fewer)."""
+    users = ws.cfg["sft"].get("eval_users", 1000)
+    if isinstance(users, bool) or not isinstance(users, int) or users < 1:
+        raise ValueError(f"sft.eval_users must be an integer >= 1, got {users!r}")
+    valid, e = ws.split.valid, ws.cfg["eval"]
+    n = len(valid.targets)
+    if n == 0:
+        raise ValueError("sft.eval_every needs validation users; the split has none")
+    rng = np.random.default_rng(ws.cfg["seed"])
+    idx = np.sort(rng.choice(n, users, replace=False)) if n > users else np.arange(n)
+    hist, targets, xh = [valid.histories[i] for i in idx], np.asarray(valid.targets)[idx], exclude_history(ws)
+
+    def score(step: int) -> float:
+        r = GenerativeRetriever(model, vocab, trie, codes, beam_width=max(e["beam_width"], 10),
+                                batch_size=e["batch_size"], max_items=ws.cfg["sft"]["max_items"])
+        return float(r.evaluate(hist, targets, (10,), exclude_history=xh)["recall@10"])
+
+    return score
+
+
 def run_sft(ws: Workspace, *, init: str | None = None, out: str = "sft", progress: bool = True,
             teacher=None) -> dict:
     """SFT from ``init``: ``"cpt"`` (the CPT model) or ``"scratch"`` (PLUM's SFT-only ablation).
     With ``sft.distill`` > 0 it distils ``teacher`` (see :func:`sft_loss`), by default the run's
-    SASRec baseline (:func:`run_sasrec`, trained first when ``WORKDIR/sasrec`` has not finished)."""
-    codes, _, sizes = ws.sid()
+    SASRec baseline (:func:`run_sasrec`, trained first when ``WORKDIR/sasrec`` has not finished).
+    With ``sft.eval_every`` > 0 the model is scored on the validation users every that many steps
+    (:func:`validation_scorer`, recall@10), training stops after ``sft.patience`` evaluations without a
+    new best (0: never early) and the model saved is the best one (:func:`plumrec.train.train`)."""
+    codes, trie, sizes = ws.sid()
     c = ws.cfg["sft"]
     init = init or c["init"]
     if init == "cpt":
@@ -241,8 +268,10 @@ def run_sft(ws: Workspace, *, init: str | None = None, out: str = "sft", progres
     if c.get("distill") and teacher is None:
         teacher = run_sasrec(ws, progress=progress)
     model = model.to(default_device())
-    metrics = train(model, data, train_config(c, ws.cfg["seed"], progress), ws.dir / out, desc=f"SFT ({init})",
-                    loss_fn=sft_loss(ws, vocab, codes, teacher=teacher))
+    tcfg = train_config(c, ws.cfg["seed"], progress)
+    scorer = validation_scorer(ws, model, vocab, codes, trie) if tcfg.eval_every else None
+    metrics = train(model, data, tcfg, ws.dir / out, desc=f"SFT ({init})",
+                    loss_fn=sft_loss(ws, vocab, codes, teacher=teacher), evaluate=scorer)
     save_model(model, vocab, text, ws.dir / out / "model")
     return metrics
 

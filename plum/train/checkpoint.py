@@ -71,10 +71,12 @@ _SAFE_METADATA = [dcp_metadata.Metadata, dcp_metadata.TensorStorageMetadata, dcp
 
 
 class ResumePoint(NamedTuple):
-    """Where a run continues: optimizer steps done, examples consumed, steps skipped as non-finite."""
+    """Where a run continues: optimizer steps done, examples consumed, steps skipped as non-finite, and the
+    caller's ``extra`` state saved with the checkpoint (None when it has none)."""
     step: int
     position: int
     skipped: int
+    extra: dict | None = None
 
 
 def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
@@ -165,10 +167,11 @@ def _barrier() -> None:
 
 
 def save_checkpoint(out_dir: str | os.PathLike, model, opt, sched, *, step: int, position: int, cfg: TrainConfig,
-                    skipped: int = 0, ema: ParameterEMA | None = None) -> Path:
+                    skipped: int = 0, ema: ParameterEMA | None = None, extra: dict | None = None) -> Path:
     """Write ``out_dir/checkpoint-<step>/`` atomically (every rank its shards, rank 0 the rest), point
     ``checkpoint`` at it and delete all but the newest ``cfg.keep_checkpoints``. Every rank must call it.
-    Returns the new folder's path.
+    ``extra``: JSON values of the caller's own state at this step (kept in ``state.json``, given back by
+    :func:`resume_checkpoint`). Returns the new folder's path.
 
     Checkpoints of a higher step than ``step`` (left by a run that this one started afresh over) are deleted."""
     out = Path(out_dir)
@@ -185,6 +188,8 @@ def save_checkpoint(out_dir: str | os.PathLike, model, opt, sched, *, step: int,
                  "config": cfg.to_dict(), "model_config": _model_config(model), "scheduler": sched.state_dict(),
                  "rng": _rng_state(), "optimizer": {"param_groups": groups, "stepped": bool(tensors["optimizer"])},
                  "ema": ema is not None, "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())}}
+        if extra is not None:
+            state["extra"] = extra
         state["sha256"] = _body_sha256(state)
         with atomic_path(tmp / STATE_NAME) as t:
             t.write_text(json.dumps(state))
@@ -394,7 +399,8 @@ def _restore(path: Path, ckpt: dict, model, opt, sched, ema: ParameterEMA | None
 def resume_checkpoint(out_dir: str | os.PathLike, model, opt, sched, ema: ParameterEMA | None,
                       cfg: TrainConfig, *, resume: bool = True) -> ResumePoint:
     """Restore the newest checkpoint of ``out_dir`` that loads into the (wrapped) model, optimizer, scheduler,
-    weight average and RNGs, after the checks of the module docstring; ``ResumePoint(0, 0, 0)`` when there is
+    weight average and RNGs, after the checks of the module docstring (``extra``: what the checkpoint was
+    saved with, see :func:`save_checkpoint`); ``ResumePoint(0, 0, 0)`` when there is
     none, or with ``resume=False`` (nothing is read; the run's first save deletes the newer checkpoints).
     Trims ``metrics.jsonl`` to the step it returns and removes the temporary files a killed save left."""
     out = Path(out_dir)
@@ -407,7 +413,8 @@ def resume_checkpoint(out_dir: str | os.PathLike, model, opt, sched, ema: Parame
             _restore(path, ckpt, model, opt, sched, ema)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             raise ValueError(f"{path}: its state does not fit this run ({type(e).__name__}: {e})") from None
-    point = ResumePoint(ckpt["step"], ckpt["position"], ckpt["skipped"]) if ckpt is not None else ResumePoint(0, 0, 0)
+    point = ResumePoint(ckpt["step"], ckpt["position"], ckpt["skipped"], ckpt.get("extra")) if ckpt is not None \
+        else ResumePoint(0, 0, 0)
     if rank == 0:
         for tmp in out.glob("checkpoint-*.tmp"):
             shutil.rmtree(tmp, ignore_errors=True)

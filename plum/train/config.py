@@ -47,6 +47,8 @@ class TrainConfig:
     fsdp: bool = False              # FSDP2 instead of DDP when distributed
     ema_decay: float = 0.0          # 0: off; else the model ends with an EMA of its weights (see train)
     ema_warmup: float = 10.0        # W of the EMA's warm-up (1 + t) / (W + t) (see ParameterEMA); 1: none
+    eval_every: int = 0             # 0: off; else train's evaluate() every eval_every steps, the best weights kept
+    patience: int = 0               # 0: never stop early; else stop after this many evaluations without a new best
     progress: bool = True
 
     def __post_init__(self):
@@ -68,6 +70,13 @@ class TrainConfig:
         if self.ema_decay and self.fsdp:
             raise ValueError("ema_decay is not supported with fsdp=True (the average would need the sharded "
                              "parameters gathered); use DDP (fsdp=False) or ema_decay=0")
+        if self.eval_every < 0 or self.patience < 0:
+            raise ValueError(f"eval_every and patience must be >= 0 (0: off), got {self.eval_every}, {self.patience}")
+        if self.patience and not self.eval_every:
+            raise ValueError(f"patience={self.patience} needs eval_every > 0 (the evaluations it counts)")
+        if self.eval_every and self.fsdp:
+            raise ValueError("eval_every is not supported with fsdp=True (the best weights would need the sharded "
+                             "parameters gathered); use DDP (fsdp=False) or eval_every=0")
         if self.nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {self.nonfinite!r}")
 

@@ -29,7 +29,7 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
             "--model-dir", str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))]
     res = bench.main(argv)
     text = capsys.readouterr().out
-    assert "TIGER (paper)" in text and "sasrec" in text
+    assert "no published rows for this dataset" in text and "TIGER (paper)" not in text and "sasrec" in text
     on_disk = json.loads((out / "results.json").read_text())
     for model in ("plum", "popularity", "sasrec"):
         row = on_disk[model]

@@ -135,6 +135,8 @@ def test_unsupported_fields_and_bad_init_are_refused(tmp_path):
     for field in ("bf16", "fsdp"):
         with pytest.raises(ValueError, match=f"{field}=True is not supported"):
             check_supported(TrainConfig(**{field: True}))
+    with pytest.raises(ValueError, match="eval_every=5 / patience=2: the JAX loop has no validation checks"):
+        check_supported(TrainConfig(eval_every=5, patience=2))
     with pytest.raises(ValueError, match="cfg"):
         train(params, SFT, TrainConfig(progress=False), tmp_path)
     with pytest.raises(TypeError, match="init"):

@@ -28,8 +28,10 @@ def test_plum_run_is_the_bench_pipeline(tmp_path, capsys):
     assert "plum run: error: --beam-width must be >= 20" in capsys.readouterr().err
     assert main(["run", *argv]) == 0
     printed = capsys.readouterr().out
-    assert "TIGER (paper)" in printed and "Exposure of the top-10 lists" in printed
+    assert "no published rows for this dataset" in printed and "Exposure of the top-10 lists" in printed
+    assert "TIGER (paper)" not in printed  # the published rows are Amazon datasets', not this synthetic one's
     res = json.loads((out / "results.json").read_text())
+    assert res["details"]["published"] == {}
     assert set(RESULT_KEYS) <= set(res["plum"]) and res["metadata"]["command"].startswith("plum run --dataset")
     for name in ("plum", "popularity", "sasrec"):  # exposure of the same top-10 lists, popularity from training
         assert set(EXPOSURE_KEYS) <= set(res[name]) and 0.0 < res[name]["coverage@10"] <= 1.0
@@ -38,3 +40,40 @@ def test_plum_run_is_the_bench_pipeline(tmp_path, capsys):
         1 - 10 / m)
     assert res["popularity"]["novelty@10"] <= min(res["plum"]["novelty@10"], res["sasrec"]["novelty@10"]) + 1e-9
     assert res["metadata"]["config"] == "amazon" and res["metadata"]["collaborative_sids"] is False
+
+
+def test_plum_run_sft_epochs_sets_the_steps_and_keeps_the_best_validation_model(tmp_path, capsys):
+    """``--sft-epochs 3``: SFT's steps take three passes over its examples (the last metrics row is at epoch
+    ~3, CPT and SASRec keep --steps); ``--sft-eval-every 3``: the validation recall@10 is logged every 3 steps
+    and the saved SFT model is the best evaluation's weights."""
+    import torch
+
+    from plumrec.cli import main
+    from plumrec.pipeline.workspace import load_model
+    from plumrec.train.checkpoint import load_checkpoint
+
+    data = write_dataset(tmp_path / "data", seed=6)
+    out = tmp_path / "o"
+    argv = ["--dataset", str(data), "--out", str(out), "--steps", "10,10,10", "--codebook-sizes", "8,4,4",
+            "--sid-epochs", "3", "--eval-batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
+            "--no-progress", "--preset", "tiny", "--no-collaborative-sids", "--max-users", "8",
+            "--train-overrides", '{"sft": {"distill": 0, "eval_users": 6, "max_tokens": 128}}', "--sft-epochs", "3",
+            "--sft-eval-every", "3", "--model-dir", str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))]
+    with pytest.raises(SystemExit):
+        main(["run", *argv[:-4], "--sft-patience", "2", *argv[-2:]])
+    assert "patience=2 needs eval_every" in capsys.readouterr().err
+    assert main(["run", *argv]) == 0
+    assert "SFT 3 epochs" in capsys.readouterr().out
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["sft_epochs"] == 3.0 and plan["steps"]["cpt"] == plan["steps"]["sasrec"] == 10
+    rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == plan["steps"]["sft"] and 2.6 <= rows[-1]["epoch"] <= 3.4
+    evals = {r["step"]: r["eval"] for r in rows if "eval" in r}
+    assert set(evals) == {*range(3, plan["steps"]["sft"] + 1, 3), plan["steps"]["sft"]}
+    best = max(evals, key=lambda s: (evals[s], -s))
+    assert load_checkpoint(out / "sft" / "checkpoint")["extra"]["best_step"] == best
+    saved, _, _ = load_model(out / "sft" / "model")
+    kept = torch.load(out / "sft" / f"best-{best}.pt", weights_only=True)
+    for name, value in saved.state_dict().items():
+        assert torch.equal(value, kept[name]), name
+    assert main(["run", *argv]) == 0  # resumes the finished OUT with the same options

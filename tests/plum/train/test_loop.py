@@ -226,3 +226,96 @@ def test_two_process_gloo_matches_gradient_accumulation(tmp_path, fsdp, loss, em
     assert ckpt["world_size"] == 2 and ckpt["model"].keys() == ref.state_dict().keys()
     assert ckpt["ema"] == bool(ema) and ckpt["ema_state"].keys() == ({n for n, _ in ref.named_parameters()} if ema
                                                                      else set())
+
+
+def _params(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_evaluation_stops_early_and_keeps_the_best_steps_weights(tmp_path, ema):
+    """Scores 0.1, 0.3 (best), 0.2, 0.25 at steps 2, 4, 6, 8 with patience 2: the run stops at step 8 with a
+    checkpoint, and the model ends with the weights of step 4 (the average there with ``ema_decay``), which a
+    run without evaluation stopped after 4 steps of the same schedule (dropout: the evaluations must not
+    move the RNGs) has."""
+    scores, calls = {2: 0.1, 4: 0.3, 6: 0.2, 8: 0.25, 10: 0.9}, []
+
+    def evaluate(step):
+        calls.append(step)
+        torch.rand(3)  # an evaluation that draws random numbers leaves training's draws as they were
+        return scores[step]
+
+    ref, data = _setup(dropout=0.3)
+    train(ref, data, _cfg(steps=20, ema_decay=ema), tmp_path / "ref", stop_after=4)
+    ckpt = load_checkpoint(tmp_path / "ref" / "checkpoint", tensors=True)
+    want = ckpt["ema_state"] if ema else ckpt["model"]
+    model, _ = _setup(dropout=0.3)
+    last = train(model, data, _cfg(steps=20, ema_decay=ema, eval_every=2, patience=2), tmp_path / "run",
+                 evaluate=evaluate)
+    assert calls == [2, 4, 6, 8]
+    assert (last["best_step"], last["best_eval"], last["stopped_early"]) == (4, 0.3, True)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), want[n]), n
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 8 and [r["eval"] for r in rows if "eval" in r] == [0.1, 0.3, 0.2, 0.25]
+    stopped = load_checkpoint(tmp_path / "run" / "checkpoint")
+    assert stopped["step"] == 8 and stopped["extra"] == {"best_score": 0.3, "best_step": 4, "since_best": 2,
+                                                         "stopped": True}
+    assert sorted(p.name for p in (tmp_path / "run").glob("best-*.pt")) == ["best-4.pt"]
+    again, _ = _setup(dropout=0.3)  # a stopped run resumes to its end: no step, the best weights
+    assert train(again, data, _cfg(steps=20, ema_decay=ema, eval_every=2, patience=2), tmp_path / "run",
+                 evaluate=evaluate)["best_step"] == 4 and calls == [2, 4, 6, 8]
+    assert all(torch.equal(p.detach(), want[n]) for n, p in again.named_parameters())
+
+
+def test_evaluation_needs_an_evaluate_and_patience_needs_eval_every(tmp_path):
+    model, data = _setup()
+    with pytest.raises(ValueError, match="needs evaluate"):
+        train(model, data, _cfg(eval_every=2), tmp_path)
+    with pytest.raises(ValueError, match="patience=2 needs eval_every"):
+        _cfg(patience=2)
+
+
+def _weight_score(model):
+    """A score that moves up and down with the weights (so the best step and the stop depend on them)."""
+    return lambda step: float(torch.sin(1e3 * sum(p.detach().double().sum() for p in model.parameters()))
+                              + 0 * torch.rand(1).double())
+
+
+def test_resume_after_an_interruption_reproduces_the_best_step_and_weights(tmp_path):
+    cfg = _cfg(steps=24, eval_every=2, patience=4, checkpoint_every=3)
+    whole, data = _setup(dropout=0.3)
+    res = train(whole, data, cfg, tmp_path / "whole", evaluate=_weight_score(whole))
+    part, _ = _setup(dropout=0.3)
+    for stop in (5, 4, 3):  # interrupted at steps 5, 9 (neither evaluated nor checkpointed) and 12
+        train(part, data, cfg, tmp_path / "part", evaluate=_weight_score(part), stop_after=stop)
+        part, _ = _setup(dropout=0.3)  # a fresh process: the state comes from the checkpoint
+    got = train(part, data, cfg, tmp_path / "part", evaluate=_weight_score(part))
+    assert res["best_step"] is not None and (got["best_step"], got["best_eval"], got["stopped_early"]) == (
+        res["best_step"], res["best_eval"], res["stopped_early"])
+    for n, p in whole.state_dict().items():
+        assert torch.equal(part.state_dict()[n], p), n
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+             for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("whole", "part")]
+    assert rows[0] == rows[1] and any("eval" in r for r in rows[0])
+
+
+def test_steps_for_epochs_scale_with_the_dataset_and_train_that_many_epochs(tmp_path):
+    """A dataset of 3x the histories (the same ones thrice) gets ~3x the steps for 2 epochs, and both runs end
+    within 10% of epoch 2 (the ``epoch`` column of the last metrics row)."""
+    from plumrec.train import SFTDataset
+    from plumrec.train.loop import steps_for_epochs
+
+    model, small = _setup()
+    big = SFTDataset(list(small.sequences) * 3, small.sid_tokens, small.vocab)
+    assert len(big) == 3 * len(small)
+    steps = [steps_for_epochs(d, 2.0, max_tokens=96) for d in (small, big)]
+    assert 2.8 <= steps[1] / steps[0] <= 3.2
+    assert steps_for_epochs(small, 2.0, max_tokens=96, grad_accum=2) == pytest.approx(steps[0] / 2, abs=1)
+    for d, n, name in zip((small, big), steps, ("small", "big")):
+        model, _ = _setup()
+        train(model, d, _cfg(steps=n, log_every=1000), tmp_path / name)
+        epoch = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["epoch"]
+        assert 1.8 <= epoch <= 2.2, (name, n, epoch)
+    with pytest.raises(ValueError, match="epochs must be a finite number > 0"):
+        steps_for_epochs(small, 0, max_tokens=96)
