@@ -74,9 +74,11 @@ def write_synthetic_events(out_dir: str | Path, num_events: int, *, num_items: i
         with pq.ParquetWriter(path, pa.schema([("user", pa.int64()), ("item", pa.int64()),
                                                ("time", pa.int64())])) as writer:
             written, b = 0, 0
-            while written < min(per_shard, num_events - k * per_shard):
+            target = min(per_shard, num_events - k * per_shard)
+            while written < target:
                 rng = np.random.default_rng([seed, k, b])
-                lens = 1 + rng.poisson(mean_length - 1, max(1, int(BLOCK_ROWS / mean_length)))
+                users_block = max(1, min(int(BLOCK_ROWS / mean_length), int(np.ceil((target - written) / mean_length))))
+                lens = 1 + rng.poisson(mean_length - 1, users_block)
                 users = np.repeat(np.arange(first_user, first_user + len(lens)), lens)
                 pop = (rng.random(len(users)) ** 3 * num_items).astype(np.int64)  # power law over ranks
                 items = (pop * stride) % num_items

@@ -97,7 +97,7 @@ class SIDConfig:
     # items per training epoch, and the most the k-means initialisation and the dead-code restarts read:
     # a larger catalogue trains on a fresh uniform draw of this many items per epoch, read from its
     # arrays (memory maps included) batch by batch, and all its items are encoded at the end
-    train_items: int = 1 << 20
+    train_items: int = 1 << 19
     seed: int = 0
 
     def __post_init__(self):

@@ -42,10 +42,15 @@ def test_nearest_in_chunks_is_the_whole_argmin():
     distances), for the squared distances and for a given ``dist`` (cdist), including a last partial chunk."""
     g = torch.Generator().manual_seed(1)
     x, c = torch.randn(103, 5, generator=g), torch.randn(17, 5, generator=g)
-    for dist in (_sq_dists, torch.cdist):
+    manhattan = lambda a, b: torch.cdist(a, b, p=1)  # noqa: E731  (another dist: the chunked path)
+    for dist in (_sq_dists, torch.cdist, manhattan):
         whole = dist(x, c)
-        i, d = nearest(x, c, dist=dist, chunk=10)
-        assert torch.equal(i, whole.argmin(1)) and torch.allclose(d, whole.min(1).values, rtol=1e-6, atol=1e-6)
+        for chunk in (10, 103):  # blocked (or chunked) above chunk, one matrix at or below it
+            i, d = nearest(x, c, dist=dist, chunk=chunk)
+            assert torch.equal(i, whole.argmin(1)) and torch.allclose(d, whole.min(1).values, rtol=1e-5, atol=1e-5)
+    big = torch.randn(3000, 5, generator=g)  # more than BLOCK_ROWS rows: several blocks, the last partial
+    i, d = nearest(big, c, chunk=100)
+    assert torch.equal(i, _sq_dists(big, c).argmin(1))
     i, d = nearest(x[:0], c)
     assert i.shape == d.shape == (0,)
 
