@@ -292,6 +292,26 @@ def test_a_catalogue_above_train_items_streams_from_a_memory_map(tmp_path):
     assert stats[1] == pytest.approx(np.sqrt(((whole - whole.mean(0)) ** 2).mean()), rel=1e-5)
 
 
+def test_streamed_fit_with_two_mapped_inputs_and_cooccurrence(tmp_path):
+    """The streamed path with every loss on: two memory-mapped inputs (one float64), co-occurrence pairs read
+    through the same row reader, input weights; ``encode`` to a file gives the fitted codes."""
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(1500, 12)).astype(np.float32)
+    b = rng.normal(size=(1500, 6))
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    xs = [np.load(tmp_path / "a.npy", mmap_mode="r"), np.load(tmp_path / "b.npy", mmap_mode="r")]
+    pairs = rng.integers(0, 1500, (800, 2))
+    tok = SemanticIdTokenizer((8, 8), seed=0, **dict(TINY, epochs=5, warmup_epochs=1, restart_every=2,
+                                                      train_items=500, input_weights=(2.0, 1.0)))
+    codes = tok.fit(xs, cooccurrence=pairs, progress=False)
+    assert codes.shape == (1500, 2) and all(h["cooc"] > 0 for h in tok.history)
+    assert any("restarted" in h for h in tok.history)
+    again = tok.encode(xs, codes_path=tmp_path / "c.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), codes)
+    np.testing.assert_array_equal(again, codes)
+
+
 # -- bad input -------------------------------------------------------------------
 
 @pytest.mark.parametrize(
