@@ -191,6 +191,22 @@ class ExampleStream:
     def epoch(self) -> float:
         return self.position / len(self.dataset)
 
+    def skip_batch(self) -> int:
+        """Advance past the batch :meth:`next_batch` would return, and return its token count, without
+        building its examples when the dataset tells their lengths (``dataset.num_tokens(i)``, as the SFT
+        datasets do): each rank of a distributed run packs only its own batch and skips the others'."""
+        length = getattr(self.dataset, "num_tokens", None)
+        if length is None:
+            return self.next_batch().num_tokens
+        total = count = 0
+        while True:
+            n = min(length(self._index(self.position)), self.max_tokens)
+            if count and total + n > self.max_tokens:
+                return total
+            total += n
+            count += 1
+            self.position += 1
+
     def next_batch(self) -> PackedBatch:
         examples, total = [], 0
         while True:

@@ -190,6 +190,14 @@ class SFTDataset:
             features = np.asarray(features)[-self.max_items:]
         return history_tokens(self.vocab, self.sid_tokens, history, features)
 
+    def num_tokens(self, i: int) -> int:
+        """``len(self[i].tokens)`` without building the example: ``<|bos|> <|hist|>``, the window's SIDs (and
+        feature tokens), the target's (lets :meth:`~plumrec.sequences.ExampleStream.skip_batch` pack other
+        ranks' batches)."""
+        c = int(self.examples[i][1])
+        per_item = self.vocab.num_levels + (0 if self.features is None else 1)
+        return 2 + min(c, self.max_items) * per_item + self.vocab.num_levels
+
     def __getitem__(self, i: int) -> Example:
         u, c = (int(x) for x in self.examples[i])
         seq = self.sequences[u]

@@ -288,8 +288,11 @@ def _step(wrapped, opt, stream: ExampleStream, loss_fn: Callable, cfg: TrainConf
     sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0}
     tokens = 0
     for micro in range(cfg.grad_accum):
-        batches = [stream.next_batch() for _ in range(world)]  # every rank builds all, keeps its own
-        batch = batches[rank].to(device)
+        # every rank reads the same stream: it builds its own batch and skips the others' (by their lengths)
+        skipped_tokens = [stream.skip_batch() for _ in range(rank)]
+        own = stream.next_batch()
+        skipped_tokens += [stream.skip_batch() for _ in range(rank + 1, world)]
+        batch = own.to(device)
         sync = micro == cfg.grad_accum - 1 or world == 1 or cfg.fsdp
         ctx = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else contextlib.nullcontext()
         with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -301,7 +304,7 @@ def _step(wrapped, opt, stream: ExampleStream, loss_fn: Callable, cfg: TrainConf
         for k in LOGGED_PARTS:  # CodebookLoss's item_loss / distill terms (logged beside "ce")
             if k in parts:
                 sums[k] = sums.get(k, 0.0) + float(parts[k]) / cfg.grad_accum
-        tokens += sum(b.num_tokens for b in batches)
+        tokens += own.num_tokens + sum(skipped_tokens)
     if cfg.grad_clip:
         gnorm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
     else:

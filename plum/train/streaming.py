@@ -105,13 +105,23 @@ class StoreSFTDataset:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def __getitem__(self, k: int) -> Example:
+    def _cut(self, k: int) -> tuple[int, int]:
+        """``(user, cut)`` of example ``k``."""
         n = len(self)
         if not -n <= k < n:
             raise IndexError(f"example {k} is out of range for {n} examples")
         k = int(k) % n
         u = int(np.searchsorted(self.starts, k, side="right")) - 1
-        c = self.min_history + k - int(self.starts[u])
+        return u, self.min_history + k - int(self.starts[u])
+
+    def num_tokens(self, k: int) -> int:
+        """``len(self[k].tokens)`` without reading the items: ``<|bos|> <|hist|>``, the window's SIDs, the
+        target's (lets :meth:`~plumrec.sequences.ExampleStream.skip_batch` pack other ranks' batches)."""
+        _, c = self._cut(k)
+        return 2 + (min(c, self.max_items) + 1) * self.vocab.num_levels
+
+    def __getitem__(self, k: int) -> Example:
+        u, c = self._cut(k)
         lo = max(0, c - self.max_items)
         off = int(self.store.offsets[u])
         seq = np.asarray(self.store.items[off + lo:off + c + 1], np.int64)

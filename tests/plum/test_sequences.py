@@ -118,3 +118,24 @@ def test_small_datasets_keep_the_full_permutation():
     stream = ExampleStream(list(range(n)), max_tokens=8, seed=4)
     expected = np.concatenate([np.random.default_rng([4, e]).permutation(n) for e in range(2)]).tolist()
     assert _order(stream, 0, 2 * n) == expected
+
+
+@pytest.mark.parametrize("with_features", [False, True])
+def test_skip_batch_packs_by_length_exactly_as_next_batch(world, with_features):
+    """``skip_batch`` advances by the batch ``next_batch`` would build (the SFT dataset's ``num_tokens`` equals
+    each example's length, features and long histories included), so a rank that skips the others' batches
+    reads its own exactly as when it built them all."""
+    vocab, sid, text, items, seqs = world
+    feats = [np.arange(len(s)) % 2 for s in seqs] if with_features else None
+    d = SFTDataset(seqs, sid, vocab, features=feats, max_items=3)
+    assert [d.num_tokens(i) for i in range(len(d))] == [len(d[i].tokens) for i in range(len(d))]
+    built, skipped = ExampleStream(d, max_tokens=40, seed=2), ExampleStream(d, max_tokens=40, seed=2)
+    for step in range(12):  # odd steps: skip one batch, as a rank skips another rank's
+        b = built.next_batch()
+        if step % 2:
+            assert skipped.skip_batch() == b.num_tokens
+        else:
+            assert skipped.next_batch().input_ids.tolist() == b.input_ids.tolist()
+        assert skipped.position == built.position
+    tiny = ExampleStream(d, max_tokens=5, seed=0)  # longer examples are cut to their tail: one per batch
+    assert tiny.skip_batch() == 5 and tiny.position == 1

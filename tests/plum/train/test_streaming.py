@@ -51,6 +51,7 @@ def test_sft_examples_equal_the_in_memory_dataset(world, max_items, min_history)
     assert len(ds) == len(ref) > 100
     assert all(_same(ds[k], ref[k]) for k in range(len(ref)))
     assert _same(ds[-1], ref[len(ref) - 1])
+    assert [ds.num_tokens(k) for k in range(len(ds))] == [len(ref[k].tokens) for k in range(len(ref))]
     assert (store.path / f"sft_starts_{min_history}.npy").exists()
     again = StoreSFTDataset(store.path, sid, vocab, max_items=max_items, min_history=min_history)  # the cached index
     assert isinstance(again.starts, np.memmap) and all(_same(again[k], ref[k]) for k in range(0, len(ref), 7))
