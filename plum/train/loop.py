@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from plumrec.io import atomic_path
@@ -186,7 +187,7 @@ class _Selection:
 
     A score above every earlier one (a non-finite score never is) makes its step the best: the weights
     scored (the :class:`ParameterEMA` average where ``ema_decay``, else the raw weights) are written to
-    ``out/best-<step>.pt`` (a ``state_dict``, rank 0); other ``best-*.pt`` files are deleted at the next
+    ``out/best-<step>.safetensors`` (rank 0); other ``best-*.safetensors`` files are deleted at the next
     checkpoint. With ``cfg.patience`` > 0, that many evaluations in a row without a new best stop the run
     (a checkpoint is written at that step). Once the run ends (``cfg.steps`` or stopped) the model gets the
     best weights. Each checkpoint keeps the best score and step, the evaluations since the best and whether
@@ -205,7 +206,7 @@ class _Selection:
                              "use a new output directory")
 
     def path(self, step: int) -> Path:
-        return self.out / f"best-{step}.pt"
+        return self.out / f"best-{step}.safetensors"
 
     def due(self, step: int) -> bool:
         return step % self.cfg.eval_every == 0 or step == self.cfg.steps
@@ -232,7 +233,7 @@ class _Selection:
                 self.best_score, self.best_step, self.since_best = score, step, 0
                 if dist_env()[0] == 0:
                     with atomic_path(self.path(step)) as tmp:
-                        torch.save(self.model.state_dict(), tmp)
+                        save_model(self.model, str(tmp))
             else:
                 self.since_best += 1
         finally:
@@ -245,11 +246,11 @@ class _Selection:
         return {"eval": score if math.isfinite(score) else None, "best_eval": self.best_score}
 
     def prune(self) -> None:
-        """Delete the ``best-*.pt`` files other than the best step's (rank 0)."""
+        """Delete the ``best-*.safetensors`` files other than the best step's (rank 0)."""
         if dist_env()[0] != 0:
             return
         keep = None if self.best_step is None else self.path(self.best_step).name
-        for p in self.out.glob("best-*.pt"):
+        for p in self.out.glob("best-*.safetensors"):
             if p.name != keep:
                 p.unlink(missing_ok=True)
 
@@ -260,7 +261,7 @@ class _Selection:
         if dist_env()[1] > 1:
             dist.barrier()
         device = next(self.model.parameters()).device
-        self.model.load_state_dict(torch.load(self.path(self.best_step), map_location=device, weights_only=True))
+        load_model(self.model, str(self.path(self.best_step)), device=str(device))
         return True
 
 

@@ -2,6 +2,7 @@
 defaults from a config file: test_defaults.py)."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -47,6 +48,7 @@ def test_plum_run_sft_epochs_sets_the_steps_and_keeps_the_best_validation_model(
     ~3, CPT and SASRec keep --steps); ``--sft-eval-every 3``: the validation recall@10 is logged every 3 steps
     and the saved SFT model is the best evaluation's weights."""
     import torch
+    from safetensors.torch import load_model as load_safetensors_model
 
     from plumrec.cli import main
     from plumrec.pipeline.workspace import load_model
@@ -73,7 +75,12 @@ def test_plum_run_sft_epochs_sets_the_steps_and_keeps_the_best_validation_model(
     best = max(evals, key=lambda s: (evals[s], -s))
     assert load_checkpoint(out / "sft" / "checkpoint")["extra"]["best_step"] == best
     saved, _, _ = load_model(out / "sft" / "model")
-    kept = torch.load(out / "sft" / f"best-{best}.pt", weights_only=True)
+    kept = copy.deepcopy(saved)
+    with torch.no_grad():
+        for p in kept.parameters():
+            p.zero_()
+    load_safetensors_model(kept, str(out / "sft" / f"best-{best}.safetensors"))
+    kept_state = kept.state_dict()
     for name, value in saved.state_dict().items():
-        assert torch.equal(value, kept[name]), name
+        assert torch.equal(value, kept_state[name]), name
     assert main(["run", *argv]) == 0  # resumes the finished OUT with the same options

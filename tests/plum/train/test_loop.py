@@ -261,7 +261,7 @@ def test_evaluation_stops_early_and_keeps_the_best_steps_weights(tmp_path, ema):
     stopped = load_checkpoint(tmp_path / "run" / "checkpoint")
     assert stopped["step"] == 8 and stopped["extra"] == {"best_score": 0.3, "best_step": 4, "since_best": 2,
                                                          "stopped": True}
-    assert sorted(p.name for p in (tmp_path / "run").glob("best-*.pt")) == ["best-4.pt"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("best-*.safetensors")) == ["best-4.safetensors"]
     again, _ = _setup(dropout=0.3)  # a stopped run resumes to its end: no step, the best weights
     assert train(again, data, _cfg(steps=20, ema_decay=ema, eval_every=2, patience=2), tmp_path / "run",
                  evaluate=evaluate)["best_step"] == 4 and calls == [2, 4, 6, 8]
