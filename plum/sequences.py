@@ -191,6 +191,20 @@ class ExampleStream:
     def epoch(self) -> float:
         return self.position / len(self.dataset)
 
+    def _take(self, measure) -> tuple[list, int]:
+        """Consume the examples of the next batch: ``measure(i) -> (tokens, value)`` for each drawn index;
+        the batch takes examples while their tokens (a longer one counted as ``max_tokens``: it is cut to its
+        tail) fit ``max_tokens``, and at least one. Returns their values and the batch's tokens."""
+        values, total = [], 0
+        while True:
+            n, value = measure(self._index(self.position))
+            n = min(n, self.max_tokens)
+            if values and total + n > self.max_tokens:
+                return values, total
+            values.append(value)
+            total += n
+            self.position += 1
+
     def skip_batch(self) -> int:
         """Advance past the batch :meth:`next_batch` would return, and return its token count, without
         building its examples when the dataset tells their lengths (``dataset.num_tokens(i)``, as the SFT
@@ -198,26 +212,11 @@ class ExampleStream:
         length = getattr(self.dataset, "num_tokens", None)
         if length is None:
             return self.next_batch().num_tokens
-        total = count = 0
-        while True:
-            n = min(length(self._index(self.position)), self.max_tokens)
-            if count and total + n > self.max_tokens:
-                return total
-            total += n
-            count += 1
-            self.position += 1
+        return self._take(lambda i: (length(i), None))[1]
 
     def next_batch(self) -> PackedBatch:
-        examples, total = [], 0
-        while True:
-            ex = self.dataset[self._index(self.position)]
-            n = len(ex.tokens)
-            if n > self.max_tokens:
-                ex = ex.tail(self.max_tokens)
-                n = self.max_tokens
-            if examples and total + n > self.max_tokens:
-                break
-            examples.append(ex)
-            total += n
-            self.position += 1
-        return pack(examples)
+        def measure(i: int) -> tuple[int, Example]:
+            ex = self.dataset[i]
+            return len(ex.tokens), (ex.tail(self.max_tokens) if len(ex.tokens) > self.max_tokens else ex)
+
+        return pack(self._take(measure)[0])

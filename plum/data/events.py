@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from plumrec.io import atomic_dir
 
 __all__ = ["EventStore", "write_event_store"]
 
@@ -132,7 +132,8 @@ def write_event_store(paths, out_dir, *, num_items: int, user_col: str = "user",
     strings), and within a user in time order (``time_col``, when given, non-decreasing within a user);
     ``item_col`` holds int item indices in ``[0, num_items)``. A violation, a null, a missing column
     is a ``ValueError`` naming the file and the row (1-based within the file). The store is written in
-    a temporary folder beside ``out_dir`` and renamed into place (an existing ``out_dir`` is replaced);
+    a temporary folder beside ``out_dir`` and swapped in (:func:`plumrec.io.atomic_dir`: an existing
+    ``out_dir`` is replaced);
     after an error ``out_dir`` is as it was. Memory is bounded by ``batch_rows``. Returns ``out_dir``.
     """
     from tqdm.auto import tqdm
@@ -148,10 +149,7 @@ def write_event_store(paths, out_dir, *, num_items: int, user_col: str = "user",
     files = _open_files(pq, paths, columns)
     total = sum(f.metadata.num_rows for f in files)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         dtype = np.int32 if num_items < 2**31 else np.int64
         items = np.lib.format.open_memmap(tmp / "items.npy", mode="w+", dtype=dtype, shape=(total,))
         check, row, num_users = _OrderCheck(), 0, 0
@@ -181,10 +179,6 @@ def write_event_store(paths, out_dir, *, num_items: int, user_col: str = "user",
         _raw_to_npy(tmp / "offsets.raw", tmp / "offsets.npy", num_users + 1)
         (tmp / "store.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, "num_users": num_users,
                                                     "num_events": total, "num_items": int(num_items)}))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -197,22 +191,6 @@ def _raw_to_npy(raw: Path, npy: Path, n: int) -> None:
     dst.flush()
     del src, dst
     raw.unlink()
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename the folder ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class EventStore(Sequence):

@@ -238,9 +238,11 @@ def validation_scorer(ws: Workspace, model, vocab: SIDVocab, codes: np.ndarray, 
     idx = np.sort(rng.choice(n, users, replace=False)) if n > users else np.arange(n)
     hist, targets, xh = [valid.histories[i] for i in idx], np.asarray(valid.targets)[idx], exclude_history(ws)
 
+    # one retriever for every call: it reads the model as the call finds it
+    r = GenerativeRetriever(model, vocab, trie, codes, beam_width=max(e["beam_width"], 10),
+                            batch_size=e["batch_size"], max_items=ws.cfg["sft"]["max_items"])
+
     def score(step: int) -> float:
-        r = GenerativeRetriever(model, vocab, trie, codes, beam_width=max(e["beam_width"], 10),
-                                batch_size=e["batch_size"], max_items=ws.cfg["sft"]["max_items"])
         return float(r.evaluate(hist, targets, (10,), exclude_history=xh)["recall@10"])
 
     return score

@@ -87,8 +87,7 @@ def block_stats(x) -> tuple[torch.Tensor, torch.Tensor]:
     sq = 0.0
     for s in range(0, n, BLOCK_ROWS):
         sq += float(((as_tensor(x[s:s + BLOCK_ROWS]).double().numpy() - mean) ** 2).sum())
-    scale = max(np.sqrt(sq / (n * d)), 1e-8)
-    return torch.from_numpy(mean.astype(np.float32)), torch.tensor(scale, dtype=torch.float32)
+    return torch.from_numpy(mean.astype(np.float32)), torch.tensor(np.sqrt(sq / (n * d)), dtype=torch.float32)
 
 
 class Rows:

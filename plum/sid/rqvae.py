@@ -38,12 +38,12 @@ def mlp(dims: Sequence[int]) -> nn.Sequential:
 # does by default): the seeding's k passes and the Lloyd steps then cost O(k^2), whatever the catalogue size
 KMEANS_POINTS_PER_CENTROID = 256
 # k-means++ seeding reads at most max(SEED_POINTS, SEED_POINTS_PER_CENTROID * k) of those points (a uniform
-# draw): its k sequential passes then take seconds for k = 2,048 (they took minutes over 256 k points);
-# catalogues of up to 65,536 items seed exactly as over all their points
+# draw), so its k sequential passes read a bounded set; catalogues of up to 65,536 items seed exactly as
+# over all their points
 SEED_POINTS = 65536
 SEED_POINTS_PER_CENTROID = 64
 # rows a nearest-centroid search takes in one distance matrix (CHUNK x k); above it, blocks of BLOCK_ROWS rows
-# (a 1,024 x k block stays in cache: 1.1 s against 6.0 s for 524k x 2,048 on 2 CPU cores)
+# (a 1,024 x k block stays in cache; timings in benchmarks/RESULTS.md, 'Catalogue scale')
 CHUNK = 65536
 BLOCK_ROWS = 1024
 
@@ -106,7 +106,8 @@ def _kmeanspp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tens
 
 def _kmeanspp_sampled(x: torch.Tensor, k: int, generator: torch.Generator, points: int) -> torch.Tensor:
     """k-means++ seeding over a uniform draw of ``points`` rows of ``x``, each draw an inverse-CDF lookup
-    (a cumulative sum and a binary search) instead of ``torch.multinomial`` (~100x faster at 100k points)."""
+    (a cumulative sum and a binary search) instead of ``torch.multinomial``, which rebuilds its distribution
+    on every call."""
     x = x[torch.randperm(x.shape[0], generator=generator)[:points]]
     n, d = x.shape
     sq = x.pow(2).sum(1)
@@ -152,8 +153,8 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int, generator: torch.Generator,
         extra = torch.randint(n, (k - n,), generator=generator)
         c = torch.cat([x, x[extra] + noise * torch.randn(k - n, d, generator=generator)])
         return c[torch.randperm(k, generator=generator)]
-    c = _kmeanspp(x, k, generator) if n <= max(SEED_POINTS, SEED_POINTS_PER_CENTROID * k) else \
-        _kmeanspp_sampled(x, k, generator, max(SEED_POINTS, SEED_POINTS_PER_CENTROID * k))
+    seed_points = max(SEED_POINTS, SEED_POINTS_PER_CENTROID * k)
+    c = _kmeanspp(x, k, generator) if n <= seed_points else _kmeanspp_sampled(x, k, generator, seed_points)
     for _ in range(iters):
         assign, dist = nearest(x, c)
         counts = torch.bincount(assign, minlength=k)
@@ -223,14 +224,12 @@ class RQVAE(nn.Module):
     def set_input_stats(self, xs: Sequence[torch.Tensor]) -> None:
         for m, x in enumerate(xs):
             mean = x.mean(0)
-            scale = (x - mean).pow(2).mean().sqrt().clamp_min(1e-8)
-            getattr(self, f"in_mean_{m}").copy_(mean)
-            getattr(self, f"in_scale_{m}").copy_(scale)
+            self.set_stats(m, mean, (x - mean).pow(2).mean().sqrt())
 
     @torch.no_grad()
     def set_stats(self, m: int, mean: torch.Tensor, scale: torch.Tensor) -> None:
-        """Input ``m``'s standardisation: ``mean [d_m]`` and the scalar ``scale`` (clamped to >= 1e-8 as in
-        :meth:`set_input_stats`)."""
+        """Input ``m``'s standardisation: ``mean [d_m]`` and the scalar ``scale`` (clamped to >= 1e-8, so that
+        a constant input divides by a small number, not 0)."""
         getattr(self, f"in_mean_{m}").copy_(mean)
         getattr(self, f"in_scale_{m}").copy_(scale.clamp_min(1e-8))
 

@@ -34,7 +34,6 @@ draw; parameters are initialised under a forked, seeded RNG).
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from plumrec.io import atomic_path
 from plumrec.sid.quality import SIDQuality, sid_quality
 from plumrec.sid.rows import Rows, as_tensor, block_stats, validate_embeddings, validate_pairs
 from plumrec.sid.rqvae import RQVAE, kmeans, nearest
@@ -371,32 +371,32 @@ class SemanticIdTokenizer:
     def _encode_rows(self, rows: Rows, codes_path: str | Path | None = None, progress: bool = False,
                      chunk: int = 8192) -> np.ndarray:
         """Codes ``[N, L]`` int64 of every row, block by block: in memory, or written into the ``.npy``
-        file ``codes_path`` as they come (a temporary file beside it, renamed when complete) and returned
-        memory-mapped read-only."""
+        file ``codes_path`` as they come (:func:`plumrec.io.atomic_path`: a temporary file beside it, renamed
+        when complete) and returned memory-mapped read-only."""
+        shape = (rows.num_rows, self.num_levels)
+        if codes_path is None:
+            out = np.empty(shape, np.int64)
+            self._assign(rows, out, progress, chunk)
+            return out
+        with atomic_path(codes_path) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=shape)
+            self._assign(rows, out, progress, chunk)
+            out.flush()
+            del out
+        return np.load(codes_path, mmap_mode="r")
+
+    def _assign(self, rows: Rows, out: np.ndarray, progress: bool, chunk: int) -> None:
+        """Write the codes of ``rows``' blocks of ``chunk`` rows into ``out [N, L]``."""
         from tqdm.auto import tqdm
 
         model = self._require_fitted()
-        shape = (rows.num_rows, self.num_levels)
-        if codes_path is None:
-            out, tmp = np.empty(shape, np.int64), None
-        else:
-            codes_path = Path(codes_path)
-            tmp = codes_path.with_name(f".{codes_path.name}.tmp")
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=shape)
-        bar = tqdm(total=rows.num_rows, desc="SID codes", disable=not progress, unit="item", unit_scale=True)
         s = 0
-        for xb in rows.blocks(rows=chunk):
-            codes, _, _ = model.quantize(model.encode_latent(xb))
-            out[s:s + len(codes)] = codes.numpy()
-            s += len(codes)
-            bar.update(len(codes))
-        bar.close()
-        if tmp is None:
-            return out
-        out.flush()
-        del out
-        os.replace(tmp, codes_path)
-        return np.load(codes_path, mmap_mode="r")
+        with tqdm(total=rows.num_rows, desc="SID codes", disable=not progress, unit="item", unit_scale=True) as bar:
+            for xb in rows.blocks(rows=chunk):
+                codes, _, _ = model.quantize(model.encode_latent(xb))
+                out[s:s + len(codes)] = codes.numpy()
+                s += len(codes)
+                bar.update(len(codes))
 
     @torch.no_grad()
     def encode(self, embeddings, *, codes_path: str | Path | None = None, progress: bool = False) -> np.ndarray:

@@ -15,13 +15,13 @@ users, and kept as memory-mapped ``.npy`` files in the store folder:
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from plumrec.data.events import EventStore
+from plumrec.io import atomic_path
 from plumrec.model.vocab import SIDVocab
 from plumrec.sequences import Example, history_tokens, token_items
 from plumrec.train.corpus import _check_sid_tokens
@@ -48,7 +48,7 @@ def _sid_tokens(store: EventStore, sid_tokens: np.ndarray, vocab: SIDVocab) -> n
 
 
 def _cached_index(path: Path, length: int | None, build: Callable[[Path], None]) -> np.ndarray:
-    """The memory-mapped int64 ``.npy`` at ``path``, written first by ``build(tmp)`` (then renamed into place)
+    """The memory-mapped int64 ``.npy`` at ``path``, written first by ``build(tmp)`` (:func:`plumrec.io.atomic_path`)
     when it is missing or, with ``length`` given, of another length."""
     if path.exists():
         try:
@@ -57,12 +57,8 @@ def _cached_index(path: Path, length: int | None, build: Callable[[Path], None])
                 return arr
         except (OSError, ValueError):
             pass
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
+    with atomic_path(path) as tmp:
         build(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r")
 
 
@@ -163,23 +159,21 @@ class StoreCPTCorpus:
             raise ValueError(f"size must be >= 1, got {self.size}")
 
     def _write_users(self, tmp: Path) -> None:
+        """Two passes over the offsets in chunks of users: count the users with >= 2 items, then write them."""
         num_users = len(self.store)
-        raw = tmp.with_name(tmp.name + ".raw")
-        try:
-            n = 0
-            with open(raw, "wb") as f:
-                for s in range(0, num_users, USER_CHUNK):
-                    keep = np.flatnonzero(self.store.lengths(s, min(s + USER_CHUNK, num_users)) >= 2) + s
-                    keep.astype(np.int64).tofile(f)
-                    n += len(keep)
-            src = np.memmap(raw, dtype=np.int64, mode="r", shape=(n,)) if n else np.zeros(0, np.int64)
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n,))
-            for s in range(0, n, USER_CHUNK):
-                out[s:s + USER_CHUNK] = src[s:s + USER_CHUNK]
-            out.flush()
-            del out, src
-        finally:
-            raw.unlink(missing_ok=True)
+
+        def chunks():
+            for s in range(0, num_users, USER_CHUNK):
+                yield np.flatnonzero(self.store.lengths(s, min(s + USER_CHUNK, num_users)) >= 2) + s
+
+        n = sum(len(keep) for keep in chunks())
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n,))
+        at = 0
+        for keep in chunks():
+            out[at:at + len(keep)] = keep
+            at += len(keep)
+        out.flush()
+        del out
 
     def __len__(self) -> int:
         return self.size
