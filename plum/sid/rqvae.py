@@ -43,7 +43,7 @@ KMEANS_POINTS_PER_CENTROID = 256
 SEED_POINTS = 65536
 SEED_POINTS_PER_CENTROID = 64
 # rows a nearest-centroid search takes in one distance matrix (CHUNK x k); above it, blocks of BLOCK_ROWS rows
-# (a 1,024 x k block stays in cache; timings in benchmarks/RESULTS.md, 'Catalogue scale')
+# (a 1,024 x k block of distances stays in cache; a 65,536 x k matrix does not)
 CHUNK = 65536
 BLOCK_ROWS = 1024
 
