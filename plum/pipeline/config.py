@@ -3,7 +3,8 @@
 Sections ``data``, ``sid``, ``model``, ``cpt``, ``sft``, ``sasrec``, ``eval``;
 every key has a default. ``sft.epochs`` (0: off) is read by ``plum run``'s plan (SFT's steps from
 epochs of its examples); ``sft.eval_every`` / ``sft.patience`` (TrainConfig fields, 0: off) score the
-model on at most ``sft.eval_users`` validation users during SFT and keep the best
+model on at most ``sft.eval_users`` validation users during SFT and keep the best (``sft.eval_epochs``, read
+by the plan, sets ``eval_every`` from epochs)
 (:func:`plumrec.pipeline.stages.run_sft`). The training sections also take any
 :class:`~plumrec.train.TrainConfig` field (``grad_accum``, ``fsdp``, ``bf16``,
 ...) and ``sid`` any :class:`~plumrec.sid.SIDConfig` field but ``seed`` (the
@@ -43,13 +44,13 @@ DEFAULTS: dict = {
     "sft": {"steps": 60, "lr": 3e-3, "warmup_steps": 5, "max_tokens": 4096, "max_items": 20, "init": "cpt",
             "objective": "sequence", "loss": "codebook", "label_smoothing": 0.0,
             "level_weights": None, "item_loss": 0.0, "distill": 0.0, "distill_temperature": 1.0, "epochs": 0,
-            "eval_users": 1000},
+            "eval_epochs": 0.0, "eval_users": 1000},
     "sasrec": {"steps": 150, "lr": 1e-3, "max_tokens": 2048},
     "eval": {"beam_width": 10, "batch_size": 100, "ks": [5, 10], "split": "test", "exclude_history": False},
 }
 # keys of the training sections that the stages read (data and loss settings), not TrainConfig fields
 _LOADER_KEYS = {"behaviour_fraction", "max_items", "init", "objective", "loss", "label_smoothing", "level_weights",
-                "item_loss", "distill", "distill_temperature", "epochs", "eval_users"}
+                "item_loss", "distill", "distill_temperature", "epochs", "eval_epochs", "eval_users"}
 SFT_OBJECTIVES = ("next_item", "sequence")
 SFT_LOSSES = ("vocab", "codebook")
 _TRAIN_SECTIONS = ("cpt.", "sft.", "sasrec.")  # also take every TrainConfig field (grad_accum, fsdp, bf16, ...)

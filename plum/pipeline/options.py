@@ -26,7 +26,7 @@ __all__ = ["MIN_BEAM_WIDTH", "add_run_arguments", "check_run_arguments", "parse_
 MIN_BEAM_WIDTH = 20  # TIGER's beam width: the published numbers are at this width
 ATTRIBUTES_GLOB = "*_item2attributes.json"  # S3-Rec's item attributes beside the interactions
 TRAIN_RESERVED = {"steps": "--steps or --budget-minutes", "seed": "--seed", "progress": "--no-progress",
-                  "epochs": "--sft-epochs"}
+                  "epochs": "--sft-epochs", "eval_epochs": "--sft-eval-epochs"}
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,10 +42,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sft-epochs", type=float, default=None,
                    help="SFT's length in epochs of its examples: ceil(E * examples / examples per step) steps "
                         "(plumrec.train.steps_for_epochs), in place of the SFT steps of the budget or --steps "
-                        "(default: the config's sft.epochs; 0: off)")
+                        "(default: the config's sft.epochs, unless --steps pins the steps; 0: off)")
     p.add_argument("--sft-eval-every", type=int, default=None,
                    help="score SFT's model on the validation users (recall@10, at most sft.eval_users of them) "
-                        "every N steps and keep the best one (default: the config's sft.eval_every; 0: off)")
+                        "every N steps and keep the best one (default: the config's sft.eval_every; 0: off); "
+                        "replaces the config's sft.eval_epochs")
+    p.add_argument("--sft-eval-epochs", type=float, default=None,
+                   help="as --sft-eval-every, every E epochs of SFT's examples (steps from "
+                        "plumrec.train.steps_for_epochs, so the same on any catalogue size; default: the config's "
+                        "sft.eval_epochs; 0: off)")
     p.add_argument("--sft-patience", type=int, default=None,
                    help="stop SFT after N evaluations without a new best (needs --sft-eval-every; default: the "
                         "config's sft.patience; 0: never early)")
@@ -140,7 +145,7 @@ def check_run_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> ar
     a.sid_overrides = json_fields_arg(p, "--sid-overrides", a.sid_overrides, SIDConfig,
                                       {"codebook_sizes": "--codebook-sizes", "epochs": "--sid-epochs",
                                        "seed": "--seed"})
-    a.train_overrides = train_overrides_arg(p, _sft_selection_args(p, a), d)
+    a.train_overrides = train_overrides_arg(p, _sft_selection_args(p, a), d, a.sft_eval_epochs)
     a.sasrec_overrides = json_fields_arg(p, "--sasrec-overrides", a.sasrec_overrides, SASRecConfig,
                                          {"num_items": "the dataset (its item count)",
                                           "max_len": "--train-overrides '{\"sft\": {\"max_items\": N}}'"})
@@ -164,8 +169,10 @@ def check_run_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> ar
 
 def _sft_selection_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
     """``--train-overrides`` as a dict, with ``--sft-eval-every`` and ``--sft-patience`` as its ``sft``
-    ``eval_every`` and ``patience`` (given twice: ``p.error``); sets ``a.sft_epochs`` (the config's
-    ``sft.epochs`` when not given)."""
+    ``eval_every`` and ``patience`` (given twice: ``p.error``); sets ``a.sft_epochs`` and ``a.sft_eval_epochs``
+    (the config's ``sft.epochs`` and ``sft.eval_epochs`` when not given). An explicit length or period replaces
+    the config's: ``--steps`` its ``sft.epochs``, an evaluation period in steps (``--sft-eval-every`` or
+    ``--train-overrides``) its ``sft.eval_epochs``; without evaluations the config's ``sft.patience`` is 0."""
     obj = json_fields_arg(p, "--train-overrides", a.train_overrides)
     for flag, key, value in (("--sft-eval-every", "eval_every", a.sft_eval_every),
                              ("--sft-patience", "patience", a.sft_patience)):
@@ -176,9 +183,22 @@ def _sft_selection_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> di
         if isinstance(obj.get("sft"), dict) and key in obj["sft"]:
             p.error(f"{flag} and --train-overrides sft.{key} both set it: give one")
         obj["sft"] = {**obj.get("sft", {}), key: value}
-    a.sft_epochs = float(a.defaults["sft"].get("epochs", 0)) if a.sft_epochs is None else a.sft_epochs
-    if not (math.isfinite(a.sft_epochs) and a.sft_epochs >= 0):
-        p.error(f"--sft-epochs must be a finite number >= 0 (0: off), got {a.sft_epochs}")
+    sft = obj.get("sft") if isinstance(obj.get("sft"), dict) else {}
+    if "eval_every" in sft and a.sft_eval_epochs:
+        p.error("--sft-eval-epochs must not be given with an evaluation period in steps (--sft-eval-every or "
+                "--train-overrides sft.eval_every): give one")
+    if a.sft_eval_epochs is None:
+        a.sft_eval_epochs = 0.0 if "eval_every" in sft else float(a.defaults["sft"].get("eval_epochs", 0))
+    if not (a.sft_eval_epochs or sft.get("eval_every", a.defaults["sft"].get("eval_every", 0))):
+        if sft.get("patience"):
+            p.error(f"--sft-patience {sft['patience']} must come with evaluations to count: --sft-eval-epochs or "
+                    "--sft-eval-every > 0")
+        obj["sft"] = {**sft, "patience": 0}  # the config's patience counts evaluations: none, so it does not apply
+    if a.sft_epochs is None:  # pinned --steps keep their SFT steps; --sft-epochs replaces them
+        a.sft_epochs = 0.0 if a.steps is not None else float(a.defaults["sft"].get("epochs", 0))
+    for flag, value in (("--sft-epochs", a.sft_epochs), ("--sft-eval-epochs", a.sft_eval_epochs)):
+        if not (math.isfinite(value) and value >= 0):
+            p.error(f"{flag} must be a finite number >= 0 (0: off), got {value}")
     return obj
 
 
@@ -260,11 +280,11 @@ def item_attributes_arg(parser, dataset: str, value: str) -> str | None:
     return str(found[0].resolve()) if found else None
 
 
-def train_overrides_arg(parser, obj: dict, defaults: dict) -> dict:
+def train_overrides_arg(parser, obj: dict, defaults: dict, sft_eval_epochs: float = 0.0) -> dict:
     """Check ``--train-overrides``: ``{stage: {key: value}}`` with the training stages, keys that are
     ``TrainConfig`` fields or the stage's own data settings (``max_items``, ...), and values that make
     a valid ``TrainConfig`` with the stage's ``defaults`` (``parser.error`` naming the stage and key
-    otherwise)."""
+    otherwise). ``sft_eval_epochs`` > 0 stands for an SFT ``eval_every`` that the plan sets."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for stage, over in obj.items():
         if stage not in TRAIN_STAGES:
@@ -285,6 +305,8 @@ def train_overrides_arg(parser, obj: dict, defaults: dict) -> dict:
         except ValueError as e:
             parser.error(f"--train-overrides: {stage}.{e}")
         merged = {k: v for k, v in {**defaults[stage], **over}.items() if k in fields}
+        if stage == "sft" and sft_eval_epochs and not merged.get("eval_every"):
+            merged["eval_every"] = 1  # a stand-in for the plan's period, from the epochs
         try:
             TrainConfig.from_dict(merged)
         except (TypeError, ValueError) as e:

@@ -8,8 +8,9 @@ OUT, so a run is deterministic for a seed given its plan; ``--steps
 CPT,SFT,SASREC`` pins the steps and skips calibration. ``--sft-epochs E``
 (``sft.epochs``) sets SFT's steps instead, from ``E`` epochs of its examples
 (:func:`sft_epoch_steps`), so that a smaller catalogue does not train more
-epochs for the same steps. The SID fit and the evaluations are outside the
-budget and are timed separately.
+epochs for the same steps; ``--sft-eval-epochs`` (``sft.eval_epochs``) sets the
+period of SFT's validation evaluations the same way. The SID fit and the
+evaluations are outside the budget and are timed separately.
 """
 from __future__ import annotations
 
@@ -37,11 +38,12 @@ COLLAB_FILE = "sasrec_item_embeddings.npy"  # SASRec's item table under OUT, wit
 ATTR_FILE = "item_attributes.npy"  # the multi-hot --item-attributes under OUT
 
 
-def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
+def run_config(args, out: Path, emb_path: Path, steps: dict | None, eval_every: int | None = None) -> dict:
     """The run config of OUT: the defaults of ``--config`` with the options applied. Its
     ``data.embeddings`` are the text embeddings, ``--extra-embeddings``, the ``--item-attributes``
     (``OUT/item_attributes.npy``) and, with ``--collaborative-sids``, SASRec's item table once the
-    run has written it. Without ``steps`` every stage gets ``CALIBRATION_STEPS + 1``."""
+    run has written it. Without ``steps`` every stage gets ``CALIBRATION_STEPS + 1``; ``eval_every`` (the plan's,
+    from ``--sft-eval-epochs``) sets ``sft.eval_every``."""
     d = args.defaults
     collab = [str(out / COLLAB_FILE)] if args.collaborative_sids and (out / COLLAB_FILE).exists() else []
     attrs = [str(out / ATTR_FILE)] if args.item_attributes else []
@@ -52,6 +54,9 @@ def run_config(args, out: Path, emb_path: Path, steps: dict | None) -> dict:
         sections[k]["warmup_steps"] = min(sections[k]["warmup_steps"], max(sections[k]["steps"] // 10, 1))
         sections[k].update(args.train_overrides.get(k, {}))  # an explicit warmup_steps is kept as given
     sections["sft"]["epochs"] = getattr(args, "sft_epochs", sections["sft"].get("epochs", 0))
+    sections["sft"]["eval_epochs"] = getattr(args, "sft_eval_epochs", sections["sft"].get("eval_epochs", 0))
+    if eval_every is not None:
+        sections["sft"]["eval_every"] = eval_every
     return load_run_config(
         None, workdir=str(out), seed=args.seed,
         data={"path": args.dataset, "embeddings": [str(emb_path), *args.extra_embeddings, *attrs, *collab]},
@@ -74,7 +79,11 @@ def read_plan(args, out: Path, emb_path: Path) -> tuple[dict | None, dict]:
         args.steps = {**args.steps, "sft": plan["steps"]["sft"]}
     if plan is not None and args.steps and args.steps != plan["steps"]:
         raise ValueError(f"{out} was planned with steps {plan['steps']}, not {args.steps}; use a new --out")
-    cfg = run_config(args, out, emb_path, plan["steps"] if plan else args.steps)
+    if plan is not None and bool(getattr(args, "sft_eval_epochs", 0)) != ("sft_eval_every" in plan):
+        raise ValueError(f"{out} was planned {'with' if 'sft_eval_every' in plan else 'without'} SFT evaluations "
+                         "every --sft-eval-epochs; give the same options or use a new --out")
+    cfg = run_config(args, out, emb_path, plan["steps"] if plan else args.steps,
+                     plan.get("sft_eval_every") if plan else None)
     if plan is not None:
         check_run_settings(out, plan, args, cfg)
         if "settings" not in plan:
@@ -93,12 +102,14 @@ def make_plan(ws: Workspace, args, out: Path, emb_path: Path) -> dict:
     else:
         per_step = calibrate(ws, args, out)
         steps = {k: max(int(budget_s * shares[k] / per_step[k]), 10) for k in shares}
-    epochs = getattr(args, "sft_epochs", 0)
+    epochs, eval_epochs = getattr(args, "sft_epochs", 0), getattr(args, "sft_eval_epochs", 0)
     if epochs:
         steps = {**steps, "sft": sft_epoch_steps(ws, epochs)}
+    eval_every = sft_epoch_steps(ws, eval_epochs) if eval_epochs else None
     plan = {"budget_minutes": None if args.steps else args.budget_minutes, "shares": shares,
-            "seconds_per_step": per_step, "steps": steps, **({"sft_epochs": epochs} if epochs else {})}
-    ws.cfg = run_config(args, out, emb_path, steps)
+            "seconds_per_step": per_step, "steps": steps, **({"sft_epochs": epochs} if epochs else {}),
+            **({"sft_eval_epochs": eval_epochs, "sft_eval_every": eval_every} if eval_epochs else {})}
+    ws.cfg = run_config(args, out, emb_path, steps, eval_every)
     plan["settings"] = run_settings(args, ws.cfg)
     write_json(out / "plan.json", plan, indent=1)
     return plan
@@ -139,7 +150,7 @@ def calibrate(ws: Workspace, args, out: Path) -> dict:
         data = cpt_corpus(ws, vocab, text, codes) if name == "cpt" else sft_dataset(ws, vocab, codes)
         t0 = time.perf_counter()
         loss = lm_loss if name == "cpt" else sft_loss(ws, vocab, codes, teacher=teacher)
-        tcfg = dataclasses.replace(train_config(c, ws.cfg["seed"], False), eval_every=0, patience=0)
+        tcfg = train_config({**c, "eval_every": 0, "patience": 0}, ws.cfg["seed"], False)  # timed without them
         train(model, data, tcfg, cal / name, loss_fn=loss, stop_after=CALIBRATION_STEPS)
         per_step[name] = (time.perf_counter() - t0) / CALIBRATION_STEPS
     ws.cfg = base

@@ -18,6 +18,7 @@ An evaluation cached before these measures existed shows ``-`` there.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from plumrec.metrics import HEAD_FRACTION
 from plumrec.pipeline.options import MIN_BEAM_WIDTH
 
 __all__ = ["RESULT_KEYS", "EXPOSURE_KEYS", "PUBLISHED", "PUBLISHED_BY_DATASET", "published_dataset", "published_rows",
-           "split_tag", "beam_tag", "ranks_path", "cached_evaluation", "print_table"]
+           "sft_selection", "split_tag", "beam_tag", "ranks_path", "cached_evaluation", "print_table"]
 
 RESULT_KEYS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate")
 EXPOSURE_KEYS = ("coverage@10", "entropy@10", "entropy_norm@10", "gini@10", "tail_exposure@10", "novelty@10")
@@ -127,6 +128,20 @@ def cached_evaluation(path: Path, fn, targets: np.ndarray, k: int) -> tuple[dict
     return res, time.perf_counter() - t0
 
 
+def sft_selection(metrics_jsonl: Path) -> dict | None:
+    """SFT's validation selection as its ``metrics.jsonl`` logged it: ``{"best_step", "best_eval", "last_step",
+    "evaluations"}`` (the first step of the highest score, as the training loop keeps it); None without
+    evaluations (selection off, or no such file)."""
+    if not metrics_jsonl.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    evals = [(r["step"], r["eval"]) for r in rows if r.get("eval") is not None]
+    if not evals:
+        return None
+    best_step, best = max(evals, key=lambda e: (e[1], -e[0]))
+    return {"best_step": best_step, "best_eval": best, "last_step": rows[-1]["step"], "evaluations": len(evals)}
+
+
 def print_table(table: dict, meta: dict, sid_info: dict, dataset: str | os.PathLike | None = None) -> None:
     """Our rows (``table``: model -> metrics) beside the published rows of the dataset (``dataset``, by
     default ``meta["dataset"]``; :func:`published_rows`), each with its protocol, and the run's setting."""
@@ -142,6 +157,13 @@ def print_table(table: dict, meta: dict, sid_info: dict, dataset: str | os.PathL
               else f"budget {meta['budget_minutes']} min training")
     if meta["plan"].get("sft_epochs"):
         budget += f", SFT {meta['plan']['sft_epochs']:g} epochs"
+    if meta["plan"].get("sft_eval_epochs"):
+        budget += (f", SFT model chosen on validation every {meta['plan']['sft_eval_epochs']:g} epochs "
+                   f"({meta['plan']['sft_eval_every']} steps)")
+    if meta.get("sft_selection"):
+        sel = meta["sft_selection"]
+        stopped = sel["last_step"] < meta["plan"]["steps"]["sft"]
+        budget += f": best at step {sel['best_step']}" + (f", stopped at {sel['last_step']}" if stopped else "")
     print(f"{budget}, steps {meta['plan']['steps']}, training took {meta['training_seconds'] / 60:.1f} min, "
           f"this run {meta['wall_seconds_this_run'] / 60:.1f} min wall")
     cols = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "invalid_rate")

@@ -56,6 +56,7 @@ from plumrec.pipeline.report import (
     cached_evaluation,
     print_table,
     published_rows,
+    sft_selection,
     split_tag,
 )
 from plumrec.pipeline.settings import TRAIN_STAGES
@@ -246,7 +247,7 @@ class _Run:
             "all_test_users": int(len(self.eval_set.targets)), "subsampled_users": args.max_users is not None,
             "budget_minutes": self.plan_["budget_minutes"],
             "training_seconds": sum(self.prev.get(k, 0.0) for k in ("cpt", "sft", "sft_only", "sasrec_train")),
-            "plan": self.plan_,
+            "plan": self.plan_, "sft_selection": sft_selection(self.out / "sft" / "metrics.jsonl"),
             "train_config": {k: {kk: v for kk, v in self.cfg[k].items() if kk != "progress"} for k in TRAIN_STAGES},
             "wall_seconds_this_run": time.perf_counter() - self.t_start, "stage_seconds": self.prev,
             "seed": args.seed, "beam_width": args.beam_width, "sft_only": args.sft_only,

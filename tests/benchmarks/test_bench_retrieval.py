@@ -41,7 +41,10 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
     assert meta["budget_minutes"] == 0.05 and meta["beam_width"] == 20 and meta["device"] == "cpu"
     assert meta["train_config"]["sft"]["objective"] == "sequence" and meta["train_config"]["sft"]["loss"] == "codebook"
     steps = meta["plan"]["steps"]
-    assert set(steps) == {"cpt", "sft", "sasrec"} and min(steps.values()) >= 10
+    assert set(steps) == {"cpt", "sft", "sasrec"} and min(steps["cpt"], steps["sasrec"]) >= 10
+    # the config's recipe: SFT's length in epochs, validation every 2 epochs with patience 2
+    assert meta["plan"]["sft_epochs"] == 16 and meta["plan"]["sft_eval_epochs"] == 2
+    assert meta["train_config"]["sft"]["patience"] == 2 and meta["sft_selection"]["evaluations"] >= 1
     for stage in ("cpt", "sft", "sasrec"):
         assert (out / stage / "checkpoint" / "state.json").exists()
     # collaborative SIDs (the default): the trained SASRec's item table is the tokenizer's second input
@@ -376,7 +379,7 @@ def test_bench_retrieval_distill(tmp_path):
     out = tmp_path / "o"
     argv = ["--dataset", str(data), "--out", str(out), "--steps", "4,6,10", "--codebook-sizes", "8,4,4",
             "--sid-epochs", "3", "--eval-batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
-            "--no-progress", "--preset", "tiny",
+            "--no-progress", "--preset", "tiny", "--sft-eval-epochs", "0",
             "--model-dir", str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))]
     kd = ["--train-overrides", '{"sft": {"distill": 0.5, "distill_temperature": 2.0}}']
     res = bench.main([*argv, *kd])

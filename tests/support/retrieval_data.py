@@ -24,18 +24,21 @@ def load_bench():
 
 
 def write_dataset(d: Path, num_items: int = 48, num_users: int = 40, seed: int = 0) -> Path:
-    """Users walk through 4 item groups (so there is something to learn); S3-Rec ids are 1-based."""
+    """Users walk through 4 item groups of ``num_items // 4`` (so there is something to learn); S3-Rec ids are
+    1-based."""
     rng = np.random.default_rng(seed)
+    size = num_items // 4
     d.mkdir()
     words = ["lipstick", "shampoo", "nail polish", "face cream"]
     lines = []
     for u in range(1, num_users + 1):
         g = rng.integers(0, 4)
         n = int(rng.integers(5, 9))
-        seq = [int(g * 12 + rng.integers(0, 12)) + 1 for _ in range(n)]
+        seq = [int(g * size + rng.integers(0, size)) + 1 for _ in range(n)]
         lines.append(" ".join(map(str, [u, *seq])))
     (d / "Tiny.txt").write_text("\n".join(lines) + "\n")
-    items = {str(i + 1): {"title": f"{words[i // 12]} number {i % 12}", "categories": [["Beauty", words[i // 12]]]}
+    items = {str(i + 1): {"title": f"{words[min(i // size, 3)]} number {i % size}",
+                           "categories": [["Beauty", words[min(i // size, 3)]]]}
              for i in range(num_items)}
     (d / "Tiny.item.json").write_text(json.dumps(items))
     return d

@@ -41,12 +41,33 @@ from plumrec.train import TrainConfig
                                  ["--sasrec-overrides", '{"hidden_size": true}'],
                                  ["--sasrec-overrides", '{"num_layers": 2.0}'],
                                  ["--sasrec-overrides", '{"dropout": "high"}'],
-                                 ["--sid-init-scale", "-0.5"], ["--sid-init-scale", "nan"]])
+                                 ["--sid-init-scale", "-0.5"], ["--sid-init-scale", "nan"],
+                                 ["--sft-eval-epochs", "-1"], ["--sft-eval-epochs", "nan"],
+                                 ["--sft-eval-epochs", "1", "--sft-eval-every", "5"],
+                                 ["--train-overrides", '{"sft": {"eval_epochs": 1}}'],
+                                 ["--sft-eval-epochs", "0", "--sft-patience", "2"]])
 def test_bad_options_are_refused_naming_the_option(tmp_path, bad, capsys):
     with pytest.raises(SystemExit):
         parse_run_args(["--dataset", str(tmp_path), "--out", str(tmp_path / "o"), *bad])
     err = capsys.readouterr().err
     assert "must" in err and bad[0] in err  # the error names the option
+
+
+def test_the_sft_recipe_comes_from_the_config_unless_an_option_pins_it(tmp_path):
+    """The config's SFT epochs, evaluation period in epochs and patience; pinned --steps keep their SFT steps, a
+    period in steps replaces the one in epochs, and without evaluations the config's patience is 0."""
+    base = ["--dataset", str(tmp_path), "--out", str(tmp_path / "o")]
+    d = load_defaults()["sft"]
+    a = parse_run_args(base)
+    assert (a.sft_epochs, a.sft_eval_epochs) == (d["epochs"], d["eval_epochs"]) and d["patience"] > 0
+    assert "sft" not in a.train_overrides
+    assert parse_run_args([*base, "--steps", "1,2,3"]).sft_epochs == 0
+    assert parse_run_args([*base, "--steps", "1,2,3", "--sft-epochs", "3"]).sft_epochs == 3
+    a = parse_run_args([*base, "--sft-eval-every", "5"])
+    assert a.sft_eval_epochs == 0 and a.train_overrides["sft"] == {"eval_every": 5}
+    a = parse_run_args([*base, "--sft-eval-epochs", "0"])
+    assert a.sft_eval_epochs == 0 and a.train_overrides["sft"] == {"patience": 0}
+    assert parse_run_args([*base, "--sft-eval-epochs", "0.5"]).sft_eval_epochs == 0.5
 
 
 def test_defaults_fill_in_and_lists_parse(tmp_path):

@@ -60,10 +60,11 @@ def test_plum_run_sft_epochs_sets_the_steps_and_keeps_the_best_validation_model(
             "--sid-epochs", "3", "--eval-batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
             "--no-progress", "--preset", "tiny", "--no-collaborative-sids", "--max-users", "8",
             "--train-overrides", '{"sft": {"distill": 0, "eval_users": 6, "max_tokens": 128}}', "--sft-epochs", "3",
-            "--sft-eval-every", "3", "--model-dir", str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))]
+            "--sft-patience", "0", "--sft-eval-every", "3",
+            "--model-dir", str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))]
     with pytest.raises(SystemExit):
-        main(["run", *argv[:-4], "--sft-patience", "2", *argv[-2:]])
-    assert "patience=2 needs eval_every" in capsys.readouterr().err
+        main(["run", *argv[:-6], "--sft-eval-epochs", "0", "--sft-patience", "2", *argv[-2:]])
+    assert "--sft-patience 2 must come with evaluations" in capsys.readouterr().err
     assert main(["run", *argv]) == 0
     assert "SFT 3 epochs" in capsys.readouterr().out
     plan = json.loads((out / "plan.json").read_text())
@@ -84,3 +85,36 @@ def test_plum_run_sft_epochs_sets_the_steps_and_keeps_the_best_validation_model(
     for name, value in saved.state_dict().items():
         assert torch.equal(value, kept_state[name]), name
     assert main(["run", *argv]) == 0  # resumes the finished OUT with the same options
+
+
+def test_plum_run_trains_the_same_epochs_and_evaluates_per_epoch_on_a_catalogue_a_third_the_size(tmp_path, capsys):
+    """The config's recipe on two catalogues, one a third of the other's items and users: the same SFT epochs
+    (steps in proportion to the examples), validation every ``--sft-eval-epochs`` (a period in steps that
+    follows the catalogue), the config's patience, and the selection in the results' metadata."""
+    from plumrec.cli import main
+
+    bert = str(make_tiny_bert_dir(tmp_path / "bert", words=TINY_WORDS))
+    runs = {}
+    for name, items, users in (("full", 48, 120), ("third", 16, 40)):
+        out = tmp_path / name
+        argv = ["--dataset", str(write_dataset(tmp_path / f"data_{name}", num_items=items, num_users=users, seed=6)),
+                "--out", str(out), "--steps", "10,10,10", "--codebook-sizes", "8,4,4", "--sid-epochs", "3",
+                "--eval-batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress",
+                "--preset", "tiny", "--no-collaborative-sids", "--max-users", "8", "--model-dir", bert,
+                "--train-overrides", '{"sft": {"distill": 0, "eval_users": 6, "max_tokens": 128}}',
+                "--sft-epochs", "4", "--sft-eval-epochs", "1"]
+        assert main(["run", *argv]) == 0
+        printed = capsys.readouterr().out
+        plan = json.loads((out / "plan.json").read_text())
+        rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+        evals = [r["step"] for r in rows if "eval" in r]
+        every = plan["sft_eval_every"]
+        assert plan["sft_epochs"] == 4.0 and plan["sft_eval_epochs"] == 1.0
+        assert abs(every * 4 - plan["steps"]["sft"]) <= 4  # one epoch's steps, each rounded up
+        assert evals[:-1] == list(range(every, rows[-1]["step"], every))[:len(evals) - 1] and evals
+        assert rows[-1]["step"] == plan["steps"]["sft"] or len(evals) >= 3  # the end, or 2 evaluations past the best
+        meta = json.loads((out / "results.json").read_text())["metadata"]
+        assert meta["sft_selection"]["best_step"] in evals and meta["train_config"]["sft"]["patience"] == 2
+        assert "chosen on validation every 1 epochs" in printed
+        runs[name] = plan["steps"]["sft"]
+    assert 2.2 <= runs["full"] / runs["third"] <= 4.0
