@@ -15,6 +15,7 @@ from plumrec.baselines import SASRecConfig
 from plumrec.model.config import PRESETS, ModelConfig
 from plumrec.pipeline.config import DEFAULTS
 from plumrec.pipeline.defaults import PACKAGED, load_defaults
+from plumrec.pipeline.recipe import AUTO, LARGE_LOG_PRESET, SMALL_LOG_PRESET
 from plumrec.pipeline.settings import TRAIN_STAGES, model_config, sasrec_config
 from plumrec.sid.tokenizer import SIDConfig
 from plumrec.train.config import TrainConfig
@@ -23,6 +24,7 @@ from plumrec.train.losses import check_distill, check_distill_temperature, check
 __all__ = ["MIN_BEAM_WIDTH", "add_run_arguments", "check_run_arguments", "parse_run_args", "json_fields_arg",
            "embedding_files_arg", "check_item_embeddings"]
 
+AUTO_PRESETS = (SMALL_LOG_PRESET, LARGE_LOG_PRESET)  # the presets --preset auto picks from
 MIN_BEAM_WIDTH = 20  # TIGER's beam width: the published numbers are at this width
 ATTRIBUTES_GLOB = "*_item2attributes.json"  # S3-Rec's item attributes beside the interactions
 TRAIN_RESERVED = {"steps": "--steps or --budget-minutes", "seed": "--seed", "progress": "--no-progress",
@@ -62,7 +64,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=("test", "valid"), default="test",
                    help="users to score: test (target s[-1]) or valid (target s[-2], for model selection)")
     p.add_argument("--exclude-history", action="store_true",
-                   help="drop each user's history items from every ranking (RecBole's full-sort protocol)")
+                   help="drop each user's history items from every ranking (RecBole's full-sort protocol); the "
+                        "table's protocol, and the one SFT's validation selection scores")
+    p.add_argument("--one-protocol", action="store_true",
+                   help="score only the table's protocol (by default our rows are also scored under the other: "
+                        "every item ranked, or history items excluded)")
     p.add_argument("--max-users", type=int, default=None, help="evaluate only the first N users (smoke)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--sft-only", action="store_true",
@@ -72,7 +78,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None,
-                   help="model preset (plumrec.model.config.PRESETS; default: the config's model.preset)")
+                   help="model preset (plumrec.model.config.PRESETS), or auto: from the training log's size "
+                        "(plumrec.pipeline.recipe; default: the config's model.preset)")
     p.add_argument("--model-overrides", default="{}",
                    help="JSON of ModelConfig fields replacing the preset's, e.g. '{\"num_hidden_layers\": 4}' "
                         "or '{\"hidden_dropout\": 0.2}'")
@@ -92,8 +99,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codebook-sizes", default=None,
-                   help="SID codebook sizes, coarse to fine, comma-separated (default: the config's "
-                        "sid.codebook_sizes)")
+                   help="SID codebook sizes, coarse to fine, comma-separated, or auto: from the catalogue's size "
+                        "(plumrec.pipeline.recipe; default: the config's sid.codebook_sizes)")
     p.add_argument("--sid-epochs", type=int, default=None, help="SID tokenizer epochs (default: the config's)")
     p.add_argument("--sid-overrides", default="{}",
                    help="JSON of SIDConfig fields replacing the config's, e.g. "
@@ -203,22 +210,28 @@ def _sft_selection_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> di
 
 
 def _check_model_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """``--preset`` and ``--model-overrides``; sets ``a.model_config``, the effective config."""
-    if a.preset not in PRESETS:
-        p.error(f"--preset must be one of {sorted(PRESETS)}, got {a.preset!r}")
+    """``--preset`` and ``--model-overrides``; sets ``a.model_config``, the effective config (None for ``auto``
+    until :func:`plumrec.pipeline.recipe.resolve_auto` picks the preset; the overrides must suit every pick)."""
+    if a.preset not in PRESETS and a.preset != AUTO:
+        p.error(f"--preset must be one of {sorted(PRESETS)} or {AUTO}, got {a.preset!r}")
     a.model_overrides = json_fields_arg(p, "--model-overrides", a.model_overrides, ModelConfig)
     if "vocab_size" in a.model_overrides:
         p.error("--model-overrides must not set 'vocab_size': the SIDs' vocabulary sets it")
-    try:
-        a.model_config = model_config(a.preset, a.model_overrides)  # the effective one, without vocab_size
-    except (TypeError, ValueError) as e:
-        p.error(f"--model-overrides must give a valid ModelConfig with --preset {a.preset}: {e}")
+    for preset in AUTO_PRESETS if a.preset == AUTO else (a.preset,):
+        try:
+            a.model_config = model_config(preset, a.model_overrides)  # the effective one, without vocab_size
+        except (TypeError, ValueError) as e:
+            p.error(f"--model-overrides must give a valid ModelConfig with --preset {preset}: {e}")
+    if a.preset == AUTO:
+        a.model_config = None
 
 
 def _int_list_arg(parser, flag: str, text: str | None, default: list[int]) -> list[int]:
-    """The comma-separated integers of ``flag`` (``default`` when not given)."""
+    """The comma-separated integers of ``flag`` (``default`` when not given), or ``"auto"``."""
     if text is None:
-        return [int(v) for v in default]
+        return AUTO if default == AUTO else [int(v) for v in default]
+    if text == AUTO:
+        return AUTO
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:

@@ -30,7 +30,8 @@ from plumrec.metrics import HEAD_FRACTION
 from plumrec.pipeline.options import MIN_BEAM_WIDTH
 
 __all__ = ["RESULT_KEYS", "EXPOSURE_KEYS", "PUBLISHED", "PUBLISHED_BY_DATASET", "published_dataset", "published_rows",
-           "sft_selection", "split_tag", "beam_tag", "ranks_path", "cached_evaluation", "print_table"]
+           "print_other_protocol", "sft_selection", "split_tag", "beam_tag", "ranks_path", "cached_evaluation",
+           "print_table"]
 
 RESULT_KEYS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate")
 EXPOSURE_KEYS = ("coverage@10", "entropy@10", "entropy_norm@10", "gini@10", "tail_exposure@10", "novelty@10")
@@ -182,6 +183,15 @@ def print_table(table: dict, meta: dict, sid_info: dict, dataset: str | os.PathL
         if meta["split"] != "test":
             print(f"  (our rows: the {meta['split']} split; the published rows are test-split numbers)")
     _print_exposure(table)
+
+
+def print_other_protocol(other: dict) -> None:
+    """Our rows under the other protocol (``{"exclude_history": bool, "rows": {model: metrics}}``)."""
+    what = "history items excluded" if other["exclude_history"] else "every item ranked (history items included)"
+    cols = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+    print(f"\nOur rows under the other protocol: {what}")
+    for name, row in other["rows"].items():
+        print(f"  {name:<22}" + "".join(f"{row[k]:>13.4f}" for k in cols))
 
 
 def _print_exposure(table: dict) -> None:

@@ -32,7 +32,9 @@ OUT's SIDs were fitted with is refused, naming the field
 or training settings differ from ``OUT/plan.json``'s
 (:mod:`plumrec.pipeline.settings`). ``--split valid`` and
 ``--exclude-history`` on a finished OUT score its saved models under that
-protocol, beside the other results.
+protocol, beside the other results; unless ``--one-protocol``, every run also
+scores our rows under the other protocol (cached, so the finished OUT's
+``--exclude-history`` run costs nothing more) and prints them.
 """
 from __future__ import annotations
 
@@ -49,11 +51,13 @@ from plumrec.data import embed_texts, load_dataset, load_item_attributes
 from plumrec.io import atomic_path, read_json, read_npy, resolve_dir, write_json
 from plumrec.pipeline.options import check_item_embeddings
 from plumrec.pipeline.plan import ATTR_FILE, COLLAB_FILE, make_plan, read_plan
+from plumrec.pipeline.recipe import resolve_auto
 from plumrec.pipeline.report import (
     EXPOSURE_KEYS,
     RESULT_KEYS,
     beam_tag,
     cached_evaluation,
+    print_other_protocol,
     print_table,
     published_rows,
     sft_selection,
@@ -84,13 +88,15 @@ def run_dataset(args, *, command: str) -> dict:
     the results' metadata."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.auto = resolve_auto(args)  # "auto" codebook sizes and preset from the dataset's size
     run = _Run(args)
     run.embed_texts()
     run.plan()
     run.fit_sids()
     run.train_plum()
-    results = run.evaluate()
-    return run.write_results(results, command)
+    results = run.evaluate(args.exclude_history)
+    other = None if args.one_protocol else run.evaluate(not args.exclude_history)
+    return run.write_results(results, command, other)
 
 
 class _Run:
@@ -201,12 +207,13 @@ class _Run:
             fn()
             self.done(name, time.perf_counter() - t0)
 
-    def evaluate(self) -> dict:
-        """Every model's metrics on the scored users (cached per model and protocol)."""
+    def evaluate(self, xh: bool) -> dict:
+        """Every model's metrics on the scored users, history items excluded from the rankings when ``xh``
+        (cached per model and protocol)."""
         args, ws, out, es = self.args, self.ws, self.out, self.eval_set
         self.n_users = len(es.targets) if args.max_users is None else min(args.max_users, len(es.targets))
         hist, tgt = list(es.histories)[:self.n_users], np.asarray(es.targets)[:self.n_users]
-        ks, xh = self.cfg["eval"]["ks"], args.exclude_history
+        ks = self.cfg["eval"]["ks"]
         suffix = split_tag(args.split, xh) + ("" if args.max_users is None else f"_first{self.n_users}")
         beam = beam_tag(args.beam_width)
         pop = training_popularity(ws)
@@ -251,7 +258,8 @@ class _Run:
             "train_config": {k: {kk: v for kk, v in self.cfg[k].items() if kk != "progress"} for k in TRAIN_STAGES},
             "wall_seconds_this_run": time.perf_counter() - self.t_start, "stage_seconds": self.prev,
             "seed": args.seed, "beam_width": args.beam_width, "sft_only": args.sft_only,
-            "model_preset": args.preset, "model_overrides": args.model_overrides, "model_config": args.model_config,
+            "model_preset": args.preset, "auto": getattr(args, "auto", {}), "model_overrides": args.model_overrides,
+            "model_config": args.model_config,
             "sid_init_scale": args.sid_init_scale, "sid_overrides": args.sid_overrides,
             "train_overrides": args.train_overrides, **{k: getattr(args, k) for k in keys}, "config": args.config,
             "device": str(default_device()),
@@ -260,17 +268,27 @@ class _Run:
             "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
 
-    def write_results(self, results: dict, command: str) -> dict:
-        """Write ``OUT/results{protocol}{beam}.json``, print the table; returns what was written."""
+    def write_results(self, results: dict, command: str, other: dict | None = None) -> dict:
+        """Write ``OUT/results{protocol}{beam}.json``, print the table; returns what was written. ``other``:
+        the metrics under the other protocol, kept as ``details["other_protocol"]`` and printed after it."""
         args = self.args
-        table = {name: {**{k: float(r.get(k, 0.0)) for k in RESULT_KEYS},
-                        **{k: float(r[k]) for k in EXPOSURE_KEYS if k in r}} for name, r in results.items()}
+        table = _table(results)
         extra = {name: {k: v for k, v in r.items() if k not in RESULT_KEYS} for name, r in results.items()}
         meta = self.metadata(command)
         details = {"sid": self.sid_info, "metrics": extra, "published": published_rows(args.dataset)}
+        if other is not None:
+            details["other_protocol"] = {"exclude_history": not args.exclude_history, "rows": _table(other)}
         res = {**table, "details": details, "metadata": meta}
         res_path = self.out / f"results{split_tag(args.split, args.exclude_history)}{beam_tag(args.beam_width)}.json"
         write_json(res_path, res, indent=1)
         print_table(table, meta, self.sid_info)
+        if other is not None:
+            print_other_protocol(details["other_protocol"])
         print(f"wrote {res_path}")
         return res
+
+
+def _table(results: dict) -> dict:
+    """``{model: {metric: float}}``: the ranking metrics (0 where a model lacks one) and the exposure ones."""
+    return {name: {**{k: float(r.get(k, 0.0)) for k in RESULT_KEYS},
+                   **{k: float(r[k]) for k in EXPOSURE_KEYS if k in r}} for name, r in results.items()}

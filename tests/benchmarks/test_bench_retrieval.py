@@ -86,13 +86,25 @@ def test_bench_retrieval_end_to_end_and_resume(tmp_path, capsys):
                                                                    [5, 10], exclude_history=True)
     assert {k: res_x["plum"][k] for k in RESULT_KEYS} == {k: expect.get(k, 0.0) for k in RESULT_KEYS}
     # another beam width is another evaluation (its own files), not beam 20's cached one
-    res_b = bench.main([*argv, "--beam-width", "24"])
+    _check_both_protocols(on_disk, res_x)
+    res_b = bench.main([*argv, "--beam-width", "24", "--one-protocol"])
+    assert "other_protocol" not in res_b["details"] and not (out / "eval_plum_xh_beam24.json").exists()
     assert (out / "eval_plum_beam24.json").exists() and (out / "results_beam24.json").exists()
     assert (out / "results.json").read_text() == test_json and res_b["metadata"]["beam_width"] == 24
     ws.cfg["eval"]["beam_width"] = 24
     expect = stages.retriever(ws, out / "sft" / "model").evaluate(list(test.histories), np.asarray(test.targets),
                                                                    [5, 10])
     assert {k: res_b["plum"][k] for k in RESULT_KEYS} == {k: expect.get(k, 0.0) for k in RESULT_KEYS}
+
+
+def _check_both_protocols(first: dict, excluded: dict) -> None:
+    """The first run scored our rows under both protocols: the other one's rows are the --exclude-history
+    run's, and that run's other rows are the first run's."""
+    other = first["details"]["other_protocol"]
+    assert other["exclude_history"] is True and set(other["rows"]) == {"plum", "popularity", "sasrec"}
+    for model in other["rows"]:
+        assert other["rows"][model] == excluded[model], model
+        assert excluded["details"]["other_protocol"]["rows"][model] == first[model], model
 
 
 def test_bench_retrieval_is_deterministic_for_a_seed(tmp_path):

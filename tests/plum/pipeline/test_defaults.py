@@ -17,7 +17,7 @@ def test_run_defaults_come_from_a_config_file(tmp_path, capsys):
     import tomllib
 
     d = load_defaults()
-    assert d["model"]["preset"] == "medium-deep" and d["sid"]["codebook_sizes"] == [1024, 64, 32, 16]
+    assert d["model"]["preset"] == "auto" and d["sid"]["codebook_sizes"] == "auto"  # plumrec.pipeline.recipe
     assert d["sft"]["distill"] == 0.5 and d["run"]["budget"] == {"cpt": 0.35, "sft": 0.35, "sasrec": 0.3}
     text = (Path(__file__).resolve().parents[3] / "plum" / "configs" / "amazon.toml").read_text().splitlines()
     for i, line in enumerate(text):  # every setting has a comment line above it

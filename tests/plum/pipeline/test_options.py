@@ -15,7 +15,6 @@ from plumrec.pipeline.options import (
     json_fields_arg,
     parse_run_args,
 )
-from plumrec.pipeline.settings import model_config
 from plumrec.train import TrainConfig
 
 
@@ -45,7 +44,8 @@ from plumrec.train import TrainConfig
                                  ["--sft-eval-epochs", "-1"], ["--sft-eval-epochs", "nan"],
                                  ["--sft-eval-epochs", "1", "--sft-eval-every", "5"],
                                  ["--train-overrides", '{"sft": {"eval_epochs": 1}}'],
-                                 ["--sft-eval-epochs", "0", "--sft-patience", "2"]])
+                                 ["--sft-eval-epochs", "0", "--sft-patience", "2"],
+                                 ["--preset", "auto", "--model-overrides", '{"num_attention_heads": 7}']])
 def test_bad_options_are_refused_naming_the_option(tmp_path, bad, capsys):
     with pytest.raises(SystemExit):
         parse_run_args(["--dataset", str(tmp_path), "--out", str(tmp_path / "o"), *bad])
@@ -76,7 +76,7 @@ def test_defaults_fill_in_and_lists_parse(tmp_path):
     a = parse_run_args(base)
     assert a.defaults == d and a.preset == d["model"]["preset"] and a.beam_width == MIN_BEAM_WIDTH
     assert a.codebook_sizes == d["sid"]["codebook_sizes"] and a.steps is None and a.item_attributes is None
-    assert a.model_config == model_config(a.preset, {})
+    assert a.model_config is None and a.preset == a.codebook_sizes == "auto"  # the dataset sets them at run time
     a = parse_run_args([*base, "--steps", "3,4,5", "--codebook-sizes", "8,4", "--preset", "tiny",
                         "--train-overrides", '{"sft": {"lr": 0.02}, "cpt": {}}'])
     assert a.steps == {"cpt": 3, "sft": 4, "sasrec": 5} and a.codebook_sizes == [8, 4]
