@@ -54,8 +54,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "plumrec.train.steps_for_epochs, so the same on any catalogue size; default: the config's "
                         "sft.eval_epochs; 0: off)")
     p.add_argument("--sft-patience", type=int, default=None,
-                   help="stop SFT after N evaluations without a new best (needs --sft-eval-every; default: the "
-                        "config's sft.patience; 0: never early)")
+                   help="stop SFT after N evaluations without a new best (needs --sft-eval-epochs or "
+                        "--sft-eval-every; default: the config's sft.patience; 0: never early)")
     _add_model_arguments(p)
     _add_input_arguments(p)
     p.add_argument("--beam-width", type=int, default=MIN_BEAM_WIDTH,

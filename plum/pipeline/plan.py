@@ -79,9 +79,9 @@ def read_plan(args, out: Path, emb_path: Path) -> tuple[dict | None, dict]:
         args.steps = {**args.steps, "sft": plan["steps"]["sft"]}
     if plan is not None and args.steps and args.steps != plan["steps"]:
         raise ValueError(f"{out} was planned with steps {plan['steps']}, not {args.steps}; use a new --out")
-    if plan is not None and bool(getattr(args, "sft_eval_epochs", 0)) != ("sft_eval_every" in plan):
-        raise ValueError(f"{out} was planned {'with' if 'sft_eval_every' in plan else 'without'} SFT evaluations "
-                         "every --sft-eval-epochs; give the same options or use a new --out")
+    if plan is not None and getattr(args, "sft_eval_epochs", 0) != plan.get("sft_eval_epochs", 0):
+        raise ValueError(f"{out} was planned with --sft-eval-epochs {plan.get('sft_eval_epochs', 0):g}, not "
+                         f"{getattr(args, 'sft_eval_epochs', 0):g}; give that or use a new --out")
     cfg = run_config(args, out, emb_path, plan["steps"] if plan else args.steps,
                      plan.get("sft_eval_every") if plan else None)
     if plan is not None:

@@ -117,4 +117,6 @@ def test_plum_run_trains_the_same_epochs_and_evaluates_per_epoch_on_a_catalogue_
         assert meta["sft_selection"]["best_step"] in evals and meta["train_config"]["sft"]["patience"] == 2
         assert "chosen on validation every 1 epochs" in printed
         runs[name] = plan["steps"]["sft"]
+    with pytest.raises(ValueError, match="planned with --sft-eval-epochs 1, not 0.5"):
+        main(["run", *argv[:-1], "0.5"])  # a resume with another period is refused
     assert 2.2 <= runs["full"] / runs["third"] <= 4.0
