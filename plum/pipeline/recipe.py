@@ -57,13 +57,15 @@ def training_targets(sequences) -> int:
     return int(sum(max(len(s) - 1, 0) for s in sequences))
 
 
-def resolve_auto(args) -> dict:
+def resolve_auto(args, load=None) -> dict:
     """Replace ``"auto"`` in ``args.codebook_sizes`` / ``args.preset`` (parsed ``plum run`` options) by the rule's
     values for ``args.dataset``, and ``args.model_config`` by the preset's effective config; returns what was
-    chosen (``{}`` when nothing was ``"auto"``), kept in the results' metadata."""
+    chosen (``{}`` when nothing was ``"auto"``), kept in the results' metadata. ``load() -> InteractionData``
+    gives the dataset when one is needed (default: :func:`plumrec.data.load_dataset` of ``args.dataset``), so a
+    caller that loads it anyway reads it once."""
     if args.codebook_sizes != AUTO and args.preset != AUTO:
         return {}
-    data = load_dataset(args.dataset)
+    data = load() if load is not None else load_dataset(args.dataset)
     chosen = {"items": int(data.num_items)}
     if args.codebook_sizes == AUTO:
         args.codebook_sizes = chosen["codebook_sizes"] = codebook_sizes_for(int(data.num_items))

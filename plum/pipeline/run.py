@@ -88,8 +88,8 @@ def run_dataset(args, *, command: str) -> dict:
     the results' metadata."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.auto = resolve_auto(args)  # "auto" codebook sizes and preset from the dataset's size
     run = _Run(args)
+    args.auto = resolve_auto(args, run.dataset)  # "auto" codebook sizes and preset from the dataset's size
     run.embed_texts()
     run.plan()
     run.fit_sids()
@@ -112,7 +112,13 @@ class _Run:
         if not isinstance(self.prev, dict):
             raise ValueError(f"{self.state_path}: expected a JSON object of stage seconds")
         self.emb_path = self.out / "item_embeddings.npy"
-        self._sasrec = None
+        self._sasrec = self._data = None
+
+    def dataset(self):
+        """The dataset of ``--dataset``, loaded on first use and kept for the stages before the workspace."""
+        if self._data is None:
+            self._data = load_dataset(self.args.dataset)
+        return self._data
 
     def done(self, name: str, seconds: float) -> None:
         """Record a stage's seconds (0: skipped, keep the time of the run that did it)."""
@@ -124,7 +130,7 @@ class _Run:
     def embed_texts(self) -> None:
         """Text embeddings of every item (cached by content hash), and the ``--item-attributes`` rows."""
         args, t0 = self.args, time.perf_counter()
-        data = load_dataset(args.dataset) if not self.emb_path.exists() or args.item_attributes else None
+        data = self.dataset() if not self.emb_path.exists() or args.item_attributes else None
         if not self.emb_path.exists():
             emb = embed_texts(data.item_texts(), model_dir=args.model_dir, cache_dir=args.cache_dir,
                               progress=self.progress)
